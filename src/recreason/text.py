@@ -1,0 +1,41 @@
+"""Word-level tokenization shared by the NETE export and the metrics.
+
+PETER, PEPLER and NRT compare explanations as lower-cased word sequences
+with punctuation and English clitics split into tokens of their own. Both
+the exported ``reviews.pickle`` sentences and every metric go through
+:func:`tokenize`, so numbers computed here line up with those codebases.
+"""
+
+from __future__ import annotations
+
+import re
+
+_CLITICS = re.compile(r"(n't|'s|'m|'ve|'re|'d|'ll)\b")
+# Runs of punctuation collapse to a single token, as in the reference code.
+_PUNCT_RUNS = [
+    (re.compile(r",+"), " , "),
+    (re.compile(r":+"), " , "),
+    (re.compile(r";+"), " . "),
+    (re.compile(r"\.+"), " . "),
+    (re.compile(r"!+"), " ! "),
+    (re.compile(r"\?+"), " ? "),
+    (re.compile(r"\("), " ( "),
+    (re.compile(r"\)"), " ) "),
+    (re.compile(r"\""), " "),
+]
+_SPACES = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """Lower-case ``text`` and put spaces around punctuation and clitics."""
+    text = text.lower().replace("\u2019", "'")
+    text = _CLITICS.sub(r" \1", text)
+    for pattern, repl in _PUNCT_RUNS:
+        text = pattern.sub(repl, text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def tokenize(text: str) -> list[str]:
+    """Split ``text`` into the word tokens the metrics count."""
+    norm = normalize(text)
+    return norm.split(" ") if norm else []

@@ -1,0 +1,87 @@
+"""Encoding (prompt, target) pairs and batching them with left padding.
+
+Left padding puts every target at the end of its row, so the loss needs
+logits only for the last ``max target length + 1`` positions: the model's
+``logits_to_keep`` skips the vocabulary projection for all prompt positions.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    target_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.target_ids)
+
+
+def encode(tokenizer, prompt: str, target: str | None, max_prompt: int, max_target: int) -> Example:
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) > max_prompt:
+        raise ValueError(f"prompt has {len(prompt_ids)} tokens, more than max_prompt_tokens={max_prompt}")
+    target_ids: list[int] = []
+    if target is not None:
+        target_ids = tokenizer(target.strip(), add_special_tokens=False)["input_ids"][: max_target - 1]
+        target_ids.append(tokenizer.eos_token_id)
+    return Example(prompt_ids, target_ids)
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad a batch; labels are -100 everywhere but on target tokens."""
+    length = max(len(e) for e in examples)
+    n_target = max(len(e.target_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    for row, e in enumerate(examples):
+        seq = e.prompt_ids + e.target_ids
+        ids[row, length - len(seq) :] = torch.tensor(seq)
+        mask[row, length - len(seq) :] = 1
+        if e.target_ids:
+            labels[row, length - len(e.target_ids) :] = torch.tensor(e.target_ids)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
+            "n_target": torch.tensor(n_target)}
+
+
+def length_bucketed_batches(
+    examples: Sequence[Example], batch_size: int, rng: random.Random, bucket_factor: int = 50
+) -> list[list[int]]:
+    """Shuffled batches of similar lengths: less padding, still random order."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    batches = []
+    chunk = batch_size * bucket_factor
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start : start + chunk], key=lambda i: len(examples[i]))
+        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def target_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over target tokens, with logits computed only where targets are."""
+    n_target = int(batch["n_target"])
+    keep = n_target + 1
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, -n_target:]
+    n_tokens = int((labels != -100).sum())
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss / max(n_tokens, 1), n_tokens

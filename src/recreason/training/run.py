@@ -1,0 +1,96 @@
+"""Run directories: what ``recreason train`` writes and what later stages load.
+
+Layout::
+
+    run.json        model, method, dataset, split seed and prompt settings
+    config.yaml     the full resolved configuration
+    best/           best checkpoint (PEFT adapter or full model, safetensors)
+    summary.json    training outcome: steps, best validation loss, wall time
+    train_log.jsonl one line per validation pass
+    tensorboard/    TensorBoard scalars
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from recreason.data.dataset import Dataset
+from recreason.data.records import DataError, Explained
+from recreason.prompts.discrete import DiscretePrompter, PromptConfig, render
+from recreason.training.config import TrainConfig
+from recreason.training.data import Example, encode
+
+
+def target_text(record: Explained, target: str) -> str:
+    return record.summary if target == "summary" else record.sentence
+
+
+def build_examples(records, prompter: DiscretePrompter, tokenizer, cfg: TrainConfig, with_target: bool = True):
+    examples: list[Example] = []
+    kept: list[Explained] = []
+    for record in records:
+        target = target_text(record, cfg.target) if with_target else None
+        if with_target and not target:
+            continue
+        prompt = render(tokenizer, prompter.for_record(record))
+        examples.append(encode(tokenizer, prompt, target, cfg.max_prompt_tokens, cfg.max_target_tokens))
+        kept.append(record)
+    return examples, kept
+
+
+def write_run_info(run_dir: Path, dataset_dir: str, base_path: str, cfg: TrainConfig, prompt: PromptConfig) -> None:
+    info = {
+        "model": cfg.model,
+        "base_model_path": base_path,
+        "method": cfg.method,
+        "dataset": str(Path(dataset_dir).resolve()),
+        "split_seed": cfg.split_seed,
+        "target": cfg.target,
+        "train": asdict(cfg),
+        "prompt": asdict(prompt),
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+class Run:
+    """A trained run loaded from disk."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        info_path = self.dir / "run.json"
+        if not info_path.exists():
+            raise DataError(f"{self.dir} is not a training run (no run.json); run 'recreason train' first")
+        self.info = json.loads(info_path.read_text())
+        self.train_config = TrainConfig(**self.info["train"])
+        self.prompt_config = PromptConfig(**self.info["prompt"])
+
+    def dataset(self) -> Dataset:
+        return Dataset(self.info["dataset"])
+
+    def prompter(self, dataset: Dataset) -> DiscretePrompter:
+        return DiscretePrompter(dataset.subset(self.info["split_seed"], "train"), self.prompt_config)
+
+    def load_model(self, dtype: str = "float32", device: str = "cpu", merge: bool = True):
+        """(model, tokenizer) with the best checkpoint applied; LoRA is merged for fast inference."""
+        import torch
+
+        from recreason.models.registry import load_model, load_tokenizer
+
+        best = self.dir / "best"
+        if not best.exists():
+            raise DataError(f"{self.dir} has no best checkpoint; training did not finish a validation pass")
+        if self.info["method"] == "full":
+            from transformers import AutoModelForCausalLM
+
+            torch_dtype = torch.bfloat16 if dtype in ("bf16", "bfloat16") else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(best, dtype=torch_dtype).to(device)
+            return model.eval(), load_tokenizer(str(best))
+        from peft import PeftModel
+
+        base, tokenizer, _ = load_model(self.info["base_model_path"], dtype=dtype, device=device)
+        model = PeftModel.from_pretrained(base, best)
+        if merge:
+            model = model.merge_and_unload()
+        return model.eval(), tokenizer

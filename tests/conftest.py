@@ -1,0 +1,78 @@
+"""Shared fixtures: real review lines from ../shared/data and tiny random Llama models."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+AMAZON = SHARED / "amazon-musical-instruments" / "reviews.jsonl.gz"
+
+
+def amazon_lines(n: int) -> list[str]:
+    if not AMAZON.exists():
+        pytest.fail(f"test data {AMAZON} is missing; the tests read the real reviews from ../shared/data")
+    with gzip.open(AMAZON, "rt", encoding="utf-8") as fh:
+        return list(itertools.islice(fh, n))
+
+
+@pytest.fixture(scope="session")
+def real_lines() -> list[str]:
+    return amazon_lines(600)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The embedded model's tokenizer (read from its GGUF file, no weights)."""
+    from transformers import AutoTokenizer
+
+    from recreason.models.registry import ALIASES
+
+    gguf = ALIASES["smollm2-135m"].locate()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama with the real tokenizer, saved as a model directory."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(real_lines, tmp_path_factory) -> Path:
+    """A dataset prepared from 600 real reviews (min_feature_df lowered for the small sample)."""
+    from recreason.data.dataset import PrepareConfig, prepare
+
+    src = tmp_path_factory.mktemp("src") / "reviews.jsonl"
+    src.write_text("".join(real_lines))
+    out = tmp_path_factory.mktemp("dataset")
+    prepare(src, out, PrepareConfig(min_feature_df=3, seeds=[1, 2]), progress=False)
+    return out
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + ("" if isinstance(r, str) and r.endswith("\n") else "\n") for r in rows))
+    return path

@@ -1,0 +1,95 @@
+import itertools
+import math
+import random
+
+import pytest
+
+from recreason.evaluation import metrics as M
+from recreason.text import normalize, tokenize
+
+
+def test_tokenize_splits_clitics_and_punctuation():
+    assert tokenize("It's GREAT, isn't it?!") == ["it", "'s", "great", ",", "is", "n't", "it", "?", "!"]
+    assert normalize("Works fine...really (mostly)") == "works fine . really ( mostly )"
+    assert tokenize("") == []
+
+
+def test_bleu_hand_computed():
+    ref = [["the", "cat", "sat", "on", "the", "mat"]]
+    hyp = [["the", "cat", "the", "mat"]]
+    # BLEU-1: clipped unigram matches the:2 cat:1 mat:1 = 4 of 4; c=4 < r=6 -> BP = exp(1 - 6/4)
+    assert M.bleu(ref, hyp, 1) == pytest.approx(100 * math.exp(1 - 6 / 4))
+    # bigrams: "the cat", "cat the", "the mat" -> 2 of 3 match; no trigram match -> BLEU-4 is 0
+    assert M.bleu(ref, hyp, 2) == pytest.approx(100 * math.sqrt(1 * 2 / 3) * math.exp(1 - 6 / 4))
+    assert M.bleu(ref, hyp, 4) == 0.0
+    assert M.bleu([["a", "b", "c", "d"]], [["a", "b", "c", "d", "e"]], 4) == pytest.approx(
+        100 * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    )
+
+
+def test_bleu_is_corpus_level_not_sentence_average():
+    refs = [["a", "b"], ["c", "d"]]
+    hyps = [["a", "b"], ["x", "y"]]
+    # corpus: unigram 2/4, bigram 1/2 -> sqrt(0.25) = 0.5, BP = 1
+    assert M.bleu(refs, hyps, 2) == pytest.approx(50.0)
+
+
+def test_rouge_n_uses_ngram_sets():
+    ref = [["a", "a", "b"]]
+    hyp = [["a", "b", "b", "c"]]
+    # sets: ref {a, b}, hyp {a, b, c}: P = 2/3, R = 1 -> F = 0.8
+    assert M.rouge_n(ref, hyp, 1) == pytest.approx(80.0)
+    # bigrams: ref {aa, ab}, hyp {ab, bb, bc} -> P 1/3, R 1/2 -> F 0.4
+    assert M.rouge_n(ref, hyp, 2) == pytest.approx(40.0)
+
+
+def test_rouge_l_formula():
+    ref = ["a", "b", "c", "d"]
+    hyp = ["a", "c", "d", "e", "f"]
+    lcs = 3
+    r, p = lcs / 4, lcs / 5
+    beta = p / r
+    expected = (1 + beta**2) * r * p / (r + beta**2 * p)
+    assert M.lcs_length(ref, hyp) == 3
+    assert M.rouge_l([ref], [hyp]) == pytest.approx(100 * expected)
+    assert M.rouge_l([ref], [["x"]]) == 0.0
+
+
+def test_usr_counts_distinct_sequences():
+    assert M.unique_sentence_ratio([["a"], ["a"], ["b"], ["a", "b"]]) == pytest.approx(3 / 4)
+
+
+def test_feature_metrics_with_multiword_features():
+    matcher = M.FeatureMatcher(["tone", "pop filter", "price"])
+    found = [
+        matcher.find(tokenize("the pop filter has great tone")),
+        matcher.find(tokenize("filter pop and a good price")),  # words out of order: no "pop filter"
+        matcher.find(tokenize("nothing here")),
+    ]
+    assert found == [{"pop filter", "tone"}, {"price"}, set()]
+    assert M.feature_matching_ratio(found, ["tone", "tone", "price"]) == pytest.approx(1 / 3)
+    assert M.feature_coverage_ratio(found, 3) == pytest.approx(1.0)
+    # pairs: (0,1)=0, (0,2)=0, (1,2)=0
+    assert M.feature_diversity(found) == 0.0
+    assert M.feature_diversity([{"a", "b"}, {"a"}, {"a", "b"}]) == pytest.approx((1 + 2 + 1) / 3)
+
+
+def test_diversity_matches_pairwise_definition():
+    rng = random.Random(3)
+    vocab = [f"f{i}" for i in range(12)]
+    sets = [set(rng.sample(vocab, rng.randint(0, 4))) for _ in range(60)]
+    brute = sum(len(a & b) for a, b in itertools.combinations(sets, 2)) / (60 * 59 / 2)
+    assert M.feature_diversity(sets) == pytest.approx(brute)
+
+
+def test_rating_errors_clip_to_range():
+    assert M.rmse([6.0, 0.0], [5.0, 1.0], 1, 5) == 0.0
+    assert M.mae([4.0, 2.0], [5.0, 1.0], 1, 5) == pytest.approx(1.0)
+    assert M.rmse([3.0, 5.0], [5.0, 5.0], 1, 5) == pytest.approx(math.sqrt(2))
+
+
+def test_text_metrics_returns_every_metric():
+    res = M.text_metrics([["good", "tone"]], [["good", "tone"]], ["tone"], ["tone"])
+    assert res["BLEU-1"] == pytest.approx(100.0)
+    assert res["ROUGE-L"] == pytest.approx(100.0)
+    assert res["FMR"] == 1.0 and res["FCR"] == 1.0 and res["USR"] == 1.0
