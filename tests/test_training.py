@@ -93,3 +93,29 @@ def test_evaluate_writes_table_for_all_systems(tiny_run):
     lines = (tiny_run[0] / "generated" / "test-retrieval.jsonl").read_text().splitlines()
     row = json.loads(lines[0])
     assert row["generated"] and row["reference"] and row["generated"] != row["reference"]
+
+
+def test_interrupted_run_resumes_to_the_same_result(prepared_dir, tiny_model_dir, tmp_path):
+    from recreason.training.trainer import train
+
+    def cfg():
+        return TrainConfig(model=str(tiny_model_dir), method="lora", lora_r=4, lr=1e-2, batch_size=8, max_steps=8,
+                           eval_every=4, checkpoint_every=2, max_eval_records=16, precision="fp32", patience=9)
+
+    straight = train(prepared_dir, tmp_path / "a", cfg(), progress=False)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_5(step):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(prepared_dir, tmp_path / "b", cfg(), progress=False, on_step=crash_at_5)
+    assert (tmp_path / "b" / "last" / "state.pt").exists()
+    resumed = train(prepared_dir, tmp_path / "b", cfg(), progress=False, resume=True)
+    assert resumed["steps"] == 8
+    assert resumed["best_validation_loss"] == pytest.approx(straight["best_validation_loss"], rel=1e-6)
+    log_b = [json.loads(x)["step"] for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert log_b == [4, 8]

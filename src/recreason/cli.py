@@ -70,7 +70,8 @@ def cmd_train(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             setattr(cfg, flag, value)
-    summary = train(args.dataset, args.out, cfg, config["prompt"], to_dict(config), progress=not args.quiet)
+    summary = train(args.dataset, args.out, cfg, config["prompt"], to_dict(config), progress=not args.quiet,
+                    resume=args.resume)
     print(f"trained {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
           f"({summary['tokens_per_second']:.0f} tokens/s); best validation loss "
           f"{summary['best_validation_loss']:.4f} at step {summary['best_step']}"
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--split-seed", type=int, dest="split_seed")
     p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/last (weights, optimizer, scheduler, RNG, data position)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", parents=[common], help=cmd_generate.__doc__, description=cmd_generate.__doc__)

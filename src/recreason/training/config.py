@@ -31,6 +31,7 @@ class TrainConfig:
     max_train_records: int | None = None  # train on a random subset (quick runs)
     eval_every: int = 100  # optimizer steps between validation passes
     max_eval_records: int | None = 256  # validation records used for early stopping
+    checkpoint_every: int | None = None  # steps between resumable checkpoints in RUN/last (default: eval_every)
     patience: int = 3  # validation passes without improvement before stopping
     precision: str = "bf16"  # bf16 (autocast; frozen base weights stored in bf16) | fp32
     seed: int = 42

@@ -112,6 +112,54 @@ def _save_best(model, run_dir: Path) -> None:
         shutil.rmtree(old)
 
 
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, rng: random.Random, state: dict) -> None:
+    """Write the resumable state atomically: a temporary folder renamed over the old one."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": rng.getstate(),
+            "state": state,
+        },
+        tmp / "state.pt",
+    )
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, rng: random.Random) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "trainable.safetensors"))
+    missing = set(_trainable_state(model)) - set(weights)
+    if missing:
+        raise DataError(f"{folder} does not match this model and method (missing {sorted(missing)[:3]})")
+    model.load_state_dict(weights, strict=False)
+    saved = torch.load(folder / "state.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    version, internal, gauss = saved["python_rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    return saved["state"]
+
+
 def train(
     dataset_dir: str | Path,
     run_dir: str | Path,
@@ -119,8 +167,15 @@ def train(
     prompt_cfg: PromptConfig | None = None,
     full_config: dict | None = None,
     progress: bool = True,
+    resume: bool = False,
+    on_step=None,
 ) -> dict:
-    """Fine-tune ``cfg.model`` on a prepared dataset; write a run directory; return the summary."""
+    """Fine-tune ``cfg.model`` on a prepared dataset; write a run directory; return the summary.
+
+    With ``resume`` the run continues from ``run_dir/last`` (trainable weights, optimizer, scheduler, RNG
+    states and the position in the epoch), so an interrupted run ends where an uninterrupted one would.
+    ``on_step(step)`` is called after every optimizer step.
+    """
     from recreason.models.registry import load_model
 
     cfg.validate()
@@ -170,58 +225,67 @@ def train(
              cfg.model, cfg.method, trainable, total_steps, len(train_examples))
 
     pad_id = tokenizer.pad_token_id
-    best_loss, best_step, bad_passes = float("inf"), 0, 0
-    step, tokens_seen, stopped_early = 0, 0, False
-    start = time.time()
-    history = []
-    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not progress)
-    log_file = open(run_dir / "train_log.jsonl", "w")
-    batches: list[list[int]] = []
-    micro = 0
-    running = None
-    while step < total_steps and not stopped_early:
-        if not batches:
-            batches = length_bucketed_batches(train_examples, cfg.batch_size, rng)
-        batch = collate([train_examples[i] for i in batches.pop()], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast_context(cfg.precision, device):
-            loss, n_tokens = target_loss(model, batch)
-        (loss / cfg.grad_accum).backward()
-        tokens_seen += int(batch["attention_mask"].sum())
-        value = loss.item()
-        running = value if running is None else 0.9 * running + 0.1 * value
-        micro += 1
-        if micro % cfg.grad_accum:
-            continue
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.time() - start
-        writer.add_scalar("train/loss", value, step)
-        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-        bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-        bar.update(1)
-        if step % cfg.eval_every == 0 or step == total_steps:
-            val = validation_loss(model, valid_examples, cfg, pad_id, device)
-            writer.add_scalar("validation/loss", val, step)
-            improved = val < best_loss
-            if improved:
-                best_loss, best_step, bad_passes = val, step, 0
-                _save_best(model, run_dir)
-            else:
-                bad_passes += 1
-                stopped_early = bad_passes >= cfg.patience
-            entry = {"step": step, "train_loss": running, "validation_loss": val, "best": improved,
-                     "elapsed_s": round(time.time() - start, 1)}
-            history.append(entry)
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
-            bar.write(f"step {step}: validation loss {val:.4f}{' (best)' if improved else ''}")
-    bar.close()
-    log_file.close()
-    writer.close()
+    state = {"step": 0, "micro": 0, "tokens_seen": 0, "best_loss": float("inf"), "best_step": 0,
+             "bad_passes": 0, "stopped_early": False, "running": None, "batches": [], "elapsed": 0.0}
+    if resume and (run_dir / "last" / "state.pt").exists():
+        state = _load_checkpoint(run_dir / "last", model, optimizer, scheduler, rng)
+        log.info("resumed from %s at step %d", run_dir / "last", state["step"])
+    start = time.time() - state["elapsed"]
+    bar = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step", disable=not progress)
+    log_file = open(run_dir / "train_log.jsonl", "a" if resume else "w")
+    save_every = cfg.checkpoint_every or cfg.eval_every
+    try:
+        while state["step"] < total_steps and not state["stopped_early"]:
+            if not state["batches"]:
+                state["batches"] = length_bucketed_batches(train_examples, cfg.batch_size, rng)
+            batch = collate([train_examples[i] for i in state["batches"].pop()], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast_context(cfg.precision, device):
+                loss, n_tokens = target_loss(model, batch)
+            (loss / cfg.grad_accum).backward()
+            state["tokens_seen"] += int(batch["attention_mask"].sum())
+            value = loss.item()
+            state["running"] = value if state["running"] is None else 0.9 * state["running"] + 0.1 * value
+            state["micro"] += 1
+            if state["micro"] % cfg.grad_accum:
+                continue
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            step = state["step"]
+            elapsed = time.time() - start
+            writer.add_scalar("train/loss", value, step)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            bar.set_postfix(loss=f"{state['running']:.3f}", tok_s=f"{state['tokens_seen'] / elapsed:.0f}")
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == total_steps:
+                val = validation_loss(model, valid_examples, cfg, pad_id, device)
+                writer.add_scalar("validation/loss", val, step)
+                improved = val < state["best_loss"]
+                if improved:
+                    state.update(best_loss=val, best_step=step, bad_passes=0)
+                    _save_best(model, run_dir)
+                else:
+                    state["bad_passes"] += 1
+                    state["stopped_early"] = state["bad_passes"] >= cfg.patience
+                entry = {"step": step, "train_loss": state["running"], "validation_loss": val, "best": improved,
+                         "elapsed_s": round(time.time() - start, 1)}
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
+                bar.write(f"step {step}: validation loss {val:.4f}{' (best)' if improved else ''}")
+            if step % save_every == 0 or step == total_steps or state["stopped_early"]:
+                state["elapsed"] = time.time() - start
+                _save_checkpoint(run_dir / "last", model, optimizer, scheduler, rng, state)
+            if on_step is not None:
+                on_step(step)
+    finally:
+        bar.close()
+        log_file.close()
+        writer.close()
+    step, best_loss, best_step = state["step"], state["best_loss"], state["best_step"]
+    stopped_early, tokens_seen = state["stopped_early"], state["tokens_seen"]
     elapsed = time.time() - start
     summary = {
         "steps": step,

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from recreason.cli import build_parser, main
+from recreason.config import ConfigError, load_config
+
+
+def test_shipped_configs_load_against_the_dataclasses():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        config = load_config(path)
+        assert config["train"].model == "smollm2-135m"
+    default = load_config(root / "default.yaml")
+    fresh = load_config(None)
+    assert {k: vars(v) for k, v in default.items()} == {k: vars(v) for k, v in fresh.items()}
+
+
+def test_overrides_and_unknown_keys(tmp_path):
+    cfg = load_config(None, ["train.lr=5e-4", "generate.num_beams=3"])
+    assert cfg["train"].lr == 5e-4 and cfg["generate"].num_beams == 3
+    with pytest.raises(ConfigError, match="unknown key 'lrate'"):
+        load_config(None, ["train.lrate=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        load_config(bad)
+
+
+def test_prepare_and_export_from_the_command_line(real_lines, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "reviews.jsonl", real_lines[:200] + ["{oops\n"])
+    out = tmp_path / "ds"
+    assert main(["prepare", str(src), "--out", str(out), "--quiet", "--set", "prepare.min_feature_df=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "read 201 records: 1 rejected" in printed
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert rejects == [{"line": 201, "reason": rejects[0]["reason"], "raw": "{oops\n"}]
+    assert main(["export", str(out), "--format", "nete", "--out", str(tmp_path / "nete")]) == 0
+    assert (tmp_path / "nete" / "reviews.pickle").exists()
+
+
+def test_errors_are_reported_without_tracebacks(tmp_path, capsys):
+    assert main(["prepare", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--model", "no/such-model"]) == 2
+    assert "not a prepared dataset" in capsys.readouterr().err
+
+
+def test_unknown_model_explains_how_to_provide_one():
+    from recreason.models.registry import ModelNotFound, resolve_model
+
+    with pytest.raises(ModelNotFound, match="never downloads"):
+        resolve_model("someone/not-cached-model")
+
+
+def test_help_describes_every_command():
+    text = build_parser().format_help()
+    for cmd in ("prepare", "export", "train", "generate", "evaluate"):
+        assert cmd in text
