@@ -60,3 +60,12 @@ def test_help_describes_every_command():
     text = build_parser().format_help()
     for cmd in ("prepare", "export", "train", "generate", "evaluate"):
         assert cmd in text
+
+
+def test_numbers_in_yaml_scientific_notation_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  max_steps: '20'\n")
+    cfg = load_config(path)
+    assert cfg["train"].lr == 0.001 and cfg["train"].max_steps == 20
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(None, ["train.batch_size=many"])

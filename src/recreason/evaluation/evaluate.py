@@ -64,7 +64,9 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def generate_for_run(run: Run, records, system: str, gen_cfg: GenerateConfig, progress: bool = True) -> list[str]:
+def generate_for_run(
+    run: Run, records, system: str, gen_cfg: GenerateConfig, progress: bool = True, dataset=None
+) -> list[str]:
     """Texts for ``records`` from the fine-tuned run or its zero-shot base model."""
     import torch
 
@@ -72,14 +74,16 @@ def generate_for_run(run: Run, records, system: str, gen_cfg: GenerateConfig, pr
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bf16" if gen_cfg.precision == "bf16" else "fp32"
+    prompter = run.prompter(dataset or run.dataset())
     if system == "fine-tuned":
         model, tokenizer = run.load_model(dtype=dtype, device=device)
-    else:
+        prompts = [run.prompt_for(prompter, tokenizer, r) for r in records]
+    else:  # the base model before fine-tuning sees the discrete prompt
         model, tokenizer, _ = load_model(run.info["base_model_path"], dtype=dtype, device=device)
         model.eval()
-    prompter = run.prompter(run.dataset())
-    prompts = [render(tokenizer, prompter.for_record(r)) for r in records]
-    return generate_texts(model, tokenizer, prompts, gen_cfg, progress=progress, desc=f"generating ({system})")
+        prompts = [render(tokenizer, prompter.for_record(r)) for r in records]
+    return generate_texts(model, tokenizer, prompts, gen_cfg, progress=progress, desc=f"generating ({system})",
+                          users=[r.user for r in records], items=[r.item for r in records])
 
 
 def evaluate_run(
@@ -120,7 +124,7 @@ def evaluate_run(
             baseline = RetrievalBaseline(dataset.subset(run.info["split_seed"], "train"))
             texts = [baseline.explain(r.user, r.item) for r in records]
         else:
-            texts = generate_for_run(run, records, system, gen_cfg, progress)
+            texts = generate_for_run(run, records, system, gen_cfg, progress, dataset)
         timings[system] = time.time() - start
         _write_generated(path, records, texts, references)
         results[system] = score_texts(references, texts, truth, dataset.features, max_len)

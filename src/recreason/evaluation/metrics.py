@@ -185,3 +185,38 @@ def text_metrics(
         "FCR": feature_coverage_ratio(found, len(matcher.features)),
         "DIV": feature_diversity(found),
     }
+
+
+def classification_report(predicted: Sequence[int], actual: Sequence[int], labels: Sequence[str]) -> dict:
+    """Accuracy, macro-F1 and per-class precision/recall/F1/support for integer class ids."""
+    per_class = {}
+    f1s = []
+    for k, name in enumerate(labels):
+        tp = sum(1 for p, a in zip(predicted, actual) if p == k and a == k)
+        fp = sum(1 for p, a in zip(predicted, actual) if p == k and a != k)
+        fn = sum(1 for p, a in zip(predicted, actual) if p != k and a == k)
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1s.append(f1)
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+    accuracy = sum(1 for p, a in zip(predicted, actual) if p == a) / len(actual) if actual else 0.0
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0, "per_class": per_class}
+
+
+def sentiment_agreement(texts: Sequence[str], predicted_ratings: Sequence[float], midpoint: float = 3.0) -> float:
+    """Share of reasons whose VADER polarity agrees with the predicted rating.
+
+    A predicted rating at or above ``midpoint`` expects a reason with compound
+    polarity >= 0; one below expects a polarity < 0.
+    """
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    if not texts:
+        return 0.0
+    analyzer = SentimentIntensityAnalyzer()
+    agree = 0
+    for text, rating in zip(texts, predicted_ratings):
+        positive_text = analyzer.polarity_scores(text)["compound"] >= 0
+        agree += positive_text == (rating >= midpoint)
+    return agree / len(texts)

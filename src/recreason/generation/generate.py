@@ -36,9 +36,14 @@ def clean_output(text: str) -> str:
 @torch.no_grad()
 def generate_texts(
     model, tokenizer, prompts: Sequence[str], cfg: GenerateConfig | None = None, progress: bool = True,
-    desc: str = "generating",
+    desc: str = "generating", users: Sequence[str] | None = None, items: Sequence[str] | None = None,
 ) -> list[str]:
+    """Decode one explanation per prompt. ``model`` is a RecReasonModel (soft prompts use ``users`` and
+    ``items``) or a plain Hugging Face causal LM."""
     cfg = cfg or GenerateConfig()
+    personal = hasattr(model, "user_index")
+    if personal and model.soft and (users is None or items is None):
+        raise ValueError("this model has user/item prompt vectors: pass users and items")
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -58,8 +63,14 @@ def generate_texts(
         )
         if cfg.do_sample:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
-        out = model.generate(**batch, **kwargs)
-        new = out[:, batch["input_ids"].shape[1] :]
+        if personal:
+            if model.uses_ids and users is not None:
+                u, i = model.ids([users[j] for j in idx], [items[j] for j in idx])
+                kwargs.update(user_idx=u.to(device), item_idx=i.to(device))
+            new = model.generate(batch["input_ids"], batch["attention_mask"], **kwargs)
+        else:
+            out = model.generate(**batch, **kwargs)
+            new = out[:, batch["input_ids"].shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             outputs[i] = clean_output(text)
         bar.update(len(idx))

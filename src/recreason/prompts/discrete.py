@@ -70,6 +70,10 @@ class DiscretePrompter:
         ]
         return [{"role": "system", "content": self.config.system}, {"role": "user", "content": "\n".join(lines)}]
 
+    def bare_messages(self) -> list[dict[str, str]]:
+        """The instruction alone, for continuous prompts where learned vectors carry the user and item."""
+        return [{"role": "system", "content": self.config.system}, {"role": "user", "content": self.config.instruction}]
+
     def for_record(self, record: Explained) -> list[dict[str, str]]:
         return self.messages(record.user, record.item, record)
 

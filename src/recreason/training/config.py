@@ -17,6 +17,13 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(LINEAR_MODULES))
     lora_top_layers: int | None = None  # adapt only the last N decoder layers (backward stops there: faster)
     target: str = "sentence"  # explanation target: sentence | summary
+    prompt_mode: str = "discrete"  # discrete (text) | continuous (learned user/item vectors) | hybrid (both)
+    rating_head: str | None = None  # null | mf | mlp: predict the rating jointly with the text
+    interest_head: bool = False  # also classify interest low/medium/high (ratings 1-2 / 3 / 4-5)
+    rating_weight: float = 0.1  # lambda in loss = NLL + lambda * (rating MSE + interest cross-entropy)
+    two_stage: bool = False  # PEPLER: stage 1 trains only user/item vectors and heads, LM frozen
+    stage1_steps: int = 100  # optimizer steps of stage 1 (it may stop earlier on validation loss)
+    stage1_lr: float = 1e-2  # learning rate of stage 1
     split_seed: int = 1
     max_prompt_tokens: int = 160
     max_target_tokens: int = 32
@@ -44,6 +51,12 @@ class TrainConfig:
             raise ValueError(f"train.target must be 'sentence' or 'summary', got {self.target!r}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.prompt_mode not in ("discrete", "continuous", "hybrid"):
+            raise ValueError(f"train.prompt_mode must be discrete, continuous or hybrid, got {self.prompt_mode!r}")
+        if self.rating_head not in (None, "mf", "mlp"):
+            raise ValueError(f"train.rating_head must be null, mf or mlp, got {self.rating_head!r}")
+        if self.two_stage and self.prompt_mode == "discrete" and not (self.rating_head or self.interest_head):
+            raise ValueError("train.two_stage needs learned vectors: a continuous/hybrid prompt or a head")
         for name in ("batch_size", "grad_accum", "eval_every", "max_target_tokens", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1")

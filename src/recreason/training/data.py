@@ -18,6 +18,9 @@ import torch
 class Example:
     prompt_ids: list[int]
     target_ids: list[int]
+    user_idx: int = 0  # index in the model's user table (0: unknown)
+    item_idx: int = 0
+    rating: float = 0.0
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.target_ids)
@@ -49,7 +52,10 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
             labels[row, length - len(e.target_ids) :] = torch.tensor(e.target_ids)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
-            "n_target": torch.tensor(n_target)}
+            "n_target": torch.tensor(n_target),
+            "user_idx": torch.tensor([e.user_idx for e in examples], dtype=torch.long),
+            "item_idx": torch.tensor([e.item_idx for e in examples], dtype=torch.long),
+            "rating": torch.tensor([e.rating for e in examples], dtype=torch.float)}
 
 
 def length_bucketed_batches(
@@ -71,12 +77,14 @@ def target_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     """Mean cross-entropy over target tokens, with logits computed only where targets are."""
     n_target = int(batch["n_target"])
     keep = n_target + 1
+    extra = {k: batch[k] for k in ("user_idx", "item_idx") if k in batch and getattr(model, "uses_ids", False)}
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         logits_to_keep=keep,
         use_cache=False,
+        **extra,
     )
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, -n_target:]
@@ -85,3 +93,24 @@ def target_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
     )
     return loss / max(n_tokens, 1), n_tokens
+
+
+def joint_loss(model, batch: dict[str, torch.Tensor], rating_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Text NLL plus ``rating_weight`` times the rating MSE and interest cross-entropy, where heads exist."""
+    from recreason.models.personalized import interest_class
+
+    text, n_tokens = target_loss(model, batch)
+    loss = text
+    parts = {"text": float(text), "tokens": n_tokens}
+    rating = model.predict_rating(batch["user_idx"], batch["item_idx"]) if model.uses_ids else None
+    if rating is not None:
+        mse = torch.nn.functional.mse_loss(rating, batch["rating"])
+        loss = loss + rating_weight * mse
+        parts["rating_mse"] = float(mse)
+    interest = model.predict_interest(batch["user_idx"], batch["item_idx"]) if model.uses_ids else None
+    if interest is not None:
+        target = torch.tensor([interest_class(float(r)) for r in batch["rating"]], device=interest.device)
+        ce = torch.nn.functional.cross_entropy(interest, target)
+        loss = loss + rating_weight * ce
+        parts["interest_ce"] = float(ce)
+    return loss, parts

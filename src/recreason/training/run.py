@@ -27,15 +27,23 @@ def target_text(record: Explained, target: str) -> str:
     return record.summary if target == "summary" else record.sentence
 
 
-def build_examples(records, prompter: DiscretePrompter, tokenizer, cfg: TrainConfig, with_target: bool = True):
+def build_examples(records, prompter: DiscretePrompter, tokenizer, cfg: TrainConfig, with_target: bool = True,
+                   model=None):
+    """Encode records as training examples; ``model`` (a RecReasonModel) maps user/item ids to its tables."""
     examples: list[Example] = []
     kept: list[Explained] = []
     for record in records:
         target = target_text(record, cfg.target) if with_target else None
         if with_target and not target:
             continue
-        prompt = render(tokenizer, prompter.for_record(record))
-        examples.append(encode(tokenizer, prompt, target, cfg.max_prompt_tokens, cfg.max_target_tokens))
+        prompt = render(tokenizer, prompter.for_record(record)) if cfg.prompt_mode != "continuous" else \
+            render(tokenizer, prompter.bare_messages())
+        example = encode(tokenizer, prompt, target, cfg.max_prompt_tokens, cfg.max_target_tokens)
+        if model is not None and model.uses_ids:
+            example.user_idx = model.user_index.get(record.user, 0)
+            example.item_idx = model.item_index.get(record.item, 0)
+        example.rating = record.rating
+        examples.append(example)
         kept.append(record)
     return examples, kept
 
@@ -73,9 +81,10 @@ class Run:
         return DiscretePrompter(dataset.subset(self.info["split_seed"], "train"), self.prompt_config)
 
     def load_model(self, dtype: str = "float32", device: str = "cpu", merge: bool = True):
-        """(model, tokenizer) with the best checkpoint applied; LoRA is merged for fast inference."""
+        """(RecReasonModel, tokenizer) with the best checkpoint applied; LoRA is merged for fast inference."""
         import torch
 
+        from recreason.models.personalized import RecReasonModel
         from recreason.models.registry import load_model, load_tokenizer
 
         best = self.dir / "best"
@@ -85,12 +94,23 @@ class Run:
             from transformers import AutoModelForCausalLM
 
             torch_dtype = torch.bfloat16 if dtype in ("bf16", "bfloat16") else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(best, dtype=torch_dtype).to(device)
-            return model.eval(), load_tokenizer(str(best))
-        from peft import PeftModel
+            lm = AutoModelForCausalLM.from_pretrained(best, dtype=torch_dtype).to(device)
+            tokenizer = load_tokenizer(self.info["base_model_path"])
+        else:
+            from peft import PeftModel
 
-        base, tokenizer, _ = load_model(self.info["base_model_path"], dtype=dtype, device=device)
-        model = PeftModel.from_pretrained(base, best)
-        if merge:
-            model = model.merge_and_unload()
+            base, tokenizer, _ = load_model(self.info["base_model_path"], dtype=dtype, device=device)
+            lm = PeftModel.from_pretrained(base, best)
+            if merge:
+                lm = lm.merge_and_unload()
+        if (best / "personal.json").exists():
+            model = RecReasonModel.load_personal(lm, best).to(device)
+        else:
+            model = RecReasonModel(lm)
         return model.eval(), tokenizer
+
+    def prompt_for(self, prompter: DiscretePrompter, tokenizer, record: Explained) -> str:
+        """The prompt text this run was trained with, for one record."""
+        if self.train_config.prompt_mode == "continuous":
+            return render(tokenizer, prompter.bare_messages())
+        return render(tokenizer, prompter.for_record(record))

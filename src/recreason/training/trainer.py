@@ -28,7 +28,7 @@ from recreason.data.dataset import Dataset
 from recreason.data.records import DataError
 from recreason.prompts.discrete import DiscretePrompter, PromptConfig
 from recreason.training.config import TrainConfig
-from recreason.training.data import collate, length_bucketed_batches, target_loss
+from recreason.training.data import collate, joint_loss, length_bucketed_batches
 from recreason.training.run import build_examples, write_run_info
 
 log = logging.getLogger(__name__)
@@ -71,38 +71,54 @@ def apply_method(model, cfg: TrainConfig):
     return get_peft_model(model, lora)  # adapter weights are kept in fp32 by peft
 
 
-def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        # No decay on norms, biases and the user/item tables (sparse rows would decay between visits).
+        skip = param.ndim < 2 or "norm" in name or name.startswith(("user_", "item_"))
+        (no_decay if skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 @torch.no_grad()
-def validation_loss(model, examples, cfg: TrainConfig, pad_id: int, device: str) -> float:
+def validation_loss(model, examples, cfg: TrainConfig, pad_id: int, device: str) -> dict[str, float]:
+    """Token-weighted text loss, mean head losses, and the objective used for early stopping."""
     model.eval()
-    total, tokens = 0.0, 0
+    sums: dict[str, float] = {}
+    tokens = rows = 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     size = cfg.batch_size * 2
     for start in range(0, len(order), size):
         batch = collate([examples[i] for i in order[start : start + size]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_context(cfg.precision, device):
-            loss, n = target_loss(model, batch)
-        total += float(loss) * n
-        tokens += n
+            _, parts = joint_loss(model, batch, cfg.rating_weight)
+        n = len(batch["input_ids"])
+        sums["text"] = sums.get("text", 0.0) + parts["text"] * parts["tokens"]
+        for key in ("rating_mse", "interest_ce"):
+            if key in parts:
+                sums[key] = sums.get(key, 0.0) + parts[key] * n
+        tokens += parts["tokens"]
+        rows += n
     model.train()
-    return total / max(tokens, 1)
+    result = {"text": sums["text"] / max(tokens, 1)}
+    for key in ("rating_mse", "interest_ce"):
+        if key in sums:
+            result[key] = sums[key] / rows
+    result["objective"] = result["text"] + cfg.rating_weight * (result.get("rating_mse", 0.0) + result.get("interest_ce", 0.0))
+    return result
 
 
 def _save_best(model, run_dir: Path) -> None:
     tmp = run_dir / ".best-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.lm.save_pretrained(tmp, safe_serialization=True)
+    if model.uses_ids:
+        model.save_personal(tmp)
     best = run_dir / "best"
     old = run_dir / ".best-old"
     if best.exists():
@@ -112,11 +128,11 @@ def _save_best(model, run_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def _trainable_state(model, names: set[str]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n in names}
 
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, rng: random.Random, state: dict) -> None:
+def _save_checkpoint(folder: Path, model, names: set[str], optimizer, scheduler, rng: random.Random, state: dict) -> None:
     """Write the resumable state atomically: a temporary folder renamed over the old one."""
     from safetensors.torch import save_file
 
@@ -124,7 +140,7 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, rng: random.Rand
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(_trainable_state(model, names), str(tmp / "trainable.safetensors"))
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -143,21 +159,54 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, rng: random.Rand
         shutil.rmtree(old)
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler, rng: random.Random) -> dict:
+def _load_checkpoint(folder: Path, model) -> dict:
+    """Load the trainable weights into ``model``; return the rest of the saved state."""
     from safetensors.torch import load_file
 
     weights = load_file(str(folder / "trainable.safetensors"))
-    missing = set(_trainable_state(model)) - set(weights)
-    if missing:
-        raise DataError(f"{folder} does not match this model and method (missing {sorted(missing)[:3]})")
+    unknown = set(weights) - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise DataError(f"{folder} does not match this model and method (unexpected {sorted(unknown)[:3]})")
     model.load_state_dict(weights, strict=False)
-    saved = torch.load(folder / "state.pt", weights_only=True)
+    return torch.load(folder / "state.pt", weights_only=True)
+
+
+def _restore_optimizer(saved: dict, optimizer, scheduler, rng: random.Random) -> None:
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
     version, internal, gauss = saved["python_rng"]
     rng.setstate((version, tuple(internal), gauss))
-    return saved["state"]
+
+
+def _load_best_into(model, run_dir: Path) -> None:
+    """Load the best checkpoint's personal weights and adapter/model weights back into ``model``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    best = run_dir / "best"
+    if model.uses_ids and (best / "personal.safetensors").exists():
+        model.load_state_dict(load_file(str(best / "personal.safetensors")), strict=False)
+    if (best / "adapter_model.safetensors").exists():
+        set_peft_model_state_dict(model.lm, load_file(str(best / "adapter_model.safetensors")))
+    elif (best / "model.safetensors").exists():
+        model.lm.load_state_dict(load_file(str(best / "model.safetensors")), strict=False)
+
+
+def build_model(cfg: TrainConfig, train_records, device: str):
+    """(RecReasonModel, tokenizer, base path) ready to train according to ``cfg``."""
+    from recreason.models.personalized import RecReasonModel
+    from recreason.models.registry import load_model
+
+    # Frozen base weights can live in bf16 under LoRA; full fine-tuning keeps fp32 master weights.
+    load_dtype = "bf16" if cfg.precision == "bf16" and cfg.method != "full" else "fp32"
+    lm, tokenizer, base_path = load_model(cfg.model, dtype=load_dtype, device=device)
+    lm = apply_method(lm, cfg)
+    users = sorted({r.user for r in train_records})
+    items = sorted({r.item for r in train_records})
+    mean = float(np.mean([r.rating for r in train_records]))
+    model = RecReasonModel(lm, users, items, cfg.prompt_mode, cfg.rating_head, cfg.interest_head, mean).to(device)
+    return model, tokenizer, base_path
 
 
 def train(
@@ -172,12 +221,12 @@ def train(
 ) -> dict:
     """Fine-tune ``cfg.model`` on a prepared dataset; write a run directory; return the summary.
 
-    With ``resume`` the run continues from ``run_dir/last`` (trainable weights, optimizer, scheduler, RNG
-    states and the position in the epoch), so an interrupted run ends where an uninterrupted one would.
-    ``on_step(step)`` is called after every optimizer step.
+    With ``cfg.two_stage`` a first stage trains only the user/item vectors and heads with the language
+    model frozen, then the main stage trains everything with a fresh optimizer (PEPLER); each stage stops
+    early on the validation objective. With ``resume`` the run continues from ``run_dir/last`` (trainable
+    weights, optimizer, scheduler, RNG states, stage and position in the epoch), so an interrupted run ends
+    where an uninterrupted one would. ``on_step(step, model)`` is called after every optimizer step.
     """
-    from recreason.models.registry import load_model
-
     cfg.validate()
     prompt_cfg = prompt_cfg or PromptConfig()
     seed_everything(cfg.seed)
@@ -192,18 +241,14 @@ def train(
     valid_records = dataset.subset(cfg.split_seed, "validation")
     prompter = DiscretePrompter(train_records, prompt_cfg)
     rng = random.Random(cfg.seed)
+    model, tokenizer, base_path = build_model(cfg, train_records, device)
     if cfg.max_train_records and cfg.max_train_records < len(train_records):
         train_records = rng.sample(train_records, cfg.max_train_records)
     if cfg.max_eval_records and cfg.max_eval_records < len(valid_records):
         valid_records = random.Random(cfg.seed + 1).sample(valid_records, cfg.max_eval_records)
-
-    # Frozen base weights can live in bf16 under LoRA; full fine-tuning keeps fp32 master weights.
-    load_dtype = "bf16" if cfg.precision == "bf16" and cfg.method != "full" else "fp32"
-    model, tokenizer, base_path = load_model(cfg.model, dtype=load_dtype, device=device)
-    model = apply_method(model, cfg)
     model.train()
-    train_examples, _ = build_examples(train_records, prompter, tokenizer, cfg)
-    valid_examples, _ = build_examples(valid_records, prompter, tokenizer, cfg)
+    train_examples, _ = build_examples(train_records, prompter, tokenizer, cfg, model=model)
+    valid_examples, _ = build_examples(valid_records, prompter, tokenizer, cfg, model=model)
     if not train_examples:
         raise DataError(f"no training examples with a non-empty {cfg.target!r} target")
 
@@ -212,91 +257,115 @@ def train(
         (run_dir / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
 
     steps_per_epoch = math.ceil(math.ceil(len(train_examples) / cfg.batch_size) / cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    optimizer = _optimizer(model, cfg)
+    main_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    stages = [(cfg.stage1_steps, cfg.stage1_lr, True)] if cfg.two_stage else []
+    stages.append((main_steps, cfg.lr, False))
+    lm_trainable = [p for p in model.lm.parameters() if p.requires_grad]
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("training %s (%s, %s prompt, %d trainable parameters) for %s steps on %d examples",
+             cfg.model, cfg.method, cfg.prompt_mode, trainable, "+".join(str(s[0]) for s in stages),
+             len(train_examples))
+    from torch.utils.tensorboard import SummaryWriter
     from transformers import get_linear_schedule_with_warmup
 
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    from torch.utils.tensorboard import SummaryWriter
-
     writer = SummaryWriter(str(run_dir / "tensorboard"))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("training %s (%s, %d trainable parameters) for %d steps on %d examples",
-             cfg.model, cfg.method, trainable, total_steps, len(train_examples))
-
     pad_id = tokenizer.pad_token_id
-    state = {"step": 0, "micro": 0, "tokens_seen": 0, "best_loss": float("inf"), "best_step": 0,
-             "bad_passes": 0, "stopped_early": False, "running": None, "batches": [], "elapsed": 0.0}
+    state = {"stage": 0, "stage_step": 0, "step": 0, "micro": 0, "tokens_seen": 0, "best_loss": float("inf"),
+             "best_step": 0, "bad_passes": 0, "stopped_early": False, "running": None, "batches": [],
+             "elapsed": 0.0}
+    saved = None
     if resume and (run_dir / "last" / "state.pt").exists():
-        state = _load_checkpoint(run_dir / "last", model, optimizer, scheduler, rng)
+        saved = _load_checkpoint(run_dir / "last", model)
+        state = saved["state"]
         log.info("resumed from %s at step %d", run_dir / "last", state["step"])
     start = time.time() - state["elapsed"]
-    bar = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step", disable=not progress)
     log_file = open(run_dir / "train_log.jsonl", "a" if resume else "w")
     save_every = cfg.checkpoint_every or cfg.eval_every
+    bar = tqdm(total=sum(s[0] for s in stages), initial=state["step"], desc="training", unit="step",
+               disable=not progress)
     try:
-        while state["step"] < total_steps and not state["stopped_early"]:
-            if not state["batches"]:
-                state["batches"] = length_bucketed_batches(train_examples, cfg.batch_size, rng)
-            batch = collate([train_examples[i] for i in state["batches"].pop()], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_context(cfg.precision, device):
-                loss, n_tokens = target_loss(model, batch)
-            (loss / cfg.grad_accum).backward()
-            state["tokens_seen"] += int(batch["attention_mask"].sum())
-            value = loss.item()
-            state["running"] = value if state["running"] is None else 0.9 * state["running"] + 0.1 * value
-            state["micro"] += 1
-            if state["micro"] % cfg.grad_accum:
+        for stage_index, (stage_steps, lr, personal_only) in enumerate(stages):
+            if stage_index < state["stage"]:
                 continue
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            step = state["step"]
-            elapsed = time.time() - start
-            writer.add_scalar("train/loss", value, step)
-            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-            bar.set_postfix(loss=f"{state['running']:.3f}", tok_s=f"{state['tokens_seen'] / elapsed:.0f}")
-            bar.update(1)
-            if step % cfg.eval_every == 0 or step == total_steps:
-                val = validation_loss(model, valid_examples, cfg, pad_id, device)
-                writer.add_scalar("validation/loss", val, step)
-                improved = val < state["best_loss"]
-                if improved:
-                    state.update(best_loss=val, best_step=step, bad_passes=0)
-                    _save_best(model, run_dir)
-                else:
-                    state["bad_passes"] += 1
-                    state["stopped_early"] = state["bad_passes"] >= cfg.patience
-                entry = {"step": step, "train_loss": state["running"], "validation_loss": val, "best": improved,
-                         "elapsed_s": round(time.time() - start, 1)}
-                log_file.write(json.dumps(entry) + "\n")
-                log_file.flush()
-                bar.write(f"step {step}: validation loss {val:.4f}{' (best)' if improved else ''}")
-            if step % save_every == 0 or step == total_steps or state["stopped_early"]:
-                state["elapsed"] = time.time() - start
-                _save_checkpoint(run_dir / "last", model, optimizer, scheduler, rng, state)
-            if on_step is not None:
-                on_step(step)
+            for p in lm_trainable:
+                p.requires_grad_(not personal_only)
+            optimizer = _optimizer(model, cfg, lr)
+            scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * stage_steps), stage_steps)
+            if saved is not None:
+                _restore_optimizer(saved, optimizer, scheduler, rng)
+                saved = None
+            else:
+                state.update(stage=stage_index, stage_step=0, bad_passes=0, stopped_early=False, micro=0)
+            while state["stage_step"] < stage_steps and not state["stopped_early"]:
+                if not state["batches"]:
+                    state["batches"] = length_bucketed_batches(train_examples, cfg.batch_size, rng)
+                batch = collate([train_examples[i] for i in state["batches"].pop()], pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast_context(cfg.precision, device):
+                    loss, parts = joint_loss(model, batch, cfg.rating_weight)
+                (loss / cfg.grad_accum).backward()
+                state["tokens_seen"] += int(batch["attention_mask"].sum())
+                value = loss.item()
+                state["running"] = value if state["running"] is None else 0.9 * state["running"] + 0.1 * value
+                state["micro"] += 1
+                if state["micro"] % cfg.grad_accum:
+                    continue
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["stage_step"] += 1
+                step = state["step"]
+                elapsed = time.time() - start
+                writer.add_scalar("train/loss", value, step)
+                writer.add_scalar("train/text_loss", parts["text"], step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                bar.set_postfix(loss=f"{state['running']:.3f}", tok_s=f"{state['tokens_seen'] / elapsed:.0f}")
+                bar.update(1)
+                if state["stage_step"] % cfg.eval_every == 0 or state["stage_step"] == stage_steps:
+                    val = validation_loss(model, valid_examples, cfg, pad_id, device)
+                    for key, v in val.items():
+                        writer.add_scalar(f"validation/{key}", v, step)
+                    improved = val["objective"] < state["best_loss"]
+                    if improved:
+                        state.update(best_loss=val["objective"], best_step=step, bad_passes=0)
+                        _save_best(model, run_dir)
+                    else:
+                        state["bad_passes"] += 1
+                        state["stopped_early"] = state["bad_passes"] >= cfg.patience
+                    entry = {"step": step, "stage": stage_index + 1 if cfg.two_stage else 1,
+                             "train_loss": state["running"], "validation_loss": val["objective"],
+                             **{f"validation_{k}": v for k, v in val.items() if k != "objective"},
+                             "best": improved, "elapsed_s": round(time.time() - start, 1)}
+                    log_file.write(json.dumps(entry) + "\n")
+                    log_file.flush()
+                    bar.write(f"step {step}: validation loss {val['objective']:.4f}{' (best)' if improved else ''}")
+                if state["stage_step"] % save_every == 0 or state["stage_step"] == stage_steps or state["stopped_early"]:
+                    state["elapsed"] = time.time() - start
+                    _save_checkpoint(run_dir / "last", model, trainable_names, optimizer, scheduler, rng, state)
+                if on_step is not None:
+                    on_step(step, model)
+            if stage_index < len(stages) - 1:
+                state["stopped_early"] = False  # early stopping ends a stage, not the run
+                # The next stage starts from the best weights of this one.
+                _load_best_into(model, run_dir)
     finally:
         bar.close()
         log_file.close()
         writer.close()
-    step, best_loss, best_step = state["step"], state["best_loss"], state["best_step"]
-    stopped_early, tokens_seen = state["stopped_early"], state["tokens_seen"]
     elapsed = time.time() - start
     summary = {
-        "steps": step,
-        "best_step": best_step,
-        "best_validation_loss": best_loss,
-        "stopped_early": stopped_early,
+        "steps": state["step"],
+        "best_step": state["best_step"],
+        "best_validation_loss": state["best_loss"],
+        "stopped_early": state["stopped_early"],
         "train_examples": len(train_examples),
         "validation_examples": len(valid_examples),
         "trainable_parameters": trainable,
-        "tokens_seen": tokens_seen,
-        "tokens_per_second": tokens_seen / elapsed if elapsed else 0.0,
+        "tokens_seen": state["tokens_seen"],
+        "tokens_per_second": state["tokens_seen"] / elapsed if elapsed else 0.0,
         "wall_seconds": elapsed,
         "config": asdict(cfg),
     }
