@@ -131,3 +131,42 @@ def test_popularity_and_mf_baselines(prepared_dir):
     train_rmse = rmse([mf.predict(r.user, r.item) for r in train], [r.rating for r in train], 1, 5)
     mean_rmse = rmse([pop.predict(r.user, r.item) for r in train], [r.rating for r in train], 1, 5)
     assert train_rmse < mean_rmse  # MF fits the training ratings better than the mean
+
+
+def test_recommend_and_evaluate_a_run_with_heads(prepared_dir, tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from recreason.cli import main
+    from recreason.data.dataset import Dataset
+    from recreason.training.trainer import train
+
+    cfg = TrainConfig(model=str(tiny_model_dir), method="lora", lora_r=4, lr=1e-2, batch_size=8, max_steps=4,
+                      eval_every=4, max_eval_records=16, precision="fp32", prompt_mode="hybrid",
+                      rating_head="mlp", interest_head=True)
+    train(prepared_dir, tmp_path / "run", cfg, progress=False)
+    ds = Dataset(prepared_dir)
+    user = ds.subset(1, "train")[0].user
+    seen = {r.item for r in ds.records if r.user == user}
+    args = ["recommend", "--run", str(tmp_path / "run"), "--user", user, "-k", "3", "--json",
+            "--set", "generate.max_new_tokens=4", "--set", "generate.precision=fp32"]
+    assert main(args) == 0
+    recs = json.loads(capsys.readouterr().out)["recommendations"]
+    assert len(recs) == 3 and not seen & {r["item"] for r in recs}
+    assert [r["score"] for r in recs] == sorted((r["score"] for r in recs), reverse=True)
+    assert all(r["interest"] in ("low", "medium", "high") and isinstance(r["reason"], str) for r in recs)
+    # Cold start: an unknown user gets item-only reasons ranked by popularity, or a clear error.
+    assert main(args[:4] + ["ghost"] + args[5:]) == 0
+    assert len(json.loads(capsys.readouterr().out)["recommendations"]) == 3
+    assert main(args[:4] + ["ghost", "--cold-start", "error"] + args[5:]) == 2
+    assert "unknown user 'ghost'" in capsys.readouterr().err
+
+    from recreason.evaluation.evaluate import evaluate_runs
+    from recreason.generation.generate import GenerateConfig
+
+    report = evaluate_runs([tmp_path / "run"], gen_cfg=GenerateConfig(max_new_tokens=4, max_records=12,
+                                                                      precision="fp32"),
+                           systems=["retrieval", "fine-tuned"], progress=False, n_negatives=20)
+    row = report["results"]["fine-tuned"]
+    for key in ("RMSE", "MAE", "HR@10", "NDCG@10", "InterestF1", "SentAgree", "BLEU-4"):
+        assert key in row
+    assert report["results"]["matrix factorization"]["RMSE"] > 0

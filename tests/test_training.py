@@ -86,7 +86,9 @@ def test_evaluate_writes_table_for_all_systems(tiny_run):
 
     report = evaluate_run(tiny_run[0], gen_cfg=GenerateConfig(max_new_tokens=6, max_records=10, precision="fp32"),
                           progress=False)
-    assert set(report["results"]) == {"zero-shot", "retrieval", "fine-tuned"}
+    assert set(report["results"]) == {"zero-shot", "retrieval", "fine-tuned", "popularity", "matrix factorization"}
+    assert "RMSE" not in report["results"]["fine-tuned"]  # this run has no rating head
+    assert report["results"]["popularity"]["RMSE"] > 0
     assert report["records"] == 10
     saved = json.loads((tiny_run[0] / "eval" / "test.json").read_text())
     assert saved["results"]["retrieval"]["BLEU-1"] == report["results"]["retrieval"]["BLEU-1"]

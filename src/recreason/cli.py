@@ -103,20 +103,36 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    """Score the fine-tuned run against the zero-shot base model and a retrieval baseline."""
-    from recreason.evaluation.evaluate import evaluate_run
+    """Score fine-tuned runs against the zero-shot base model, retrieval, popularity and MF baselines."""
+    from recreason.evaluation.evaluate import evaluate_runs
 
     config = _config(args)
     gen, ev = config["generate"], config["evaluate"]
     if args.max_records:
         gen.max_records = args.max_records
-    report = evaluate_run(args.run, args.split or ev.split, gen, args.systems or ev.systems, ev.max_len,
-                          regenerate=args.regenerate, progress=not args.quiet)
+    report = evaluate_runs(args.run, args.split or ev.split, gen, args.systems or ev.systems, ev.max_len,
+                           regenerate=args.regenerate, progress=not args.quiet, out_dir=args.out)
     print(f"\n{report['split']} split, {report['records']} records, first {report['max_len']} tokens:\n")
     print(report["table"])
-    print(f"\nreport written to {Path(args.run) / 'eval'}")
+    print(f"\nreport written to {args.out or Path(args.run[0]) / 'eval'}")
     if args.json:
         print(json.dumps(report["results"], indent=2))
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    """Top-K unseen items for a user, ranked by the run's rating head, each with a generated reason."""
+    from recreason.recommendation import Recommender
+
+    gen = _config(args)["generate"]
+    recs = Recommender(args.run, gen).recommend(args.user, args.k, not args.include_seen, args.cold_start)
+    if args.json:
+        print(json.dumps({"user": args.user, "recommendations": [r.to_dict() for r in recs]}, indent=2))
+        return 0
+    print(f"top {len(recs)} for user {args.user}:")
+    for n, r in enumerate(recs, 1):
+        rating = "" if r.predicted_rating is None else f"predicted {r.predicted_rating:.2f} ({r.interest}) "
+        print(f"{n:>3}. {r.item}  {rating}- {r.reason}")
     return 0
 
 
@@ -173,13 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", parents=[common], help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
-    p.add_argument("--run", required=True, help="run directory from 'recreason train'")
+    p.add_argument("--run", required=True, action="append",
+                   help="run directory from 'recreason train'; repeat to compare runs on one split in one table")
+    p.add_argument("--out", help="report directory (default: FIRST_RUN/eval)")
     p.add_argument("--split", choices=["validation", "test"])
     p.add_argument("--systems", nargs="+", choices=["zero-shot", "retrieval", "fine-tuned"])
     p.add_argument("--max-records", type=int, help="evaluate the first N records of the split")
     p.add_argument("--regenerate", action="store_true", help="ignore texts generated earlier")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("recommend", parents=[common], help=cmd_recommend.__doc__, description=cmd_recommend.__doc__)
+    p.add_argument("--run", required=True, help="run directory trained with a rating head")
+    p.add_argument("--user", required=True, help="user id")
+    p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    p.add_argument("--include-seen", action="store_true", help="also rank items the user already interacted with")
+    p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
+                   help="unknown user: rank by popularity with item-only reasons, or fail (default item-only)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_recommend)
     return parser
 
 

@@ -4,7 +4,10 @@ Systems, all on the same records and prompts:
 
 * ``zero-shot``: the base model before fine-tuning, given the same prompt;
 * ``retrieval``: the training sentence of the most similar user/item context;
-* ``fine-tuned``: the run's best checkpoint.
+* ``fine-tuned``: the run's best checkpoint (one row per run when several are given);
+* ``popularity`` and ``matrix factorization``: rating and ranking baselines, shown with the
+  fine-tuned rows, whose rating/interest heads (when trained) are scored by RMSE, MAE,
+  interest macro-F1, HR@10 and NDCG@10 over sampled negatives, and sentiment agreement.
 
 Generated texts go to ``<run>/generated/<split>-<system>.jsonl``; the table
 goes to ``<run>/eval/<split>.json`` and ``.md`` and is printed.
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 from recreason.data.records import Explained
+from recreason.evaluation import metrics as M
+from recreason.evaluation import ranking
 from recreason.evaluation.baselines import RetrievalBaseline
 from recreason.evaluation.metrics import text_metrics
 from recreason.generation.generate import GenerateConfig, generate_texts
@@ -27,7 +32,9 @@ from recreason.text import tokenize
 from recreason.training.run import Run, target_text
 
 SYSTEMS = ("zero-shot", "retrieval", "fine-tuned")
-METRIC_ORDER = ["BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "USR", "FMR", "FCR", "DIV"]
+METRIC_ORDER = ["BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "USR", "FMR", "FCR", "DIV",
+                "RMSE", "MAE", "InterestF1", "HR@10", "NDCG@10", "SentAgree"]
+FRACTIONS = {"USR", "FMR", "FCR", "DIV", "RMSE", "MAE", "InterestF1", "InterestAcc", "HR@10", "NDCG@10", "SentAgree"}
 
 
 def score_texts(
@@ -59,91 +66,184 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
         cells = []
         for m in cols:
             v = res.get(m)
-            cells.append("" if v is None else (f"{v:.4f}" if m in ("USR", "FMR", "FCR", "DIV") else f"{v:.2f}"))
+            cells.append("" if v is None else (f"{v:.4f}" if m in FRACTIONS else f"{v:.2f}"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def generate_for_run(
-    run: Run, records, system: str, gen_cfg: GenerateConfig, progress: bool = True, dataset=None
-) -> list[str]:
-    """Texts for ``records`` from the fine-tuned run or its zero-shot base model."""
+def _load_for_generation(run: Run, system: str, gen_cfg: GenerateConfig):
     import torch
 
+    from recreason.models.personalized import RecReasonModel
     from recreason.models.registry import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bf16" if gen_cfg.precision == "bf16" else "fp32"
+    if system == "fine-tuned":
+        return run.load_model(dtype=dtype, device=device)
+    lm, tokenizer, _ = load_model(run.info["base_model_path"], dtype=dtype, device=device)
+    return RecReasonModel(lm).eval(), tokenizer
+
+
+def generate_for_run(
+    run: Run, records, system: str, gen_cfg: GenerateConfig, progress: bool = True, dataset=None, loaded=None
+) -> list[str]:
+    """Texts for ``records`` from the fine-tuned run or its zero-shot base model (discrete prompt)."""
+    model, tokenizer = loaded or _load_for_generation(run, system, gen_cfg)
     prompter = run.prompter(dataset or run.dataset())
     if system == "fine-tuned":
-        model, tokenizer = run.load_model(dtype=dtype, device=device)
         prompts = [run.prompt_for(prompter, tokenizer, r) for r in records]
-    else:  # the base model before fine-tuning sees the discrete prompt
-        model, tokenizer, _ = load_model(run.info["base_model_path"], dtype=dtype, device=device)
-        model.eval()
+    else:
         prompts = [render(tokenizer, prompter.for_record(r)) for r in records]
     return generate_texts(model, tokenizer, prompts, gen_cfg, progress=progress, desc=f"generating ({system})",
                           users=[r.user for r in records], items=[r.item for r in records])
 
 
-def evaluate_run(
-    run_dir: str | Path,
+def _select_records(run: Run, dataset, split: str, gen_cfg: GenerateConfig):
+    records = dataset.subset(run.info["split_seed"], split)
+    if gen_cfg.max_records:
+        records = records[: gen_cfg.max_records]
+    refs = [target_text(r, run.info["target"]) for r in records]
+    keep = [i for i, ref in enumerate(refs) if ref]
+    return [records[i] for i in keep], [refs[i] for i in keep]
+
+
+def _texts(path: Path, records, regenerate: bool, make) -> list[str]:
+    if path.exists() and not regenerate:
+        rows = read_generated(path)
+        if [r["index"] for r in rows] == [r.index for r in records]:
+            return [r["generated"] for r in rows]
+    return make()
+
+
+def rating_and_ranking(model, records, train, negatives, low: float, high: float, texts=None) -> dict[str, float]:
+    """RMSE/MAE, interest accuracy/macro-F1, HR@10/NDCG@10 and sentiment agreement of a run's heads."""
+    import torch
+
+    from recreason.models.personalized import INTEREST_LABELS, interest_class
+
+    out: dict[str, float] = {}
+    if not getattr(model, "uses_ids", False):
+        return out
+    device = next(model.parameters()).device
+    u, i = model.ids([r.user for r in records], [r.item for r in records])
+    with torch.no_grad():
+        rating = model.predict_rating(u.to(device), i.to(device))
+        interest = model.predict_interest(u.to(device), i.to(device))
+    actual = [r.rating for r in records]
+    if rating is not None:
+        predicted = rating.float().cpu().tolist()
+        out["RMSE"] = M.rmse(predicted, actual, low, high)
+        out["MAE"] = M.mae(predicted, actual, low, high)
+
+        def scorer(user, items):
+            uu, ii = model.ids([user] * len(items), items)
+            with torch.no_grad():
+                return model.predict_rating(uu.to(device), ii.to(device)).float().cpu().tolist()
+
+        out.update(ranking.evaluate_ranking(scorer, records, negatives, ks=(10,)))
+        if texts is not None:
+            out["SentAgree"] = M.sentiment_agreement(texts, predicted, midpoint=(low + high) / 2)
+    if interest is not None:
+        report = M.classification_report(interest.argmax(-1).cpu().tolist(), [interest_class(a) for a in actual],
+                                         INTEREST_LABELS)
+        out["InterestF1"] = report["macro_f1"]
+        out["InterestAcc"] = report["accuracy"]
+    return out
+
+
+def evaluate_runs(
+    run_dirs: Sequence[str | Path],
     split: str = "test",
     gen_cfg: GenerateConfig | None = None,
     systems: Sequence[str] = SYSTEMS,
     max_len: int = 20,
     regenerate: bool = False,
     progress: bool = True,
+    out_dir: str | Path | None = None,
+    n_negatives: int = 99,
 ) -> dict:
+    """One table: baselines once, then one fine-tuned row per run (all runs must share dataset and split)."""
     gen_cfg = gen_cfg or GenerateConfig()
-    run = Run(run_dir)
-    dataset = run.dataset()
-    records = dataset.subset(run.info["split_seed"], split)
-    if gen_cfg.max_records:
-        records = records[: gen_cfg.max_records]
-    references = [target_text(r, run.info["target"]) for r in records]
-    keep = [i for i, ref in enumerate(references) if ref]
-    records = [records[i] for i in keep]
-    references = [references[i] for i in keep]
+    runs = [Run(d) for d in run_dirs]
+    first = runs[0]
+    for other in runs[1:]:
+        if (other.info["dataset"], other.info["split_seed"]) != (first.info["dataset"], first.info["split_seed"]):
+            raise ValueError(f"{other.dir} uses another dataset or split than {first.dir}; rows would not compare")
+    dataset = first.dataset()
+    records, references = _select_records(first, dataset, split, gen_cfg)
     truth = [r.feature for r in records]
+    train = dataset.subset(first.info["split_seed"], "train")
+    low, high = dataset.rating_range
+    negatives = ranking.sample_negatives(dataset.records, records, n_negatives, seed=0)
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     for system in systems:
         if system not in SYSTEMS:
             raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
-        path = run.dir / "generated" / f"{split}-{system}.jsonl"
+    for system in [s for s in systems if s != "fine-tuned"]:
         start = time.time()
-        cached = None
-        if path.exists() and not regenerate:
-            rows = read_generated(path)
-            if [r["index"] for r in rows] == [r.index for r in records]:
-                cached = [r["generated"] for r in rows]
-        if cached is not None:
-            texts = cached
-        elif system == "retrieval":
-            baseline = RetrievalBaseline(dataset.subset(run.info["split_seed"], "train"))
+        path = first.dir / "generated" / f"{split}-{system}.jsonl"
+        if system == "retrieval":
+            baseline = RetrievalBaseline(train)
             texts = [baseline.explain(r.user, r.item) for r in records]
         else:
-            texts = generate_for_run(run, records, system, gen_cfg, progress, dataset)
-        timings[system] = time.time() - start
+            texts = _texts(path, records, regenerate,
+                           lambda: generate_for_run(first, records, system, gen_cfg, progress, dataset))
         _write_generated(path, records, texts, references)
         results[system] = score_texts(references, texts, truth, dataset.features, max_len)
+        timings[system] = time.time() - start
+    if "fine-tuned" in systems:
+        start = time.time()
+        pop = ranking.PopularityBaseline(train)
+        mf = ranking.MatrixFactorization(train)
+        for name, base in (("popularity", pop), ("matrix factorization", mf)):
+            predicted = [base.predict(r.user, r.item) for r in records]
+            row = {"RMSE": M.rmse(predicted, [r.rating for r in records], low, high),
+                   "MAE": M.mae(predicted, [r.rating for r in records], low, high)}
+            row.update(ranking.evaluate_ranking(base.score, records, negatives, ks=(10,)))
+            results[name] = row
+        timings["rating baselines"] = time.time() - start
+        for run in runs:
+            start = time.time()
+            name = "fine-tuned" if len(runs) == 1 else f"fine-tuned: {run.dir.name}"
+            path = run.dir / "generated" / f"{split}-fine-tuned.jsonl"
+            loaded = None
+            if regenerate or not path.exists() or run.train_config.rating_head or run.train_config.interest_head:
+                loaded = _load_for_generation(run, "fine-tuned", gen_cfg)
+            texts = _texts(path, records, regenerate,
+                           lambda: generate_for_run(run, records, "fine-tuned", gen_cfg, progress, dataset, loaded))
+            _write_generated(path, records, texts, references)
+            row = score_texts(references, texts, truth, dataset.features, max_len)
+            if loaded is not None:
+                row.update(rating_and_ranking(loaded[0], records, train, negatives, low, high, texts))
+            results[name] = row
+            timings[name] = time.time() - start
     table = format_table(results)
     report = {
-        "run": str(run.dir),
+        "runs": [str(r.dir) for r in runs],
         "split": split,
         "records": len(records),
         "max_len": max_len,
+        "ranking_protocol": f"each test item ranked against {n_negatives} sampled items the user never "
+                            "interacted with; ties rank the test item last",
         "generation": asdict(gen_cfg),
         "results": results,
         "seconds": timings,
     }
-    out = run.dir / "eval"
-    out.mkdir(exist_ok=True)
+    out = Path(out_dir) if out_dir else first.dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{split}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{split}.md").write_text(
         f"# Evaluation on the {split} split ({len(records)} records)\n\n{table}\n\n"
-        f"Text metrics on the first {max_len} tokens; BLEU/ROUGE x100; DIV lower is better.\n"
+        f"Text metrics on the first {max_len} tokens; BLEU/ROUGE x100; DIV lower is better. "
+        f"HR@10/NDCG@10: {report['ranking_protocol']}. RMSE/MAE with predictions clipped to "
+        f"[{low:g}, {high:g}]. SentAgree: share of reasons whose VADER polarity matches the predicted rating.\n"
     )
     report["table"] = table
     return report
+
+
+def evaluate_run(run_dir: str | Path, *args, **kwargs) -> dict:
+    """:func:`evaluate_runs` for a single run."""
+    return evaluate_runs([run_dir], *args, **kwargs)

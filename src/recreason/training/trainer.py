@@ -341,7 +341,8 @@ def train(
                              "best": improved, "elapsed_s": round(time.time() - start, 1)}
                     log_file.write(json.dumps(entry) + "\n")
                     log_file.flush()
-                    bar.write(f"step {step}: validation loss {val['objective']:.4f}{' (best)' if improved else ''}")
+                    message = f"step {step}: validation loss {val['objective']:.4f}{' (best)' if improved else ''}"
+                    bar.write(message) if progress else log.info(message)
                 if state["stage_step"] % save_every == 0 or state["stage_step"] == stage_steps or state["stopped_early"]:
                     state["elapsed"] = time.time() - start
                     _save_checkpoint(run_dir / "last", model, trainable_names, optimizer, scheduler, rng, state)
