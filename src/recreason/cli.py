@@ -50,11 +50,17 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Export a prepared dataset for other codebases (NETE/PETER reviews.pickle)."""
+    """Export a prepared dataset as NETE/PETER reviews.pickle, or a run as one merged model (--merged)."""
+    if args.merged or args.format == "merged":
+        from recreason.training.run import Run
+
+        out = Run(args.source).export_merged(args.out)
+        print(f"wrote the merged model to {out} (loads with transformers' from_pretrained)")
+        return 0
     from recreason.data.dataset import Dataset
     from recreason.data.nete import export_nete
 
-    path = export_nete(Dataset(args.dataset), args.out, args.seeds)
+    path = export_nete(Dataset(args.source), args.out, args.seeds)
     print(f"wrote {path} and split folders under {args.out}")
     return 0
 
@@ -143,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"recreason {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML config file (see configs/default.yaml)")
+    common.add_argument("--config", action="append", default=[],
+                        help="YAML config file (see configs/default.yaml); repeat to layer files, later ones win")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.lr=5e-4 (repeatable)")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -159,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("export", parents=[common], help=cmd_export.__doc__, description=cmd_export.__doc__)
-    p.add_argument("dataset", help="prepared dataset directory")
-    p.add_argument("--format", choices=["nete"], default="nete", help="output format (default: nete)")
+    p.add_argument("source", help="prepared dataset directory (nete) or run directory (merged)")
+    p.add_argument("--format", choices=["nete", "merged"], default="nete", help="output format (default: nete)")
+    p.add_argument("--merged", action="store_true", help="same as --format merged: LoRA/AdaLoRA/IA3 merged into the base")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seeds", type=int, nargs="+", help="splits to export as folds 1..n (default: all)")
     p.set_defaults(func=cmd_export)
@@ -169,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="prepared dataset directory")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--model", help="alias (smollm2-135m), local directory, .gguf file or cached HF id")
-    p.add_argument("--method", choices=["lora", "full"])
+    p.add_argument("--method", choices=["full", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"])
     p.add_argument("--max-steps", type=int, dest="max_steps")
     p.add_argument("--epochs", type=float)
     p.add_argument("--lr", type=float)

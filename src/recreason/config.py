@@ -64,10 +64,12 @@ def _apply(obj, values: dict[str, Any], where: str) -> None:
         setattr(obj, key, _coerce(value, str(fields[key].type), f"{where}: {key}"))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Return ``{section: dataclass instance}`` with every layer applied."""
+def load_config(paths=None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Return ``{section: dataclass instance}`` with every layer applied (later files win)."""
     config = {name: cls() for name, cls in SECTIONS.items()}
-    if path is not None:
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    for path in paths or []:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")

@@ -59,6 +59,7 @@ class RecReasonModel(nn.Module):
         self.user_index = {u: n + 1 for n, u in enumerate(self.users)}  # 0 = unknown
         self.item_index = {i: n + 1 for n, i in enumerate(self.items)}
         self.soft = prompt_mode != "discrete"
+        self.pass_position_ids = True  # peft prompt-learning methods make their own positions
         self.uses_ids = self.soft or rating_head is not None or interest_head
         hidden = lm.config.hidden_size
         if self.uses_ids:
@@ -111,14 +112,18 @@ class RecReasonModel(nn.Module):
     # ----- language model ------------------------------------------------------------------------
     def _lm_inputs(self, input_ids, attention_mask, user_idx=None, item_idx=None) -> dict:
         if not self.soft or user_idx is None:
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if self.pass_position_ids:
+                inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            return inputs
         embeds = self.lm.get_input_embeddings()(input_ids)
         soft = torch.stack([self.user_emb(user_idx), self.item_emb(item_idx)], 1).to(embeds.dtype)
         known = torch.stack([user_idx > 0, item_idx > 0], 1).to(attention_mask.dtype)
         mask = torch.cat([known, attention_mask], 1)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"inputs_embeds": torch.cat([soft, embeds], 1), "attention_mask": mask, "position_ids": position_ids}
+        inputs = {"inputs_embeds": torch.cat([soft, embeds], 1), "attention_mask": mask}
+        if self.pass_position_ids:
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return inputs
 
     def forward(self, input_ids, attention_mask, user_idx=None, item_idx=None, logits_to_keep: int = 0, **kwargs):
         inputs = self._lm_inputs(input_ids, attention_mask, user_idx, item_idx)
@@ -129,7 +134,7 @@ class RecReasonModel(nn.Module):
         """Generate continuations; returns only the new tokens. The KV cache is used as usual."""
         inputs = self._lm_inputs(input_ids, attention_mask, user_idx, item_idx)
         if "inputs_embeds" in inputs:
-            inputs.pop("position_ids")  # generate derives them from the attention mask
+            inputs.pop("position_ids", None)  # generate derives them from the attention mask
             return self.lm.generate(**inputs, **kwargs)  # with inputs_embeds only new tokens come back
         out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out[:, input_ids.shape[1]:]

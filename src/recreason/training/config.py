@@ -10,16 +10,22 @@ LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 @dataclass
 class TrainConfig:
     model: str = "smollm2-135m"  # alias, Hugging Face id (local cache), directory or .gguf
-    method: str = "lora"  # lora | full
+    method: str = "lora"  # full | lora | adalora | ia3 | prefix | prompt | adapter
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(LINEAR_MODULES))
     lora_top_layers: int | None = None  # adapt only the last N decoder layers (backward stops there: faster)
+    adapter_size: int = 64  # bottleneck width of the adapter method
+    num_virtual_tokens: int = 16  # prefix and prompt tuning
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
+    scheduler: str = "linear"  # linear | cosine, both after linear warmup
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     target: str = "sentence"  # explanation target: sentence | summary
     prompt_mode: str = "discrete"  # discrete (text) | continuous (learned user/item vectors) | hybrid (both)
     rating_head: str | None = None  # null | mf | mlp: predict the rating jointly with the text
     interest_head: bool = False  # also classify interest low/medium/high (ratings 1-2 / 3 / 4-5)
+    personal_lr: float | None = 1e-2  # learning rate of user/item vectors and heads (null: same as lr)
     rating_weight: float = 0.1  # lambda in loss = NLL + lambda * (rating MSE + interest cross-entropy)
     two_stage: bool = False  # PEPLER: stage 1 trains only user/item vectors and heads, LM frozen
     stage1_steps: int = 100  # optimizer steps of stage 1 (it may stop earlier on validation loss)
@@ -40,17 +46,23 @@ class TrainConfig:
     max_eval_records: int | None = 256  # validation records used for early stopping
     checkpoint_every: int | None = None  # steps between resumable checkpoints in RUN/last (default: eval_every)
     patience: int = 3  # validation passes without improvement before stopping
-    precision: str = "bf16"  # bf16 (autocast; frozen base weights stored in bf16) | fp32
+    precision: str = "bf16"  # bf16 (autocast; frozen base weights stored in bf16) | fp16 (GPU, loss scaling) | fp32
     seed: int = 42
     num_threads: int | None = None  # torch threads; default: all cores
 
     def validate(self) -> None:
-        if self.method not in ("lora", "full"):
-            raise ValueError(f"train.method must be 'lora' or 'full', got {self.method!r}")
+        from recreason.training.methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"train.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"train.optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.scheduler not in ("linear", "cosine"):
+            raise ValueError(f"train.scheduler must be linear or cosine, got {self.scheduler!r}")
         if self.target not in ("sentence", "summary"):
             raise ValueError(f"train.target must be 'sentence' or 'summary', got {self.target!r}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"train.precision must be bf16, fp16 or fp32, got {self.precision!r}")
         if self.prompt_mode not in ("discrete", "continuous", "hybrid"):
             raise ValueError(f"train.prompt_mode must be discrete, continuous or hybrid, got {self.prompt_mode!r}")
         if self.rating_head not in (None, "mf", "mlp"):

@@ -101,16 +101,16 @@ def joint_loss(model, batch: dict[str, torch.Tensor], rating_weight: float) -> t
 
     text, n_tokens = target_loss(model, batch)
     loss = text
-    parts = {"text": float(text), "tokens": n_tokens}
+    parts = {"text": text.item(), "tokens": n_tokens}
     rating = model.predict_rating(batch["user_idx"], batch["item_idx"]) if model.uses_ids else None
     if rating is not None:
         mse = torch.nn.functional.mse_loss(rating, batch["rating"])
         loss = loss + rating_weight * mse
-        parts["rating_mse"] = float(mse)
+        parts["rating_mse"] = mse.item()
     interest = model.predict_interest(batch["user_idx"], batch["item_idx"]) if model.uses_ids else None
     if interest is not None:
         target = torch.tensor([interest_class(float(r)) for r in batch["rating"]], device=interest.device)
         ce = torch.nn.functional.cross_entropy(interest, target)
         loss = loss + rating_weight * ce
-        parts["interest_ce"] = float(ce)
+        parts["interest_ce"] = ce.item()
     return loss, parts

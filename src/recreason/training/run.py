@@ -96,18 +96,43 @@ class Run:
             torch_dtype = torch.bfloat16 if dtype in ("bf16", "bfloat16") else torch.float32
             lm = AutoModelForCausalLM.from_pretrained(best, dtype=torch_dtype).to(device)
             tokenizer = load_tokenizer(self.info["base_model_path"])
+        elif self.info["method"] == "adapter":
+            from recreason.training.methods import load_adapter
+
+            base, tokenizer, _ = load_model(self.info["base_model_path"], dtype=dtype, device=device)
+            lm = load_adapter(base, best).to(device)
         else:
             from peft import PeftModel
 
+            from recreason.training.methods import MERGEABLE
+
             base, tokenizer, _ = load_model(self.info["base_model_path"], dtype=dtype, device=device)
             lm = PeftModel.from_pretrained(base, best)
-            if merge:
+            if merge and self.info["method"] in MERGEABLE:
                 lm = lm.merge_and_unload()
         if (best / "personal.json").exists():
             model = RecReasonModel.load_personal(lm, best).to(device)
         else:
             model = RecReasonModel(lm)
+        from recreason.training.methods import uses_position_ids
+
+        model.pass_position_ids = uses_position_ids(self.info["method"])
         return model.eval(), tokenizer
+
+    def export_merged(self, out_dir: str | Path) -> Path:
+        """Write the fine-tuned model with its LoRA-family adapter merged into the base weights."""
+        from recreason.training.methods import MERGEABLE
+
+        method = self.info["method"]
+        if method not in MERGEABLE + ("full",):
+            raise DataError(f"a {method!r} run cannot be merged into the base weights; only {', '.join(MERGEABLE)}")
+        model, tokenizer = self.load_model(dtype="fp32", merge=True)
+        out = Path(out_dir)
+        model.lm.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        if model.uses_ids:
+            model.save_personal(out)
+        return out
 
     def prompt_for(self, prompter: DiscretePrompter, tokenizer, record: Explained) -> str:
         """The prompt text this run was trained with, for one record."""

@@ -29,6 +29,7 @@ from recreason.data.records import DataError
 from recreason.prompts.discrete import DiscretePrompter, PromptConfig
 from recreason.training.config import TrainConfig
 from recreason.training.data import collate, joint_loss, length_bucketed_batches
+from recreason.training.methods import apply_method, save_adapter, uses_position_ids
 from recreason.training.run import build_examples, write_run_info
 
 log = logging.getLogger(__name__)
@@ -41,45 +42,26 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast_context(precision: str, device: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
     return nullcontext()
 
 
-def _top_layers(model, n: int | None) -> list[int] | None:
-    if not n:
-        return None
-    total = model.config.num_hidden_layers
-    return list(range(max(0, total - n), total))
-
-
-def apply_method(model, cfg: TrainConfig):
-    """Wrap ``model`` for the fine-tuning method; returns the model to train."""
-    if cfg.method == "full":
-        model.float()
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        layers_to_transform=_top_layers(model, cfg.lora_top_layers),
-    )
-    return get_peft_model(model, lora)  # adapter weights are kept in fp32 by peft
-
-
 def _optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay, no_decay, personal = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        # No decay on norms, biases and the user/item tables (sparse rows would decay between visits).
-        skip = param.ndim < 2 or "norm" in name or name.startswith(("user_", "item_"))
-        (no_decay if skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not name.startswith("lm."):
+            personal.append(param)  # user/item tables and heads: own rate, no decay (sparse rows)
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": personal, "weight_decay": 0.0, "lr": cfg.personal_lr or lr}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     return torch.optim.AdamW(groups, lr=lr)
 
 
@@ -116,7 +98,10 @@ def _save_best(model, run_dir: Path) -> None:
     tmp = run_dir / ".best-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.lm.save_pretrained(tmp, safe_serialization=True)
+    if hasattr(model.lm, "recreason_adapter"):
+        save_adapter(model.lm, tmp)
+    else:
+        model.lm.save_pretrained(tmp, safe_serialization=True)
     if model.uses_ids:
         model.save_personal(tmp)
     best = run_dir / "best"
@@ -187,13 +172,15 @@ def _load_best_into(model, run_dir: Path) -> None:
     best = run_dir / "best"
     if model.uses_ids and (best / "personal.safetensors").exists():
         model.load_state_dict(load_file(str(best / "personal.safetensors")), strict=False)
-    if (best / "adapter_model.safetensors").exists():
+    if (best / "adapter.safetensors").exists():
+        model.lm.load_state_dict(load_file(str(best / "adapter.safetensors")), strict=False)
+    elif (best / "adapter_model.safetensors").exists():
         set_peft_model_state_dict(model.lm, load_file(str(best / "adapter_model.safetensors")))
     elif (best / "model.safetensors").exists():
         model.lm.load_state_dict(load_file(str(best / "model.safetensors")), strict=False)
 
 
-def build_model(cfg: TrainConfig, train_records, device: str):
+def build_model(cfg: TrainConfig, train_records, device: str, total_steps: int = 1000):
     """(RecReasonModel, tokenizer, base path) ready to train according to ``cfg``."""
     from recreason.models.personalized import RecReasonModel
     from recreason.models.registry import load_model
@@ -201,11 +188,14 @@ def build_model(cfg: TrainConfig, train_records, device: str):
     # Frozen base weights can live in bf16 under LoRA; full fine-tuning keeps fp32 master weights.
     load_dtype = "bf16" if cfg.precision == "bf16" and cfg.method != "full" else "fp32"
     lm, tokenizer, base_path = load_model(cfg.model, dtype=load_dtype, device=device)
-    lm = apply_method(lm, cfg)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = apply_method(lm, cfg, total_steps)
     users = sorted({r.user for r in train_records})
     items = sorted({r.item for r in train_records})
     mean = float(np.mean([r.rating for r in train_records]))
     model = RecReasonModel(lm, users, items, cfg.prompt_mode, cfg.rating_head, cfg.interest_head, mean).to(device)
+    model.pass_position_ids = uses_position_ids(cfg.method)
     return model, tokenizer, base_path
 
 
@@ -241,7 +231,11 @@ def train(
     valid_records = dataset.subset(cfg.split_seed, "validation")
     prompter = DiscretePrompter(train_records, prompt_cfg)
     rng = random.Random(cfg.seed)
-    model, tokenizer, base_path = build_model(cfg, train_records, device)
+    if cfg.precision == "fp16" and device == "cpu":
+        raise ValueError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    n_train = min(len(train_records), cfg.max_train_records or len(train_records))
+    estimated_steps = cfg.max_steps or max(1, math.ceil(n_train / cfg.batch_size / cfg.grad_accum * cfg.epochs))
+    model, tokenizer, base_path = build_model(cfg, train_records, device, estimated_steps)
     if cfg.max_train_records and cfg.max_train_records < len(train_records):
         train_records = rng.sample(train_records, cfg.max_train_records)
     if cfg.max_eval_records and cfg.max_eval_records < len(valid_records):
@@ -267,10 +261,14 @@ def train(
              cfg.model, cfg.method, cfg.prompt_mode, trainable, "+".join(str(s[0]) for s in stages),
              len(train_examples))
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_scheduler
 
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     pad_id = tokenizer.pad_token_id
+    # fp16 needs loss scaling; with bf16/fp32 the scaler is a no-op pass-through.
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.precision == "fp16")
+    allocate = getattr(getattr(model.lm, "base_model", None), "update_and_allocate", None) \
+        if cfg.method == "adalora" else None
     state = {"stage": 0, "stage_step": 0, "step": 0, "micro": 0, "tokens_seen": 0, "best_loss": float("inf"),
              "best_step": 0, "bad_passes": 0, "stopped_early": False, "running": None, "batches": [],
              "elapsed": 0.0}
@@ -291,7 +289,7 @@ def train(
             for p in lm_trainable:
                 p.requires_grad_(not personal_only)
             optimizer = _optimizer(model, cfg, lr)
-            scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * stage_steps), stage_steps)
+            scheduler = get_scheduler(cfg.scheduler, optimizer, int(cfg.warmup_ratio * stage_steps), stage_steps)
             if saved is not None:
                 _restore_optimizer(saved, optimizer, scheduler, rng)
                 saved = None
@@ -304,16 +302,20 @@ def train(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast_context(cfg.precision, device):
                     loss, parts = joint_loss(model, batch, cfg.rating_weight)
-                (loss / cfg.grad_accum).backward()
+                scaler.scale(loss / cfg.grad_accum).backward()
                 state["tokens_seen"] += int(batch["attention_mask"].sum())
                 value = loss.item()
                 state["running"] = value if state["running"] is None else 0.9 * state["running"] + 0.1 * value
                 state["micro"] += 1
                 if state["micro"] % cfg.grad_accum:
                     continue
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
+                if allocate is not None and not personal_only:
+                    allocate(state["step"] + 1)  # AdaLoRA re-distributes its rank budget
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
                 state["stage_step"] += 1
