@@ -126,8 +126,13 @@ class RecReasonModel(nn.Module):
         return inputs
 
     def forward(self, input_ids, attention_mask, user_idx=None, item_idx=None, logits_to_keep: int = 0, **kwargs):
+        """LM outputs for the (soft +) text prompt; with ids, also ``rating`` and ``interest`` predictions."""
         inputs = self._lm_inputs(input_ids, attention_mask, user_idx, item_idx)
-        return self.lm(**inputs, logits_to_keep=logits_to_keep, use_cache=False)
+        out = self.lm(**inputs, logits_to_keep=logits_to_keep, use_cache=False)
+        if self.uses_ids and user_idx is not None:
+            out["rating"] = self.predict_rating(user_idx, item_idx)
+            out["interest"] = self.predict_interest(user_idx, item_idx)
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, user_idx=None, item_idx=None, **kwargs):

@@ -73,19 +73,21 @@ def length_bucketed_batches(
     return batches
 
 
-def target_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over target tokens, with logits computed only where targets are."""
-    n_target = int(batch["n_target"])
-    keep = n_target + 1
-    extra = {k: batch[k] for k in ("user_idx", "item_idx") if k in batch and getattr(model, "uses_ids", False)}
-    out = model(
+def _forward(model, batch: dict[str, torch.Tensor]):
+    core = getattr(model, "module", model)  # unwrap DistributedDataParallel for attribute access
+    extra = {k: batch[k] for k in ("user_idx", "item_idx") if k in batch and getattr(core, "uses_ids", False)}
+    return model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
-        logits_to_keep=keep,
+        logits_to_keep=int(batch["n_target"]) + 1,
         use_cache=False,
         **extra,
     )
+
+
+def _text_loss(out, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    n_target = int(batch["n_target"])
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, -n_target:]
     n_tokens = int((labels != -100).sum())
@@ -95,19 +97,29 @@ def target_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     return loss / max(n_tokens, 1), n_tokens
 
 
+def target_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over target tokens, with logits computed only where targets are."""
+    return _text_loss(_forward(model, batch), batch)
+
+
 def joint_loss(model, batch: dict[str, torch.Tensor], rating_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Text NLL plus ``rating_weight`` times the rating MSE and interest cross-entropy, where heads exist."""
+    """Text NLL plus ``rating_weight`` times the rating MSE and interest cross-entropy, where heads exist.
+
+    One forward pass computes everything (the heads run inside ``RecReasonModel.forward``), so the
+    loss is the same under DistributedDataParallel.
+    """
     from recreason.models.personalized import interest_class
 
-    text, n_tokens = target_loss(model, batch)
+    out = _forward(model, batch)
+    text, n_tokens = _text_loss(out, batch)
     loss = text
     parts = {"text": text.item(), "tokens": n_tokens}
-    rating = model.predict_rating(batch["user_idx"], batch["item_idx"]) if model.uses_ids else None
+    rating = out.get("rating")
     if rating is not None:
         mse = torch.nn.functional.mse_loss(rating, batch["rating"])
         loss = loss + rating_weight * mse
         parts["rating_mse"] = mse.item()
-    interest = model.predict_interest(batch["user_idx"], batch["item_idx"]) if model.uses_ids else None
+    interest = out.get("interest")
     if interest is not None:
         target = torch.tensor([interest_class(float(r)) for r in batch["rating"]], device=interest.device)
         ce = torch.nn.functional.cross_entropy(interest, target)

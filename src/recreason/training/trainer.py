@@ -35,6 +35,13 @@ from recreason.training.run import build_examples, write_run_info
 log = logging.getLogger(__name__)
 
 
+class _NullWriter:
+    """Stands in for the log file and TensorBoard writer on non-main processes."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -66,12 +73,16 @@ def _optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def validation_loss(model, examples, cfg: TrainConfig, pad_id: int, device: str) -> dict[str, float]:
-    """Token-weighted text loss, mean head losses, and the objective used for early stopping."""
+def validation_loss(model, examples, cfg: TrainConfig, pad_id: int, device: str, rank: int = 0,
+                    world: int = 1) -> dict[str, float]:
+    """Token-weighted text loss, mean head losses, and the objective used for early stopping.
+
+    With several processes each scores its share of the examples and the sums are all-reduced.
+    """
     model.eval()
-    sums: dict[str, float] = {}
-    tokens = rows = 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    sums = torch.zeros(5, dtype=torch.float64)  # text*tokens, tokens, rating_mse*rows, interest_ce*rows, rows
+    seen = set()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))[rank::world]
     size = cfg.batch_size * 2
     for start in range(0, len(order), size):
         batch = collate([examples[i] for i in order[start : start + size]], pad_id)
@@ -79,17 +90,22 @@ def validation_loss(model, examples, cfg: TrainConfig, pad_id: int, device: str)
         with autocast_context(cfg.precision, device):
             _, parts = joint_loss(model, batch, cfg.rating_weight)
         n = len(batch["input_ids"])
-        sums["text"] = sums.get("text", 0.0) + parts["text"] * parts["tokens"]
-        for key in ("rating_mse", "interest_ce"):
+        sums[0] += parts["text"] * parts["tokens"]
+        sums[1] += parts["tokens"]
+        for slot, key in ((2, "rating_mse"), (3, "interest_ce")):
             if key in parts:
-                sums[key] = sums.get(key, 0.0) + parts[key] * n
-        tokens += parts["tokens"]
-        rows += n
+                sums[slot] += parts[key] * n
+                seen.add(key)
+        sums[4] += n
+    if world > 1:
+        torch.distributed.all_reduce(sums)
     model.train()
-    result = {"text": sums["text"] / max(tokens, 1)}
-    for key in ("rating_mse", "interest_ce"):
-        if key in sums:
-            result[key] = sums[key] / rows
+    result = {"text": float(sums[0] / max(sums[1], 1))}
+    core = getattr(model, "module", model)
+    if getattr(core, "rating_head_kind", None):
+        result["rating_mse"] = float(sums[2] / max(sums[4], 1))
+    if getattr(core, "interest", None) is not None:
+        result["interest_ce"] = float(sums[3] / max(sums[4], 1))
     result["objective"] = result["text"] + cfg.rating_weight * (result.get("rating_mse", 0.0) + result.get("interest_ce", 0.0))
     return result
 
@@ -222,7 +238,17 @@ def train(
     seed_everything(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Accelerate: one process here, or one per device under `accelerate launch` / torchrun (DDP).
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    device = str(accelerator.device)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if cfg.batch_size % world:
+        raise ValueError(f"train.batch_size {cfg.batch_size} is the global batch: it must divide by {world} processes")
+    progress = progress and main
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -246,9 +272,11 @@ def train(
     if not train_examples:
         raise DataError(f"no training examples with a non-empty {cfg.target!r} target")
 
-    write_run_info(run_dir, str(dataset_dir), base_path, cfg, prompt_cfg)
-    if full_config is not None:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
+    if main:
+        write_run_info(run_dir, str(dataset_dir), base_path, cfg, prompt_cfg)
+        if full_config is not None:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
+    net = accelerator.prepare_model(model) if world > 1 else model  # what the forward pass runs through
 
     steps_per_epoch = math.ceil(math.ceil(len(train_examples) / cfg.batch_size) / cfg.grad_accum)
     main_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
@@ -263,7 +291,7 @@ def train(
     from torch.utils.tensorboard import SummaryWriter
     from transformers import get_scheduler
 
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else _NullWriter()
     pad_id = tokenizer.pad_token_id
     # fp16 needs loss scaling; with bf16/fp32 the scaler is a no-op pass-through.
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.precision == "fp16")
@@ -278,7 +306,7 @@ def train(
         state = saved["state"]
         log.info("resumed from %s at step %d", run_dir / "last", state["step"])
     start = time.time() - state["elapsed"]
-    log_file = open(run_dir / "train_log.jsonl", "a" if resume else "w")
+    log_file = open(run_dir / "train_log.jsonl", "a" if resume else "w") if main else _NullWriter()
     save_every = cfg.checkpoint_every or cfg.eval_every
     bar = tqdm(total=sum(s[0] for s in stages), initial=state["step"], desc="training", unit="step",
                disable=not progress)
@@ -298,10 +326,11 @@ def train(
             while state["stage_step"] < stage_steps and not state["stopped_early"]:
                 if not state["batches"]:
                     state["batches"] = length_bucketed_batches(train_examples, cfg.batch_size, rng)
-                batch = collate([train_examples[i] for i in state["batches"].pop()], pad_id)
+                # Every process draws the same global batch and trains on its share of it.
+                batch = collate([train_examples[i] for i in state["batches"].pop()[rank::world]], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast_context(cfg.precision, device):
-                    loss, parts = joint_loss(model, batch, cfg.rating_weight)
+                    loss, parts = joint_loss(net, batch, cfg.rating_weight)
                 scaler.scale(loss / cfg.grad_accum).backward()
                 state["tokens_seen"] += int(batch["attention_mask"].sum())
                 value = loss.item()
@@ -327,13 +356,15 @@ def train(
                 bar.set_postfix(loss=f"{state['running']:.3f}", tok_s=f"{state['tokens_seen'] / elapsed:.0f}")
                 bar.update(1)
                 if state["stage_step"] % cfg.eval_every == 0 or state["stage_step"] == stage_steps:
-                    val = validation_loss(model, valid_examples, cfg, pad_id, device)
+                    val = validation_loss(net, valid_examples, cfg, pad_id, device, rank, world)
                     for key, v in val.items():
                         writer.add_scalar(f"validation/{key}", v, step)
                     improved = val["objective"] < state["best_loss"]
                     if improved:
                         state.update(best_loss=val["objective"], best_step=step, bad_passes=0)
-                        _save_best(model, run_dir)
+                        if main:
+                            _save_best(model, run_dir)
+                        accelerator.wait_for_everyone()
                     else:
                         state["bad_passes"] += 1
                         state["stopped_early"] = state["bad_passes"] >= cfg.patience
@@ -347,7 +378,9 @@ def train(
                     bar.write(message) if progress else log.info(message)
                 if state["stage_step"] % save_every == 0 or state["stage_step"] == stage_steps or state["stopped_early"]:
                     state["elapsed"] = time.time() - start
-                    _save_checkpoint(run_dir / "last", model, trainable_names, optimizer, scheduler, rng, state)
+                    if main:
+                        _save_checkpoint(run_dir / "last", model, trainable_names, optimizer, scheduler, rng, state)
+                    accelerator.wait_for_everyone()
                 if on_step is not None:
                     on_step(step, model)
             if stage_index < len(stages) - 1:
@@ -372,5 +405,7 @@ def train(
         "wall_seconds": elapsed,
         "config": asdict(cfg),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["processes"] = world
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
