@@ -11,8 +11,11 @@ def test_shipped_configs_load_against_the_dataclasses():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    for path in sorted(root.glob("*.yaml")):
-        config = load_config(path)
+    paths = sorted(root.rglob("*.yaml"))
+    assert len(paths) >= 10  # default, demo and the experiment overrides
+    for path in paths:
+        config = load_config([root / "demo.yaml", path])
+        config["train"].validate()
         assert config["train"].model == "smollm2-135m"
     default = load_config(root / "default.yaml")
     fresh = load_config(None)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import resource
 import shutil
 import time
 from contextlib import nullcontext
@@ -406,6 +407,8 @@ def train(
         "config": asdict(cfg),
     }
     summary["processes"] = world
+    summary["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
