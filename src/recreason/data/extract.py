@@ -184,6 +184,7 @@ def extract(
                 summary=review.summary,
                 features=review_features,
                 title=review.title,
+                attributes=review.attributes,
             )
         )
     return explained, skipped, vocabulary

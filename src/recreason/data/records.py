@@ -42,6 +42,7 @@ class Explained:
     summary: str = ""
     features: list[str] = field(default_factory=list)  # every vocabulary feature in the review
     title: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)  # item attributes given with the review
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,6 +10,7 @@ its input and validation/test metrics stay honest.
 from __future__ import annotations
 
 import collections
+import json
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -22,6 +23,8 @@ SYSTEM = "You explain product recommendations in one short sentence."
 class PromptConfig:
     user_features: int = 5  # how many of the user's most frequent features to list
     item_features: int = 5  # how many of the item's most frequent features to list
+    history: int = 0  # how many of the user's latest training reviews to quote (rating and summary)
+    attributes: int = 5  # how many item attributes (and its title) to show when the data has them
     system: str = SYSTEM
     instruction: str = "Write one short sentence on why this user will like this item."
 
@@ -34,7 +37,12 @@ class DiscretePrompter:
         self.user_profiles: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.item_profiles: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.train_indices: set[int] = set()
+        self.user_history: dict[str, list[Explained]] = collections.defaultdict(list)
+        self.item_info: dict[str, tuple[str, dict]] = {}
         for record in train:
+            self.user_history[record.user].append(record)
+            if record.title or record.attributes:
+                self.item_info[record.item] = (record.title, record.attributes)
             self.train_indices.add(record.index)
             self.user_profiles[record.user].update(self._record_features(record))
             self.item_profiles[record.item].update(self._record_features(record))
@@ -61,13 +69,32 @@ class DiscretePrompter:
         shared = {f for f in u if u[f] > 0 and i.get(f, 0) > 0}
         return self._top(u, self.config.user_features, shared), self._top(i, self.config.item_features, shared)
 
+    def history(self, user: str, record: Explained | None = None) -> list[Explained]:
+        """The user's latest training reviews (the record itself excluded), newest first."""
+        own = record.index if record is not None else None
+        past = [r for r in self.user_history.get(user, []) if r.index != own]
+        return sorted(past, key=lambda r: -r.timestamp)[: self.config.history]
+
     def messages(self, user: str, item: str, record: Explained | None = None) -> list[dict[str, str]]:
+        """Chat messages for (user, item). Review text appears only as quoted data, never as instructions."""
         user_feats, item_feats = self.features(user, item, record)
-        lines = [
+        lines = []
+        title, attributes = self.item_info.get(item, ("", {}))
+        if title:
+            lines.append(f"Item: {json.dumps(title, ensure_ascii=False)}.")
+        if attributes and self.config.attributes:
+            shown = list(attributes.items())[: self.config.attributes]
+            lines.append("Item attributes: " + "; ".join(f"{k}: {v}" for k, v in shown) + ".")
+        lines += [
             f"Features this user often mentions: {', '.join(user_feats) or 'none yet'}.",
             f"Features other buyers mention for this item: {', '.join(item_feats) or 'none yet'}.",
-            self.config.instruction,
         ]
+        past = self.history(user, record) if self.config.history else []
+        if past:
+            quoted = "; ".join(f"{r.rating:g} stars, {json.dumps(r.summary or r.feature, ensure_ascii=False)}"
+                               for r in past)
+            lines.append(f"This user's latest reviews: {quoted}.")
+        lines.append(self.config.instruction)
         return [{"role": "system", "content": self.config.system}, {"role": "user", "content": "\n".join(lines)}]
 
     def bare_messages(self) -> list[dict[str, str]]:
