@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="split seed")
     parser.add_argument("--experiments", nargs="+", default=EXPERIMENTS, choices=EXPERIMENTS)
     parser.add_argument("--runs", default="runs/compare", help="where run directories go")
+    parser.add_argument("--systems", nargs="+", default=["zero-shot", "retrieval", "fine-tuned"],
+                        help="rows besides the runs (zero-shot costs a generation pass)")
     args = parser.parse_args()
     exe = str(Path(sys.executable).with_name("recreason"))
     base = ["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/experiments/compare.yaml")]
@@ -49,7 +51,8 @@ def main() -> None:
                              "--set", f"train.split_seed={args.seed}"])
         run_dirs += ["--run", str(out)]
     results = ROOT / "benchmarks" / "results" / f"personalization-seed{args.seed}"
-    timings["evaluate"] = run([exe, "evaluate", *run_dirs, "--out", str(results), "--quiet", *base])
+    timings["evaluate"] = run([exe, "evaluate", *run_dirs, "--out", str(results), "--quiet", *base,
+                               "--systems", *args.systems])
     (results / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2) + "\n")
     print((results / "test.md").read_text())
     print("wall seconds:", json.dumps(timings))
