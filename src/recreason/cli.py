@@ -142,6 +142,28 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve a trained run over HTTP: explanations, recommendations, interactions, /healthz, /metrics."""
+    import uvicorn
+
+    from recreason.serving.app import create_app
+    from recreason.serving.service import ExplanationService, ServeConfig
+
+    gen = _config(args)["generate"]
+    keys = None
+    if args.api_key_file:
+        keys = {line.strip() for line in Path(args.api_key_file).read_text().splitlines() if line.strip()}
+        if not keys:
+            raise ValueError(f"{args.api_key_file} holds no API key")
+    serve_cfg = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                            cold_start=args.cold_start)
+    service = ExplanationService(args.run, args.store, gen, serve_cfg)
+    app = create_app(service, keys)
+    print(f"serving {args.run} on http://{args.host}:{args.port} (OpenAPI at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recreason",
@@ -216,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unknown user: rank by popularity with item-only reasons, or fail (default item-only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("serve", parents=[common], help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    p.add_argument("--run", "--model", dest="run", required=True, help="run directory from 'recreason train'")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--store", help="store URL (default: sqlite file RUN/serving.db, seeded from the dataset)")
+    p.add_argument("--api-key-file", help="file with one accepted API key per line (default: no keys)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="generations batched together (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch")
+    p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

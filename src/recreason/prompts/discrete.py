@@ -78,6 +78,11 @@ class DiscretePrompter:
     def messages(self, user: str, item: str, record: Explained | None = None) -> list[dict[str, str]]:
         """Chat messages for (user, item). Review text appears only as quoted data, never as instructions."""
         user_feats, item_feats = self.features(user, item, record)
+        past = self.history(user, record) if self.config.history else []
+        return self.compose(user_feats, item_feats, item, past)
+
+    def compose(self, user_feats: list[str], item_feats: list[str], item: str = "", past=()) -> list[dict[str, str]]:
+        """Messages from explicit feature lists (also used for callers' own history of cold users)."""
         lines = []
         title, attributes = self.item_info.get(item, ("", {}))
         if title:
@@ -89,13 +94,18 @@ class DiscretePrompter:
             f"Features this user often mentions: {', '.join(user_feats) or 'none yet'}.",
             f"Features other buyers mention for this item: {', '.join(item_feats) or 'none yet'}.",
         ]
-        past = self.history(user, record) if self.config.history else []
         if past:
             quoted = "; ".join(f"{r.rating:g} stars, {json.dumps(r.summary or r.feature, ensure_ascii=False)}"
                                for r in past)
             lines.append(f"This user's latest reviews: {quoted}.")
         lines.append(self.config.instruction)
         return [{"role": "system", "content": self.config.system}, {"role": "user", "content": "\n".join(lines)}]
+
+    def add(self, record: Explained) -> None:
+        """Fold a new interaction into the profiles (serving: a cold user becomes warm without retraining)."""
+        self.user_history[record.user].append(record)
+        self.user_profiles[record.user].update(self._record_features(record))
+        self.item_profiles[record.item].update(self._record_features(record))
 
     def bare_messages(self) -> list[dict[str, str]]:
         """The instruction alone, for continuous prompts where learned vectors carry the user and item."""

@@ -1,0 +1,202 @@
+"""FastAPI application: ``recreason serve --run RUN``. OpenAPI schema at /docs and /openapi.json."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from recreason.serving.service import ExplanationService, UnknownId
+
+MAX_ID = 200
+MAX_TEXT = 4000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HistoryEntry(Strict):
+    item_id: str = Field(min_length=1, max_length=MAX_ID)
+    rating: float = Field(ge=0, le=10)
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+
+
+class ExplainItem(Strict):
+    user_id: str = Field(min_length=1, max_length=MAX_ID)
+    item_id: str = Field(min_length=1, max_length=MAX_ID)
+    history: list[HistoryEntry] | None = Field(None, max_length=50, description="for users unknown to the model")
+    item_features: list[str] | None = Field(None, max_length=50, description="for items unknown to the model")
+
+
+class Options(Strict):
+    max_new_tokens: int | None = Field(None, ge=1, le=256)
+    decoding: Literal["greedy", "beam", "sample"] = "greedy"
+    num_beams: int | None = Field(None, ge=1, le=8)
+    temperature: float | None = Field(None, gt=0, le=5)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+    def generation(self) -> dict:
+        out = {"max_new_tokens": self.max_new_tokens}
+        if self.decoding == "beam":
+            out["num_beams"] = self.num_beams or 4
+        if self.decoding == "sample":
+            out.update(do_sample=True, temperature=self.temperature or 1.0, top_p=self.top_p or 1.0)
+        return out
+
+
+class ExplainRequest(Strict):
+    items: list[ExplainItem] = Field(min_length=1, max_length=64)
+    options: Options = Options()
+
+
+class Explanation(BaseModel):
+    user_id: str
+    item_id: str
+    reason: str
+    predicted_rating: float | None
+    interest: str | None
+    features: list[str]
+    flags: list[str]
+
+
+class ExplainResponse(BaseModel):
+    explanations: list[Explanation]
+
+
+class RecommendRequest(Strict):
+    user_id: str = Field(min_length=1, max_length=MAX_ID)
+    k: int = Field(10, ge=1, le=100)
+    exclude_seen: bool = True
+    options: Options = Options()
+
+
+class Recommendation(Explanation):
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    user_id: str
+    recommendations: list[Recommendation]
+
+
+class InteractionRequest(Strict):
+    user_id: str = Field(min_length=1, max_length=MAX_ID)
+    item_id: str = Field(min_length=1, max_length=MAX_ID)
+    rating: float = Field(ge=1, le=5)
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+    timestamp: int = Field(ge=0, le=10**11)
+    summary: str = Field("", max_length=500)
+
+
+class InteractionResponse(BaseModel):
+    user_id: str
+    item_id: str
+    features: list[str]
+    history_version: int
+
+
+class Metrics:
+    """Prometheus counters and histograms in the service's own registry."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("recreason_requests_total", "HTTP requests", ["path", "status"], registry=self.registry)
+        self.latency = Histogram("recreason_request_seconds", "request latency", ["path"], registry=self.registry)
+        self.batch = Histogram("recreason_batch_size", "generation batch sizes", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.tokens = Counter("recreason_generated_tokens_total", "generated tokens", registry=self.registry)
+        self.reasons = Counter("recreason_reasons_total", "reasons returned", ["outcome"], registry=self.registry)
+
+
+def create_app(service: ExplanationService, api_keys: set[str] | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
+    app = FastAPI(title="recreason", version="0.1.0",
+                  description="Personalized, grounded reasons for recommendations.")
+    metrics = Metrics()
+    seen_batches = [0]
+    seen_tokens = [0]
+
+    def authorize(request: Request) -> None:
+        if not api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        key = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not any(hmac.compare_digest(key, k) for k in api_keys):
+            raise HTTPException(status_code=401, detail="missing or invalid API key")
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        start = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            response = JSONResponse({"detail": f"request body larger than {max_body_bytes} bytes"}, status_code=413)
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # noqa: BLE001 - never leak a stack trace
+                response = JSONResponse({"detail": "internal error"}, status_code=500)
+        path = request.scope.get("route").path if request.scope.get("route") else "other"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = [{"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": e["msg"]}
+                    for e in exc.errors()]
+        return JSONResponse({"detail": problems}, status_code=422)
+
+    @app.exception_handler(UnknownId)
+    async def unknown(request: Request, exc: UnknownId):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    def record_outcomes(items):
+        for e in items:
+            outcome = "filtered" if any(f in ("profanity", "personal_data", "not_a_reason") for f in e["flags"]) else \
+                ("ungrounded" if "ungrounded" in e["flags"] else "ok")
+            metrics.reasons.labels(outcome).inc()
+
+    @app.post("/v1/explanations", response_model=ExplainResponse, dependencies=[Depends(authorize)])
+    def explanations(body: ExplainRequest):
+        items = [i.model_dump() for i in body.items]
+        for item in items:
+            if item["history"]:
+                item["history"] = [dict(h) for h in item["history"]]
+        result = service.explain(items, body.options.generation())
+        record_outcomes(result)
+        return {"explanations": result}
+
+    @app.post("/v1/recommendations", response_model=RecommendResponse, dependencies=[Depends(authorize)])
+    def recommendations(body: RecommendRequest):
+        result = service.recommend(body.user_id, body.k, body.exclude_seen, body.options.generation())
+        record_outcomes(result)
+        return {"user_id": body.user_id, "recommendations": result}
+
+    @app.post("/v1/interactions", response_model=InteractionResponse, dependencies=[Depends(authorize)])
+    def interactions(body: InteractionRequest):
+        return service.record(body.user_id, body.item_id, body.rating, body.text, body.timestamp, body.summary)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "model": str(Path(service.run.dir).name)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus():
+        from prometheus_client import generate_latest
+
+        for size in service.batch_sizes[seen_batches[0]:]:
+            metrics.batch.observe(size)
+        seen_batches[0] = len(service.batch_sizes)
+        metrics.tokens.inc(service.stats["generated_tokens"] - seen_tokens[0])
+        seen_tokens[0] = service.stats["generated_tokens"]
+        return PlainTextResponse(generate_latest(metrics.registry).decode())
+
+    return app

@@ -1,0 +1,73 @@
+"""Checks on every generated reason: safety filter and grounding.
+
+* ``profanity``: words from the ``better-profanity`` list (with its leetspeak variants);
+* ``personal_data``: e-mail addresses, phone numbers, URLs;
+* ``not_a_reason``: empty, a token repeated over and over, or an echo of the prompt;
+* ``ungrounded``: the reason names features that are not among the item's known features
+  (from its reviews or attributes).
+
+A reason flagged by the first three is replaced by a template built from the item's known features;
+``ungrounded`` is reported but the text is kept.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from recreason.evaluation.metrics import FeatureMatcher
+from recreason.text import tokenize
+
+EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b")
+PHONE = re.compile(r"(?<!\w)(?:\+?\d[\d\s().-]{7,}\d)(?!\w)")
+URL = re.compile(r"\b(?:https?://|www\.)\S+|\b[\w-]+\.(?:com|net|org|io|co)\b", re.I)
+REPLACE_FLAGS = ("profanity", "personal_data", "not_a_reason")
+
+
+@dataclass
+class Checked:
+    text: str
+    flags: list[str] = field(default_factory=list)
+    features: list[str] = field(default_factory=list)
+    replaced: bool = False
+
+
+def _profanity():
+    from better_profanity import profanity
+
+    if not getattr(_profanity, "loaded", False):
+        profanity.load_censor_words()
+        _profanity.loaded = True
+    return profanity
+
+
+def template(item_features: list[str]) -> str:
+    if not item_features:
+        return "Recommended because it matches what you have liked before."
+    shown = item_features[:2]
+    return f"Recommended for its {' and '.join(shown)}, which other buyers mention."
+
+
+class ReasonChecker:
+    def __init__(self, vocabulary: Iterable[str]):
+        self.matcher = FeatureMatcher(vocabulary)
+
+    def check(self, text: str, item_features: list[str], prompt: str = "") -> Checked:
+        flags = []
+        tokens = tokenize(text)
+        words = [t for t in tokens if t.isalnum()]
+        if _profanity().contains_profanity(text):
+            flags.append("profanity")
+        if EMAIL.search(text) or PHONE.search(text) or URL.search(text):
+            flags.append("personal_data")
+        if len(words) < 3 or (len(words) >= 6 and len(set(words)) <= len(words) // 3) or \
+                (prompt and len(text) > 20 and text.strip() in prompt):
+            flags.append("not_a_reason")
+        mentioned = sorted(self.matcher.find(tokens))
+        known = set(item_features)
+        if any(f not in known for f in mentioned):
+            flags.append("ungrounded")
+        if any(f in REPLACE_FLAGS for f in flags):
+            return Checked(template(item_features), flags, [f for f in item_features[:2]], replaced=True)
+        return Checked(text, flags, mentioned)
