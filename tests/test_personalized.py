@@ -167,6 +167,6 @@ def test_recommend_and_evaluate_a_run_with_heads(prepared_dir, tiny_model_dir, t
                                                                       precision="fp32"),
                            systems=["retrieval", "fine-tuned"], progress=False, n_negatives=20)
     row = report["results"]["fine-tuned"]
-    for key in ("RMSE", "MAE", "HR@10", "NDCG@10", "InterestF1", "SentAgree", "BLEU-4"):
+    for key in ("RMSE", "MAE", "HR@10", "NDCG@10", "InterestF1", "SentAgree", "BLEU-4", "Ungrounded", "Filtered"):
         assert key in row
     assert report["results"]["matrix factorization"]["RMSE"] > 0

@@ -33,8 +33,9 @@ from recreason.training.run import Run, target_text
 
 SYSTEMS = ("zero-shot", "retrieval", "fine-tuned")
 METRIC_ORDER = ["BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "USR", "FMR", "FCR", "DIV",
-                "RMSE", "MAE", "InterestF1", "HR@10", "NDCG@10", "SentAgree"]
-FRACTIONS = {"USR", "FMR", "FCR", "DIV", "RMSE", "MAE", "InterestF1", "InterestAcc", "HR@10", "NDCG@10", "SentAgree"}
+                "RMSE", "MAE", "InterestF1", "HR@10", "NDCG@10", "SentAgree", "Ungrounded", "Filtered"]
+FRACTIONS = {"USR", "FMR", "FCR", "DIV", "RMSE", "MAE", "InterestF1", "InterestAcc", "HR@10", "NDCG@10", "SentAgree",
+             "Ungrounded", "Filtered"}
 
 
 def score_texts(
@@ -43,6 +44,19 @@ def score_texts(
     refs = [tokenize(t)[:max_len] for t in references]
     hyps = [tokenize(t)[:max_len] for t in generated]
     return text_metrics(refs, hyps, truth_features, vocabulary)
+
+
+def check_rates(texts: Sequence[str], records, item_features: dict[str, set[str]], vocabulary) -> dict[str, float]:
+    """Share of reasons the serving safety filter would replace, and share naming features the item lacks."""
+    from recreason.serving.safety import REPLACE_FLAGS, ReasonChecker
+
+    checker = ReasonChecker(vocabulary)
+    flags = [checker.check(t, sorted(item_features.get(r.item, ()))).flags for t, r in zip(texts, records)]
+    n = max(len(flags), 1)
+    return {
+        "Filtered": sum(any(f in REPLACE_FLAGS for f in fl) for fl in flags) / n,
+        "Ungrounded": sum("ungrounded" in fl for fl in flags) / n,
+    }
 
 
 def _write_generated(path: Path, records: Sequence[Explained], texts: Sequence[str], references: Sequence[str]):
@@ -176,6 +190,9 @@ def evaluate_runs(
     train = dataset.subset(first.info["split_seed"], "train")
     low, high = dataset.rating_range
     negatives = ranking.sample_negatives(dataset.records, records, n_negatives, seed=0)
+    item_features: dict[str, set[str]] = {}
+    for r in train:
+        item_features.setdefault(r.item, set()).update(r.features or [r.feature])
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     for system in systems:
@@ -192,6 +209,7 @@ def evaluate_runs(
                            lambda: generate_for_run(first, records, system, gen_cfg, progress, dataset))
         _write_generated(path, records, texts, references)
         results[system] = score_texts(references, texts, truth, dataset.features, max_len)
+        results[system].update(check_rates(texts, records, item_features, dataset.features))
         timings[system] = time.time() - start
     if "fine-tuned" in systems:
         start = time.time()
@@ -215,6 +233,7 @@ def evaluate_runs(
                            lambda: generate_for_run(run, records, "fine-tuned", gen_cfg, progress, dataset, loaded))
             _write_generated(path, records, texts, references)
             row = score_texts(references, texts, truth, dataset.features, max_len)
+            row.update(check_rates(texts, records, item_features, dataset.features))
             if loaded is not None:
                 row.update(rating_and_ranking(loaded[0], records, train, negatives, low, high, texts))
             results[name] = row
@@ -238,7 +257,9 @@ def evaluate_runs(
         f"# Evaluation on the {split} split ({len(records)} records)\n\n{table}\n\n"
         f"Text metrics on the first {max_len} tokens; BLEU/ROUGE x100; DIV lower is better. "
         f"HR@10/NDCG@10: {report['ranking_protocol']}. RMSE/MAE with predictions clipped to "
-        f"[{low:g}, {high:g}]. SentAgree: share of reasons whose VADER polarity matches the predicted rating.\n"
+        f"[{low:g}, {high:g}]. SentAgree: share of reasons whose VADER polarity matches the predicted rating. "
+        f"Filtered: share the serving safety filter would replace; Ungrounded: share naming a feature absent "
+        f"from the item's training reviews.\n"
     )
     report["table"] = table
     return report
