@@ -142,3 +142,25 @@ def test_malformed_oversized_and_unauthorized_requests(served):
                                               "timestamp": 1})
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "rating"
     assert client.get("/healthz").status_code == 200  # still serving
+
+
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+
+@pytest.fixture()
+def api_schema(served):
+    return schemathesis.openapi.from_asgi("/openapi.json", served[0].app)
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+def test_api_against_its_openapi_schema(case):
+    """Generated requests (valid and invalid) never get a 5xx, and documented responses match the schema."""
+    response = case.call(headers={"Authorization": "Bearer secret"})
+    assert response.status_code < 500, response.text
+    if response.status_code == 200:
+        case.validate_response(response)

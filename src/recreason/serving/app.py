@@ -19,7 +19,9 @@ MAX_TEXT = 4000
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields and type coercion ("5" for 5, 0 for false) are rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class HistoryEntry(Strict):
@@ -39,8 +41,8 @@ class Options(Strict):
     max_new_tokens: int | None = Field(None, ge=1, le=256)
     decoding: Literal["greedy", "beam", "sample"] = "greedy"
     num_beams: int | None = Field(None, ge=1, le=8)
-    temperature: float | None = Field(None, gt=0, le=5)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0.05, le=5)
+    top_p: float | None = Field(None, ge=0.05, le=1)
 
     def generation(self) -> dict:
         out = {"max_new_tokens": self.max_new_tokens}
@@ -117,6 +119,15 @@ class Metrics:
         self.reasons = Counter("recreason_reasons_total", "reasons returned", ["outcome"], registry=self.registry)
 
 
+class Problem(BaseModel):
+    detail: str
+
+
+ERRORS = {401: {"model": Problem, "description": "missing or invalid API key"},
+          404: {"model": Problem, "description": "unknown user or item id (the message names the field)"},
+          413: {"model": Problem, "description": "request body too large"}}
+
+
 def create_app(service: ExplanationService, api_keys: set[str] | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
     app = FastAPI(title="recreason", version="0.1.0",
                   description="Personalized, grounded reasons for recommendations.")
@@ -164,7 +175,8 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
                 ("ungrounded" if "ungrounded" in e["flags"] else "ok")
             metrics.reasons.labels(outcome).inc()
 
-    @app.post("/v1/explanations", response_model=ExplainResponse, dependencies=[Depends(authorize)])
+    @app.post("/v1/explanations", response_model=ExplainResponse, dependencies=[Depends(authorize)],
+              responses=ERRORS)
     def explanations(body: ExplainRequest):
         items = [i.model_dump() for i in body.items]
         for item in items:
@@ -174,13 +186,15 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
         record_outcomes(result)
         return {"explanations": result}
 
-    @app.post("/v1/recommendations", response_model=RecommendResponse, dependencies=[Depends(authorize)])
+    @app.post("/v1/recommendations", response_model=RecommendResponse, dependencies=[Depends(authorize)],
+              responses=ERRORS)
     def recommendations(body: RecommendRequest):
         result = service.recommend(body.user_id, body.k, body.exclude_seen, body.options.generation())
         record_outcomes(result)
         return {"user_id": body.user_id, "recommendations": result}
 
-    @app.post("/v1/interactions", response_model=InteractionResponse, dependencies=[Depends(authorize)])
+    @app.post("/v1/interactions", response_model=InteractionResponse, dependencies=[Depends(authorize)],
+              responses=ERRORS)
     def interactions(body: InteractionRequest):
         return service.record(body.user_id, body.item_id, body.rating, body.text, body.timestamp, body.summary)
 

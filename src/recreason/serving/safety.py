@@ -53,7 +53,9 @@ class ReasonChecker:
     def __init__(self, vocabulary: Iterable[str]):
         self.matcher = FeatureMatcher(vocabulary)
 
-    def check(self, text: str, item_features: list[str], prompt: str = "") -> Checked:
+    def check(self, text: str, item_features: list[str], prompt: str = "", highlight: list[str] | None = None) -> Checked:
+        """Flag ``text``; ``item_features`` are all the item's known features, ``highlight`` the ones a
+        replacement template should name first (default: ``item_features`` in order)."""
         flags = []
         tokens = tokenize(text)
         words = [t for t in tokens if t.isalnum()]
@@ -69,5 +71,6 @@ class ReasonChecker:
         if any(f not in known for f in mentioned):
             flags.append("ungrounded")
         if any(f in REPLACE_FLAGS for f in flags):
-            return Checked(template(item_features), flags, [f for f in item_features[:2]], replaced=True)
+            shown = list(highlight or item_features)
+            return Checked(template(shown), flags, shown[:2], replaced=True)
         return Checked(text, flags, mentioned)

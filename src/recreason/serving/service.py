@@ -186,7 +186,7 @@ class ExplanationService:
                     self._cache[cache_key] = text
                     if len(self._cache) > self.cfg.cache_size:
                         self._cache.popitem(last=False)
-            checked = self.checker.check(text, known, prompt)
+            checked = self.checker.check(text, known, prompt, highlight=item_feats)
             rating, level, rflags = self._rating(req["user_id"], req["item_id"])
             self.stats["reasons"] += 1
             self.stats["filtered"] += int(checked.replaced)
