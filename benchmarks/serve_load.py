@@ -1,0 +1,177 @@
+"""Load test of `recreason serve` on loopback, against two single-stream references on the same prompts.
+
+1. Starts `recreason serve --run RUN` on 127.0.0.1 (a free port) and drives POST /v1/explanations with
+   `--clients` concurrent clients for `--seconds` seconds (each request one distinct (user, item) pair,
+   so the reason cache never answers); reports reasons/s and p50/p95/p99 latency.
+2. Plain transformers: the same run's model, `generate` one request at a time, same prompts and
+   max_new_tokens, for `--seconds` seconds.
+3. llama.cpp (`llama-cpp-python`, when installed) on the embedded GGUF file, one stream.
+
+Prints the ratios of the server's throughput to each reference. Every loop is bounded in time and count,
+and only loopback addresses are used.
+
+Usage: python benchmarks/serve_load.py --run runs/demo/run [--clients 16 --seconds 60]
+Results: benchmarks/results/serve_load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pairs_for(run_dir: str, n: int) -> list[tuple[str, str]]:
+    from recreason.training.run import Run
+
+    run = Run(run_dir)
+    test = run.dataset().subset(run.info["split_seed"], "test")
+    rng = random.Random(0)
+    rng.shuffle(test)
+    return [(r.user, r.item) for r in test[:n]]
+
+
+def load_server(args, pairs) -> dict:
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("recreason")), "serve", "--run", args.run, "--port", str(port),
+           "--max-batch-size", str(args.clients), "--max-wait-ms", "20", "--store", f"sqlite:///{args.tmp}/load.db",
+           "--set", f"generate.max_new_tokens={args.max_new_tokens}"]
+    Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    Path(f"{args.tmp}/load.db").unlink(missing_ok=True)
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("server did not start: " + server.stderr.read()[-2000:])
+        latencies: list[float] = []
+        errors = [0]
+        lock = threading.Lock()
+        queue = list(pairs)
+        stop = time.monotonic() + args.seconds
+
+        def client():
+            with httpx.Client(timeout=120) as http:
+                while time.monotonic() < stop:
+                    with lock:
+                        if not queue:
+                            return
+                        user, item = queue.pop()
+                    start = time.perf_counter()
+                    r = http.post(f"{base}/v1/explanations", json={"items": [{"user_id": user, "item_id": item}]})
+                    with lock:
+                        if r.status_code == 200:
+                            latencies.append(time.perf_counter() - start)
+                        else:
+                            errors[0] += 1
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+        metrics = httpx.get(f"{base}/metrics").text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
+    return {"reasons_per_s": len(latencies) / elapsed, "requests": len(latencies), "errors": errors[0],
+            "p50_s": q[49], "p95_s": q[94], "p99_s": q[98],
+            "batch_size_lines": [line for line in metrics.splitlines() if line.startswith("recreason_batch_size_")]}
+
+
+def plain_generate(args, pairs) -> dict:
+    import torch
+
+    from recreason.prompts.discrete import render
+    from recreason.training.run import Run
+
+    run = Run(args.run)
+    model, tok = run.load_model(dtype="fp32")
+    prompter = run.prompter(run.dataset())
+    lm = model.lm
+    done, start = 0, time.monotonic()
+    with torch.no_grad():
+        for user, item in pairs:
+            if time.monotonic() - start > args.seconds:
+                break
+            ids = tok(render(tok, prompter.messages(user, item)), return_tensors="pt", add_special_tokens=False)
+            lm.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            done += 1
+    return {"reasons_per_s": done / (time.monotonic() - start), "requests": done}
+
+
+def llama_cpp(args, pairs) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from recreason.models.registry import ALIASES
+    from recreason.prompts.discrete import render
+    from recreason.training.run import Run
+
+    run = Run(args.run)
+    model, tok = run.load_model(dtype="fp32")
+    prompter = run.prompter(run.dataset())
+    llm = Llama(model_path=str(ALIASES["smollm2-135m"].locate()), n_ctx=512, verbose=False)
+    done, start = 0, time.monotonic()
+    for user, item in pairs:
+        if time.monotonic() - start > args.seconds:
+            break
+        llm(render(tok, prompter.messages(user, item)), max_tokens=args.max_new_tokens, temperature=0.0)
+        done += 1
+    return {"reasons_per_s": done / (time.monotonic() - start), "requests": done,
+            "note": "base GGUF weights (llama.cpp cannot load our adapter): a speed reference only"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--tmp", default="/tmp/recreason-load")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_load.json"))
+    args = parser.parse_args()
+    pairs = pairs_for(args.run, 2000)
+    results = {"server": load_server(args, pairs), "transformers_one_at_a_time": plain_generate(args, pairs)}
+    results["llama_cpp_single_stream"] = llama_cpp(args, pairs)
+    server = results["server"]["reasons_per_s"]
+    print(json.dumps(results, indent=2))
+    print(f"\nserver with {args.clients} clients: {server:.2f} reasons/s, p50 {results['server']['p50_s']:.2f} s, "
+          f"p95 {results['server']['p95_s']:.2f} s, p99 {results['server']['p99_s']:.2f} s")
+    print(f"vs transformers generate one at a time: {server / results['transformers_one_at_a_time']['reasons_per_s']:.1f}x")
+    if results["llama_cpp_single_stream"]:
+        print(f"vs llama.cpp single stream: {server / results['llama_cpp_single_stream']['reasons_per_s']:.2f}x")
+    else:
+        print("llama.cpp reference skipped: pip install llama-cpp-python")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
