@@ -1,6 +1,7 @@
 """The real embedded model: GGUF conversion, a few training steps, generation."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ def test_cached_conversion_matches_gguf_logits():
     from recreason.models.registry import ALIASES, load_model
 
     model, tok, path = load_model("smollm2-135m")
-    assert (path and (__import__("pathlib").Path(path) / "model.safetensors").exists())
+    assert (Path(path) / "model.safetensors").exists()
     assert getattr(model.config, "quantization_config", None) is None
     gguf = ALIASES["smollm2-135m"].locate()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
