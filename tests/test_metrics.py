@@ -93,3 +93,17 @@ def test_text_metrics_returns_every_metric():
     assert res["BLEU-1"] == pytest.approx(100.0)
     assert res["ROUGE-L"] == pytest.approx(100.0)
     assert res["FMR"] == 1.0 and res["FCR"] == 1.0 and res["USR"] == 1.0
+
+
+def test_classification_report_hand_computed():
+    rep = M.classification_report([2, 2, 0, 1], [2, 0, 0, 1], ["low", "medium", "high"])
+    assert rep["accuracy"] == pytest.approx(0.75)
+    assert rep["per_class"]["high"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1}
+    assert rep["per_class"]["low"]["recall"] == 0.5 and rep["per_class"]["medium"]["f1"] == 1.0
+    assert rep["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1.0) / 3)
+
+
+def test_sentiment_agreement():
+    texts = ["Great tone, I love it.", "Terrible strings, they broke.", "It is a cable."]
+    assert M.sentiment_agreement(texts, [5.0, 1.0, 4.0]) == pytest.approx(1.0)
+    assert M.sentiment_agreement(texts, [1.0, 5.0, 4.0]) == pytest.approx(1 / 3)

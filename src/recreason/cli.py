@@ -103,7 +103,7 @@ def cmd_generate(args) -> int:
         records = records[: gen.max_records]
     texts = generate_for_run(run, records, args.system, gen, progress=not args.quiet, dataset=dataset)
     out = Path(args.out) if args.out else run.dir / "generated" / f"{args.split}-{args.system}.jsonl"
-    _write_generated(out, records, texts, [target_text(r, run.info["target"]) for r in records])
+    _write_generated(out, records, texts, [target_text(r, run.info["target"]) for r in records], dataset.features)
     print(f"wrote {len(texts)} explanations to {out}")
     return 0
 

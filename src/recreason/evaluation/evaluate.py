@@ -59,12 +59,15 @@ def check_rates(texts: Sequence[str], records, item_features: dict[str, set[str]
     }
 
 
-def _write_generated(path: Path, records: Sequence[Explained], texts: Sequence[str], references: Sequence[str]):
+def _write_generated(path: Path, records: Sequence[Explained], texts: Sequence[str], references: Sequence[str],
+                     vocabulary=()):
+    """One JSON line per record: ids, reference, generated text, ground-truth feature, features generated."""
+    matcher = M.FeatureMatcher(vocabulary)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         for r, text, ref in zip(records, texts, references):
             row = {"index": r.index, "user": r.user, "item": r.item, "reference": ref, "generated": text,
-                   "feature": r.feature, "rating": r.rating}
+                   "feature": r.feature, "features": sorted(matcher.find(tokenize(text))), "rating": r.rating}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -163,6 +166,7 @@ def rating_and_ranking(model, records, train, negatives, low: float, high: float
                                          INTEREST_LABELS)
         out["InterestF1"] = report["macro_f1"]
         out["InterestAcc"] = report["accuracy"]
+        out["InterestPerClass"] = report["per_class"]
     return out
 
 
@@ -207,7 +211,7 @@ def evaluate_runs(
         else:
             texts = _texts(path, records, regenerate,
                            lambda: generate_for_run(first, records, system, gen_cfg, progress, dataset))
-        _write_generated(path, records, texts, references)
+        _write_generated(path, records, texts, references, dataset.features)
         results[system] = score_texts(references, texts, truth, dataset.features, max_len)
         results[system].update(check_rates(texts, records, item_features, dataset.features))
         timings[system] = time.time() - start
@@ -231,7 +235,7 @@ def evaluate_runs(
                 loaded = _load_for_generation(run, "fine-tuned", gen_cfg)
             texts = _texts(path, records, regenerate,
                            lambda: generate_for_run(run, records, "fine-tuned", gen_cfg, progress, dataset, loaded))
-            _write_generated(path, records, texts, references)
+            _write_generated(path, records, texts, references, dataset.features)
             row = score_texts(references, texts, truth, dataset.features, max_len)
             row.update(check_rates(texts, records, item_features, dataset.features))
             if loaded is not None:

@@ -188,6 +188,7 @@ def text_metrics(
 
 
 def classification_report(predicted: Sequence[int], actual: Sequence[int], labels: Sequence[str]) -> dict:
+    # Macro-F1 averages every class in ``labels``, including classes absent from ``actual``.
     """Accuracy, macro-F1 and per-class precision/recall/F1/support for integer class ids."""
     per_class = {}
     f1s = []
