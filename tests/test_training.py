@@ -121,3 +121,18 @@ def test_interrupted_run_resumes_to_the_same_result(prepared_dir, tiny_model_dir
     assert resumed["best_validation_loss"] == pytest.approx(straight["best_validation_loss"], rel=1e-6)
     log_b = [json.loads(x)["step"] for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert log_b == [4, 8]
+
+
+def test_loggers_are_checked_before_training(prepared_dir, tiny_model_dir, tmp_path):
+    import importlib.util
+
+    from recreason.training.trainer import train
+
+    cfg = TrainConfig(model=str(tiny_model_dir), max_steps=1, eval_every=1, max_eval_records=4, precision="fp32",
+                      report_to=["tensorboard", "mlflow"])
+    with pytest.raises(ValueError, match="unknown logger 'mlflow'"):
+        train(prepared_dir, tmp_path, cfg, progress=False)
+    if importlib.util.find_spec("wandb") is None:
+        cfg.report_to = ["wandb"]
+        with pytest.raises(ValueError, match="pip install wandb"):
+            train(prepared_dir, tmp_path, cfg, progress=False)

@@ -47,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between resumable checkpoints in RUN/last (default: eval_every)
     patience: int = 3  # validation passes without improvement before stopping
     precision: str = "bf16"  # bf16 (autocast; frozen base weights stored in bf16) | fp16 (GPU, loss scaling) | fp32
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard and/or wandb
     seed: int = 42
     num_threads: int | None = None  # torch threads; default: all cores
 

@@ -43,6 +43,54 @@ class _NullWriter:
         return lambda *args, **kwargs: None
 
 
+class _Writers:
+    """Sends every scalar to each logger in ``report_to``."""
+
+    def __init__(self, writers):
+        self.writers = writers
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        for w in self.writers:
+            w.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+class _WandbWriter:
+    def __init__(self, run_dir: Path, config: dict):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(dir=str(run_dir), name=run_dir.name, config=config)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.run.log({tag: value}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_writer(report_to, run_dir: Path, config: dict) -> _Writers:
+    """TensorBoard by default; Weights & Biases when installed and asked for (``train.report_to``)."""
+    writers = []
+    for name in report_to or []:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            writers.append(SummaryWriter(str(run_dir / "tensorboard")))
+        elif name == "wandb":
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("train.report_to asks for wandb, which is not installed: pip install wandb")
+            writers.append(_WandbWriter(run_dir, config))
+        else:
+            raise ValueError(f"train.report_to: unknown logger {name!r}; use tensorboard and/or wandb")
+    return _Writers(writers)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -289,10 +337,9 @@ def train(
     log.info("training %s (%s, %s prompt, %d trainable parameters) for %s steps on %d examples",
              cfg.model, cfg.method, cfg.prompt_mode, trainable, "+".join(str(s[0]) for s in stages),
              len(train_examples))
-    from torch.utils.tensorboard import SummaryWriter
     from transformers import get_scheduler
 
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else _NullWriter()
+    writer = make_writer(cfg.report_to, run_dir, asdict(cfg)) if main else _NullWriter()
     pad_id = tokenizer.pad_token_id
     # fp16 needs loss scaling; with bf16/fp32 the scaler is a no-op pass-through.
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.precision == "fp16")
