@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--records", type=int, default=200, help="test records generated per method")
+    parser.add_argument("--records", type=int, default=100, help="test records generated per method")
     parser.add_argument("--runs", default="runs/methods")
     args = parser.parse_args()
     exe = str(Path(sys.executable).with_name("recreason"))
