@@ -164,3 +164,42 @@ def test_api_against_its_openapi_schema(case):
     assert response.status_code < 500, response.text
     if response.status_code == 200:
         case.validate_response(response)
+
+
+def test_recreason_serve_answers_over_loopback(served, tmp_path):
+    """The real command: uvicorn on 127.0.0.1, an API key file, a fresh store; bounded wait, then stop."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    _, service, run = served
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k1\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "recreason.cli", "serve", "--run", str(run), "--port", str(port),
+                             "--api-key-file", str(keys), "--store", f"sqlite:///{tmp_path / 's.db'}",
+                             "--set", "generate.max_new_tokens=4", "--set", "generate.precision=fp32"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not start")
+        user, item = _known_pair(service)
+        body = {"items": [{"user_id": user, "item_id": item}]}
+        assert httpx.post(f"{base}/v1/explanations", json=body, timeout=60).status_code == 401
+        r = httpx.post(f"{base}/v1/explanations", json=body, headers={"X-API-Key": "k1"}, timeout=60)
+        assert r.status_code == 200 and r.json()["explanations"][0]["item_id"] == item
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -144,23 +144,29 @@ def cmd_recommend(args) -> int:
 
 def cmd_serve(args) -> int:
     """Serve a trained run over HTTP: explanations, recommendations, interactions, /healthz, /metrics."""
+    import os
+
     import uvicorn
 
-    from recreason.serving.app import create_app
-    from recreason.serving.service import ExplanationService, ServeConfig
+    from recreason.config import to_dict
 
-    gen = _config(args)["generate"]
-    keys = None
     if args.api_key_file:
-        keys = {line.strip() for line in Path(args.api_key_file).read_text().splitlines() if line.strip()}
+        keys = [line.strip() for line in Path(args.api_key_file).read_text().splitlines() if line.strip()]
         if not keys:
             raise ValueError(f"{args.api_key_file} holds no API key")
-    serve_cfg = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                            cold_start=args.cold_start)
-    service = ExplanationService(args.run, args.store, gen, serve_cfg)
-    app = create_app(service, keys)
-    print(f"serving {args.run} on http://{args.host}:{args.port} (OpenAPI at /docs)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    from recreason.training.run import Run
+
+    Run(args.run)  # fail here, before workers start, when the run is missing
+    # Each worker process builds its own service (one model per worker) from these settings.
+    os.environ["RECREASON_SERVE"] = json.dumps({
+        "run": args.run, "store": args.store, "api_key_file": args.api_key_file,
+        "generate": to_dict(_config(args))["generate"],
+        "serve": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                  "cold_start": args.cold_start},
+    })
+    print(f"serving {args.run} on http://{args.host}:{args.port} with {args.workers} worker(s) (OpenAPI at /docs)")
+    uvicorn.run("recreason.serving.app:app_from_environment", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level="warning")
     return 0
 
 
@@ -248,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=16, help="generations batched together (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model copy")
     p.set_defaults(func=cmd_serve)
     return parser
 

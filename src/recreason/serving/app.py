@@ -214,3 +214,20 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
         return PlainTextResponse(generate_latest(metrics.registry).decode())
 
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for uvicorn workers: settings come from ``RECREASON_SERVE`` (written by ``recreason serve``)."""
+    import json
+    import os
+
+    from recreason.generation.generate import GenerateConfig
+    from recreason.serving.service import ServeConfig
+
+    settings = json.loads(os.environ["RECREASON_SERVE"])
+    keys = None
+    if settings.get("api_key_file"):
+        keys = {x.strip() for x in Path(settings["api_key_file"]).read_text().splitlines() if x.strip()}
+    service = ExplanationService(settings["run"], settings.get("store"), GenerateConfig(**settings["generate"]),
+                                 ServeConfig(**settings["serve"]))
+    return create_app(service, keys)
