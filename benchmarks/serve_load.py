@@ -19,23 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
+from recreason.serving.launch import start_server
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pairs_for(run_dir: str, n: int) -> list[tuple[str, str]]:
@@ -49,23 +42,12 @@ def pairs_for(run_dir: str, n: int) -> list[tuple[str, str]]:
 
 
 def load_server(args, pairs) -> dict:
-    port = free_port()
-    cmd = [str(Path(sys.executable).with_name("recreason")), "serve", "--run", args.run, "--port", str(port),
-           "--max-batch-size", str(args.clients), "--max-wait-ms", "20", "--store", f"sqlite:///{args.tmp}/load.db",
-           "--set", f"generate.max_new_tokens={args.max_new_tokens}"]
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     Path(f"{args.tmp}/load.db").unlink(missing_ok=True)
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server(["--run", args.run, "--max-batch-size", str(args.clients), "--max-wait-ms", "20",
+                                 "--store", f"sqlite:///{args.tmp}/load.db",
+                                 "--set", f"generate.max_new_tokens={args.max_new_tokens}"])
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("server did not start: " + server.stderr.read()[-2000:])
         latencies: list[float] = []
         errors = [0]
         lock = threading.Lock()

@@ -4,7 +4,7 @@ import pickle
 import pytest
 
 from conftest import write_jsonl
-from recreason.data.dataset import Dataset, PrepareConfig, prepare
+from recreason.data.dataset import Dataset
 from recreason.data.nete import export_nete, read_nete
 from recreason.data.readers import read_reviews
 from recreason.data.records import DataError

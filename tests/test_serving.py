@@ -168,33 +168,17 @@ def test_api_against_its_openapi_schema(case):
 
 def test_recreason_serve_answers_over_loopback(served, tmp_path):
     """The real command: uvicorn on 127.0.0.1, an API key file, a fresh store; bounded wait, then stop."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
     import httpx
+
+    from recreason.serving.launch import start_server
 
     _, service, run = served
     keys = tmp_path / "keys.txt"
     keys.write_text("k1\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "recreason.cli", "serve", "--run", str(run), "--port", str(port),
-                             "--api-key-file", str(keys), "--store", f"sqlite:///{tmp_path / 's.db'}",
-                             "--set", "generate.max_new_tokens=4", "--set", "generate.precision=fp32"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, base = start_server(["--run", str(run), "--api-key-file", str(keys), "--store",
+                               f"sqlite:///{tmp_path / 's.db'}", "--set", "generate.max_new_tokens=4",
+                               "--set", "generate.precision=fp32"], timeout_s=120)
     try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not start")
         user, item = _known_pair(service)
         body = {"items": [{"user_id": user, "item_id": item}]}
         assert httpx.post(f"{base}/v1/explanations", json=body, timeout=60).status_code == 401

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from recreason.data.records import DataError, Explained
+from recreason.data.records import Explained
 from recreason.evaluation.metrics import FeatureMatcher
 from recreason.generation.generate import GenerateConfig, generate_texts
 from recreason.models.personalized import INTEREST_LABELS, interest_class
