@@ -144,23 +144,21 @@ class ExplanationService:
                 raise UnknownId(f"items[{n}].item_id: unknown item {item!r}; send item_features for new items")
             history = req.get("history") or []
             with self._lock:
+                # The item's listed features are computed once and serve the prompt, the template and grounding.
+                item_feats = self.prompter.features(user, item)[1] if self.known_item(item) else list(extra_item)
+                known_item_feats = sorted(set(self.prompter.item_profiles.get(item, {})) | set(extra_item))
                 if self.known_user(user):
                     messages = self.prompter.messages(user, item)
-                    user_feats = self.prompter.features(user, item)[0]
                 elif history:
                     feats = collections.Counter(f for h in history for f in self.matcher.find(tokenize(h["text"])))
                     user_feats = [f for f, _ in feats.most_common(self.prompter.config.user_features)]
-                    item_feats = self.prompter.features(user, item)[1] or list(extra_item)
                     messages = self.prompter.compose(user_feats, item_feats, item)
                     flags.append("cold_start_history")
                 elif self.cfg.cold_start == "error":
                     raise UnknownId(f"items[{n}].user_id: unknown user {user!r}; send its history")
                 else:
-                    user_feats = []
-                    messages = self.prompter.compose([], self.prompter.features(user, item)[1] or list(extra_item), item)
+                    messages = self.prompter.compose([], item_feats, item)
                     flags.append("cold_start_item_only")
-                item_feats = self.prompter.features(user, item)[1] if self.known_item(item) else list(extra_item)
-                known_item_feats = sorted(set(self.prompter.item_profiles.get(item, {})) | set(extra_item))
             soft_ok = self.run.train_config.prompt_mode == "continuous" and user in getattr(self.model, "user_index", {})
             prompt = render(self.tokenizer, self.prompter.bare_messages() if soft_ok else messages)
             cache_key = (self.model_id, user, item, key, self.store.user_version(user), tuple(extra_item),
