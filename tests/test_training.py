@@ -97,30 +97,69 @@ def test_evaluate_writes_table_for_all_systems(tiny_run):
     assert row["generated"] and row["reference"] and row["generated"] != row["reference"]
 
 
-def test_interrupted_run_resumes_to_the_same_result(prepared_dir, tiny_model_dir, tmp_path):
+_KILLED_RUN = """
+import ast, os, signal, sys
+from recreason.training.config import TrainConfig
+from recreason.training.trainer import train
+
+def kill_at_5(step, model):
+    if step == 5:  # mid-epoch, one step after the last checkpoint: no cleanup, no finally blocks run
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train(sys.argv[1], sys.argv[2], TrainConfig(**ast.literal_eval(sys.argv[3])), progress=False, on_step=kill_at_5)
+"""
+
+
+def _resume_config(model_dir) -> dict:
+    return dict(model=str(model_dir), method="lora", lora_r=4, lr=1e-2, batch_size=8, max_steps=8,
+                eval_every=4, checkpoint_every=2, max_eval_records=16, precision="fp32", patience=9)
+
+
+def test_run_killed_with_sigkill_resumes_to_the_same_result(prepared_dir, tiny_model_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
     from recreason.training.trainer import train
 
-    def cfg():
-        return TrainConfig(model=str(tiny_model_dir), method="lora", lora_r=4, lr=1e-2, batch_size=8, max_steps=8,
-                           eval_every=4, checkpoint_every=2, max_eval_records=16, precision="fp32", patience=9)
+    straight = train(prepared_dir, tmp_path / "a", TrainConfig(**_resume_config(tiny_model_dir)), progress=False)
 
-    straight = train(prepared_dir, tmp_path / "a", cfg(), progress=False)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_RUN, str(prepared_dir), str(tmp_path / "b"), repr(_resume_config(tiny_model_dir))],
+        capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "b" / "summary.json").exists()
+    saved = torch.load(tmp_path / "b" / "last" / "state.pt", weights_only=True)
+    assert saved["state"]["step"] == 4  # the checkpoint written at step 4; step 5 was lost with the process
+    assert len(saved["state"]["batches"]) > 0  # the kill landed mid-epoch
 
-    class Crash(RuntimeError):
-        pass
-
-    def crash_at_5(step, model):
-        if step == 5:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(prepared_dir, tmp_path / "b", cfg(), progress=False, on_step=crash_at_5)
-    assert (tmp_path / "b" / "last" / "state.pt").exists()
-    resumed = train(prepared_dir, tmp_path / "b", cfg(), progress=False, resume=True)
+    resumed = train(prepared_dir, tmp_path / "b", TrainConfig(**_resume_config(tiny_model_dir)), progress=False,
+                    resume=True)
     assert resumed["steps"] == 8
     assert resumed["best_validation_loss"] == pytest.approx(straight["best_validation_loss"], rel=1e-6)
     log_b = [json.loads(x)["step"] for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert log_b == [4, 8]
+
+
+def test_interrupted_run_resumes_to_the_same_result(prepared_dir, tiny_model_dir, tmp_path):
+    """An exception (e.g. KeyboardInterrupt) between checkpoints: the same resume path, in-process."""
+    from recreason.training.trainer import train
+
+    straight = train(prepared_dir, tmp_path / "a", TrainConfig(**_resume_config(tiny_model_dir)), progress=False)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_7(step, model):
+        if step == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(prepared_dir, tmp_path / "b", TrainConfig(**_resume_config(tiny_model_dir)), progress=False,
+              on_step=crash_at_7)
+    resumed = train(prepared_dir, tmp_path / "b", TrainConfig(**_resume_config(tiny_model_dir)), progress=False,
+                    resume=True)
+    assert resumed["best_validation_loss"] == pytest.approx(straight["best_validation_loss"], rel=1e-6)
 
 
 def test_loggers_are_checked_before_training(prepared_dir, tiny_model_dir, tmp_path):
