@@ -9,7 +9,14 @@ OUT ?= runs/demo
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean postgres-server
+
+# The store tests start a throwaway PostgreSQL server; install Debian's server programs when they are missing.
+postgres-server:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "PostgreSQL server programs (initdb, pg_ctl) are needed by the tests: install the 'postgresql' package"; exit 1; fi
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,10 +35,10 @@ demo: install
 	$(RECREASON) evaluate --run $(OUT)/run --config $(CONFIG) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s; dataset: $(OUT)/data, run: $(OUT)/run, report: $(OUT)/run/eval/test.md"
 
-test: install
+test: install postgres-server
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install postgres-server
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:

@@ -76,3 +76,58 @@ def prepared_dir(real_lines, tmp_path_factory) -> Path:
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + ("" if isinstance(r, str) and r.endswith("\n") else "\n") for r in rows))
     return path
+
+
+def _postgres_binaries() -> tuple[str, str] | None:
+    import glob
+    import shutil
+
+    for folder in [None, *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]:
+        initdb, pg_ctl = shutil.which("initdb", path=folder), shutil.which("pg_ctl", path=folder)
+        if initdb and pg_ctl:
+            return initdb, pg_ctl
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on a Unix socket in a temporary folder (no TCP port); yields its socket dir."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    binaries = _postgres_binaries()
+    if binaries is None:
+        pytest.fail("PostgreSQL server programs (initdb, pg_ctl) not found: `make install` installs the Debian "
+                    "package postgresql, or install it yourself")
+    initdb, pg_ctl = binaries
+    base = Path(tempfile.mkdtemp(prefix="recreason-pg-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres system user
+        shutil.chown(base, "postgres", "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    data, log = base / "data", base / "server.log"
+    subprocess.run(as_owner + [initdb, "-D", str(data), "-A", "trust", "-U", "recreason", "--no-sync"],
+                   check=True, capture_output=True)
+    started = subprocess.run(as_owner + [pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
+                                         f"-k {base} -c listen_addresses='' -F", "start"], capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.fail(f"PostgreSQL did not start: {started.stderr} {log.read_text() if log.exists() else ''}")
+    yield base
+    subprocess.run(as_owner + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A fresh database on the throwaway server, one per test."""
+    import re
+
+    import psycopg
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    with psycopg.connect(f"postgresql://recreason@/postgres?host={postgres_server}", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql://recreason@/{name}?host={postgres_server}"

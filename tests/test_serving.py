@@ -96,6 +96,41 @@ def test_interactions_warm_a_cold_user_persist_and_invalidate_the_cache(served):
     store.close()
 
 
+def test_writes_by_another_worker_reach_this_one(served):
+    """Two uvicorn workers (or replicas) share a store: what one records, the other uses in its next request."""
+    from recreason.serving.store import Interaction, open_store
+
+    client, service, run = served
+    _, item = _known_pair(service)
+    assert not service.known_user("elsewhere")
+    other_worker = open_store(str(run / "serving.db"))
+    other_worker.add_interaction(Interaction("elsewhere", item, 4.0, "Lovely tone.", 1700000001, ["tone"]))
+    other_worker.close()
+    r = client.post("/v1/explanations", json={"items": [{"user_id": "elsewhere", "item_id": item}]})
+    assert r.status_code == 200, r.text
+    assert service.known_user("elsewhere")
+    assert "cold_start_item_only" not in r.json()["explanations"][0]["flags"]
+
+
+def test_service_on_a_postgresql_store(served, postgres_url):
+    from recreason.generation.generate import GenerateConfig
+    from recreason.serving.service import ExplanationService
+
+    _, _, run = served
+    service = ExplanationService(run, store_url=postgres_url, gen_cfg=GenerateConfig(max_new_tokens=4, precision="fp32"))
+    try:
+        train = service.run.dataset().subset(service.run.info["split_seed"], "train")
+        assert len(service.store.interactions()) == len(train)  # seeded from the dataset on first start
+        _, item = _known_pair(service)
+        ack = service.record("pg-user", item, 5.0, "The tone is warm.", 1700000002)
+        assert ack["history_version"] == 1 and service.known_user("pg-user")
+        out = service.explain([{"user_id": "pg-user", "item_id": item}])
+        assert out[0]["reason"] and "cold_start_item_only" not in out[0]["flags"]
+    finally:
+        service.close()
+        service.store.close()
+
+
 def test_cold_user_with_history_and_unknown_item(served):
     client, service, _ = served
     _, item = _known_pair(service)

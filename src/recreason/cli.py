@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", "--model", dest="run", required=True, help="run directory from 'recreason train'")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--store", help="store URL (default: sqlite file RUN/serving.db, seeded from the dataset)")
+    p.add_argument("--store", help="store URL: sqlite:///PATH or postgresql://USER@HOST/DB (needs recreason[postgres]); "
+                                 "default: the SQLite file RUN/serving.db, seeded from the dataset on first start")
     p.add_argument("--api-key-file", help="file with one accepted API key per line (default: no keys)")
     p.add_argument("--max-batch-size", type=int, default=16, help="generations batched together (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch")

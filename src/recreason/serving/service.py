@@ -61,14 +61,12 @@ class ExplanationService:
         self.prompter.user_history.clear()
         self.prompter.train_indices.clear()
         self._next_index = 0
-        for inter in self.store.interactions():
-            self.prompter.add(self._as_record(inter))
+        self._seq = 0  # the store's sequence number folded in so far
+        self._lock = threading.Lock()
         self.ratings: dict[str, list[float]] = collections.defaultdict(list)
-        for inter in self.store.interactions():
-            self.ratings[inter.item].append(inter.rating)
+        self.sync()
         self.mean_rating = sum(sum(v) for v in self.ratings.values()) / max(1, sum(len(v) for v in self.ratings.values()))
         self._cache: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
         self.stats = collections.Counter()
         self.batch_sizes: list[int] = []
         self.batcher = MicroBatcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.max_wait_ms / 1000,
@@ -84,6 +82,18 @@ class ExplanationService:
                          sentence=inter.text, sentiment=1 if inter.rating >= 3 else -1, summary=inter.summary,
                          features=feats)
 
+    def sync(self) -> int:
+        """Fold in what was recorded since the last look, by this process or by any other sharing the store
+        (uvicorn workers, replicas on PostgreSQL). Returns how many interactions were new."""
+        new = self.store.interactions_after(self._seq)
+        with self._lock:
+            for inter in new:
+                if inter.seq > self._seq:  # a concurrent sync may have folded it in already
+                    self.prompter.add(self._as_record(inter))
+                    self.ratings[inter.item].append(inter.rating)
+                    self._seq = inter.seq
+        return len(new)
+
     def known_user(self, user: str) -> bool:
         return user in self.prompter.user_profiles
 
@@ -94,9 +104,7 @@ class ExplanationService:
         features = sorted(self.matcher.find(tokenize(text)))
         inter = Interaction(user, item, rating, text, timestamp, features, summary)
         version = self.store.add_interaction(inter)  # durable before we acknowledge
-        with self._lock:
-            self.prompter.add(self._as_record(inter))
-            self.ratings[item].append(rating)
+        self.sync()
         return {"user_id": user, "item_id": item, "features": features, "history_version": version}
 
     # ----- generation --------------------------------------------------------------------------
@@ -135,6 +143,7 @@ class ExplanationService:
     def explain(self, requests: list[dict], options: dict | None = None) -> list[dict]:
         opts = self.options(options)
         key = tuple(sorted(opts.items()))
+        self.sync()
         jobs = []
         for n, req in enumerate(requests):
             user, item = req["user_id"], req["item_id"]
@@ -147,6 +156,7 @@ class ExplanationService:
                 # The item's listed features are computed once and serve the prompt, the template and grounding.
                 item_feats = self.prompter.features(user, item)[1] if self.known_item(item) else list(extra_item)
                 known_item_feats = sorted(set(self.prompter.item_profiles.get(item, {})) | set(extra_item))
+                history_version = len(self.prompter.user_history.get(user, ()))  # changes with the history
                 if self.known_user(user):
                     messages = self.prompter.messages(user, item)
                 elif history:
@@ -161,7 +171,7 @@ class ExplanationService:
                     flags.append("cold_start_item_only")
             soft_ok = self.run.train_config.prompt_mode == "continuous" and user in getattr(self.model, "user_index", {})
             prompt = render(self.tokenizer, self.prompter.bare_messages() if soft_ok else messages)
-            cache_key = (self.model_id, user, item, key, self.store.user_version(user), tuple(extra_item),
+            cache_key = (self.model_id, user, item, key, history_version, tuple(extra_item),
                          tuple(h["text"] for h in history))
             jobs.append((req, prompt, flags, item_feats, known_item_feats, cache_key))
         futures = []
@@ -195,8 +205,10 @@ class ExplanationService:
         return out
 
     def recommend(self, user: str, k: int, exclude_seen: bool = True, options: dict | None = None) -> list[dict]:
-        seen = {i.item for i in self.store.interactions(user)} if exclude_seen else set()
-        candidates = [i for i in self.prompter.item_profiles if i not in seen]
+        self.sync()
+        with self._lock:
+            seen = {r.item for r in self.prompter.user_history.get(user, ())} if exclude_seen else set()
+            candidates = [i for i in self.prompter.item_profiles if i not in seen]
         if not candidates:
             return []
         if self.model.rating_head_kind and user in getattr(self.model, "user_index", {}):

@@ -1,9 +1,17 @@
 """Where the service keeps user histories, item features and recorded interactions.
 
-``Store`` is the interface; ``SQLiteStore`` implements it on one SQLite file
-(WAL mode, every write in a transaction, so a concurrent reader sees either
-the whole write or none of it, and everything acknowledged survives a
-restart). ``open_store(url)`` picks the implementation from a URL.
+``Store`` is the interface. Two implementations share their SQL:
+``SQLiteStore`` (one file, WAL mode; the default, next to the model run) and
+``PostgresStore`` (a connection URL, for several replicas behind a load
+balancer; needs ``pip install 'recreason[postgres]'``). Every write is one
+transaction, so a concurrent reader sees the whole write or none of it, and
+everything acknowledged survives a restart.
+
+Each interaction gets a store-wide sequence number, taken from a one-row
+counter inside the writing transaction. Writers therefore commit in sequence
+order, and ``interactions_after(seq)`` lets every server process (uvicorn
+workers, replicas) fold in what the others recorded, never skipping a row.
+``open_store(url)`` picks the implementation from a URL.
 """
 
 from __future__ import annotations
@@ -12,9 +20,10 @@ import json
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator
 
 from recreason.data.records import Explained
 
@@ -28,9 +37,18 @@ class Interaction:
     timestamp: int
     features: list[str] = field(default_factory=list)
     summary: str = ""
+    seq: int = 0  # store-wide order; set by the store
 
 
 class Store(ABC):
+    @abstractmethod
+    def seeded(self) -> bool:
+        """Whether the store was already loaded from a dataset."""
+
+    @abstractmethod
+    def seed(self, records: Iterable[Explained], source: str) -> int:
+        """Load a prepared dataset's records once; returns how many (0 if another process already did)."""
+
     @abstractmethod
     def add_interaction(self, interaction: Interaction) -> int:
         """Persist one interaction; returns the user's new history version."""
@@ -40,103 +58,186 @@ class Store(ABC):
         """All interactions (of ``user`` when given), oldest first."""
 
     @abstractmethod
+    def interactions_after(self, seq: int) -> list[Interaction]:
+        """Interactions with a sequence number above ``seq``, in order."""
+
+    @abstractmethod
     def user_version(self, user: str) -> int:
-        """A number that changes whenever the user's history changes (for cache keys)."""
+        """A number that changes whenever the user's history changes."""
 
     @abstractmethod
     def items(self) -> list[str]:
         ...
 
+    def close(self) -> None:
+        pass
 
-class SQLiteStore(Store):
-    SCHEMA = """
-    CREATE TABLE IF NOT EXISTS interactions (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        user TEXT NOT NULL, item TEXT NOT NULL, rating REAL NOT NULL, text TEXT NOT NULL,
-        timestamp INTEGER NOT NULL, features TEXT NOT NULL, summary TEXT NOT NULL DEFAULT ''
-    );
-    CREATE INDEX IF NOT EXISTS interactions_user ON interactions(user);
-    CREATE TABLE IF NOT EXISTS user_versions (user TEXT PRIMARY KEY, version INTEGER NOT NULL);
-    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """
 
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(self.SCHEMA)
+_COLUMNS = 'seq, "user", item, rating, text, timestamp, features, summary'
+
+
+class _SQLStore(Store):
+    """The SQL both backends run; subclasses give the schema, the placeholder and transactions."""
+
+    SCHEMA: list[str] = []
+    PLACEHOLDER = "?"
+    CREATE_LOCK = ""  # a statement that makes schema creation one-at-a-time across processes
+
+    def _q(self, sql: str) -> str:
+        return sql if self.PLACEHOLDER == "?" else sql.replace("?", self.PLACEHOLDER)
+
+    @contextmanager
+    def _transaction(self) -> Iterator:
+        raise NotImplementedError
+
+    def _create(self) -> None:
+        with self._transaction() as conn:
+            if self.CREATE_LOCK:
+                conn.execute(self.CREATE_LOCK)
+            for statement in self.SCHEMA:
+                conn.execute(statement)
+            conn.execute("INSERT INTO log_seq (id, seq) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+
+    @staticmethod
+    def _one(cursor):
+        """The single row of an INSERT/UPDATE ... RETURNING, stepping the statement to its end."""
+        rows = cursor.fetchall()
+        return rows[0] if rows else None
 
     def seeded(self) -> bool:
-        row = self._conn.execute("SELECT value FROM meta WHERE key='seeded_from'").fetchone()
-        return row is not None
+        with self._transaction() as conn:
+            return conn.execute("SELECT value FROM meta WHERE key = 'seeded_from'").fetchone() is not None
 
     def seed(self, records: Iterable[Explained], source: str) -> int:
-        """Load a prepared dataset's records once, in one transaction."""
         rows = [(r.user, r.item, r.rating, r.sentence, r.timestamp, json.dumps(r.features or [r.feature]), r.summary)
                 for r in records]
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.executemany(
-                    "INSERT INTO interactions (user, item, rating, text, timestamp, features, summary) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('seeded_from', ?)", (source,))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._transaction() as conn:
+            # The first process to insert the marker seeds; a concurrent one waits on it, then skips.
+            claimed = self._one(conn.execute(self._q(
+                "INSERT INTO meta (key, value) VALUES ('seeded_from', ?) ON CONFLICT (key) DO NOTHING RETURNING key"),
+                (source,)))
+            if claimed is None:
+                return 0
+            start = self._one(conn.execute(self._q("UPDATE log_seq SET seq = seq + ? WHERE id = 1 RETURNING seq"),
+                                           (len(rows),)))[0] - len(rows)
+            conn.cursor().executemany(self._q(f"INSERT INTO interactions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                                      [(start + n + 1, *row) for n, row in enumerate(rows)])
         return len(rows)
 
     def add_interaction(self, interaction: Interaction) -> int:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.execute(
-                    "INSERT INTO interactions (user, item, rating, text, timestamp, features, summary) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (interaction.user, interaction.item, interaction.rating, interaction.text,
-                     interaction.timestamp, json.dumps(interaction.features), interaction.summary))
-                self._conn.execute(
-                    "INSERT INTO user_versions VALUES (?, 1) "
-                    "ON CONFLICT(user) DO UPDATE SET version = version + 1", (interaction.user,))
-                version = self._conn.execute(
-                    "SELECT version FROM user_versions WHERE user = ?", (interaction.user,)).fetchone()[0]
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        i = interaction
+        with self._transaction() as conn:
+            # The counter row stays locked until commit: writers commit in sequence order.
+            seq = self._one(conn.execute("UPDATE log_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq"))[0]
+            conn.execute(self._q(f"INSERT INTO interactions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                         (seq, i.user, i.item, i.rating, i.text, i.timestamp, json.dumps(i.features), i.summary))
+            version = self._one(conn.execute(self._q(
+                'INSERT INTO user_versions ("user", version) VALUES (?, 1) '
+                'ON CONFLICT ("user") DO UPDATE SET version = user_versions.version + 1 RETURNING version'),
+                (i.user,)))[0]
+        interaction.seq = seq
         return version
 
+    def _select(self, where: str = "", args: tuple = ()) -> list[Interaction]:
+        with self._transaction() as conn:
+            rows = conn.execute(self._q(f"SELECT {_COLUMNS} FROM interactions {where} ORDER BY seq"), args).fetchall()
+        return [Interaction(u, i, float(r), t, int(ts), json.loads(f), s, int(seq))
+                for seq, u, i, r, t, ts, f, s in rows]
+
     def interactions(self, user: str | None = None) -> list[Interaction]:
-        query = "SELECT user, item, rating, text, timestamp, features, summary FROM interactions"
-        args: Sequence = ()
-        if user is not None:
-            query += " WHERE user = ?"
-            args = (user,)
-        with self._lock:
-            rows = self._conn.execute(query + " ORDER BY id", args).fetchall()
-        return [Interaction(u, i, r, t, ts, json.loads(f), s) for u, i, r, t, ts, f, s in rows]
+        return self._select('WHERE "user" = ?', (user,)) if user is not None else self._select()
+
+    def interactions_after(self, seq: int) -> list[Interaction]:
+        return self._select("WHERE seq > ?", (seq,))
 
     def user_version(self, user: str) -> int:
-        with self._lock:
-            row = self._conn.execute("SELECT version FROM user_versions WHERE user = ?", (user,)).fetchone()
+        with self._transaction() as conn:
+            row = conn.execute(self._q('SELECT version FROM user_versions WHERE "user" = ?'), (user,)).fetchone()
         return row[0] if row else 0
 
     def items(self) -> list[str]:
+        with self._transaction() as conn:
+            return [r[0] for r in conn.execute("SELECT DISTINCT item FROM interactions ORDER BY item").fetchall()]
+
+
+class SQLiteStore(_SQLStore):
+    SCHEMA = [
+        'CREATE TABLE IF NOT EXISTS interactions (seq INTEGER PRIMARY KEY, "user" TEXT NOT NULL, item TEXT NOT NULL, '
+        "rating REAL NOT NULL, text TEXT NOT NULL, timestamp INTEGER NOT NULL, features TEXT NOT NULL, "
+        "summary TEXT NOT NULL DEFAULT '')",
+        'CREATE INDEX IF NOT EXISTS interactions_user ON interactions("user")',
+        'CREATE TABLE IF NOT EXISTS user_versions ("user" TEXT PRIMARY KEY, version INTEGER NOT NULL)',
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS log_seq (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)",
+    ]
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(interactions)")}
+        if columns and "seq" not in columns:
+            raise ValueError(f"store {self.path} was written by an older recreason (no 'seq' column); "
+                             "delete it and restart to seed it again from the dataset")
+        self._create()
+
+    @contextmanager
+    def _transaction(self):
         with self._lock:
-            return [r[0] for r in self._conn.execute("SELECT DISTINCT item FROM interactions ORDER BY item")]
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
 
     def close(self) -> None:
         self._conn.close()
 
 
+class PostgresStore(_SQLStore):
+    SCHEMA = [
+        'CREATE TABLE IF NOT EXISTS interactions (seq BIGINT PRIMARY KEY, "user" TEXT NOT NULL, item TEXT NOT NULL, '
+        "rating DOUBLE PRECISION NOT NULL, text TEXT NOT NULL, timestamp BIGINT NOT NULL, features TEXT NOT NULL, "
+        "summary TEXT NOT NULL DEFAULT '')",
+        'CREATE INDEX IF NOT EXISTS interactions_user ON interactions("user")',
+        'CREATE TABLE IF NOT EXISTS user_versions ("user" TEXT PRIMARY KEY, version BIGINT NOT NULL)',
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS log_seq (id INTEGER PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL)",
+    ]
+    PLACEHOLDER = "%s"
+    CREATE_LOCK = "SELECT pg_advisory_xact_lock(74151)"
+
+    def __init__(self, url: str, max_connections: int = 4):
+        try:
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:
+            raise ImportError("a postgresql:// store needs psycopg: pip install 'recreason[postgres]'") from exc
+        # A pool re-opens connections a database restart broke; each block is one transaction.
+        self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True,
+                                    kwargs={"application_name": "recreason"})
+        self._pool.wait(timeout=30)
+        self._create()
+
+    @contextmanager
+    def _transaction(self):
+        with self._pool.connection() as conn:  # commits on success, rolls back on an exception
+            yield conn
+
+    def close(self) -> None:
+        self._pool.close()
+
+
 def open_store(url: str) -> Store:
-    """``sqlite:///path/to/file.db`` or a plain path. Other schemes are named in the error."""
+    """``sqlite:///path/to/file.db``, a plain path, or ``postgresql://user@host/db``."""
     if url.startswith("sqlite:///"):
         return SQLiteStore(url[len("sqlite:///"):])
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        raise ValueError(f"store URL scheme {scheme!r} is not supported yet; use sqlite:///PATH")
+        raise ValueError(f"store URL scheme {scheme!r} is not supported; use sqlite:///PATH or postgresql://...")
     return SQLiteStore(url)
