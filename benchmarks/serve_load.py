@@ -44,7 +44,7 @@ def pairs_for(run_dir: str, n: int) -> list[tuple[str, str]]:
 def load_server(args, pairs) -> dict:
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     Path(f"{args.tmp}/load.db").unlink(missing_ok=True)
-    server, base = start_server(["--run", args.run, "--max-batch-size", str(args.clients), "--max-wait-ms", "20",
+    server, base = start_server(["--run", args.run, "--max-batch-size", str(args.clients), "--max-wait-ms", str(args.max_wait_ms),
                                  "--store", f"sqlite:///{args.tmp}/load.db",
                                  "--set", f"generate.max_new_tokens={args.max_new_tokens}"])
     try:
@@ -136,19 +136,27 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-wait-ms", type=float, default=50, help="the server's micro-batch wait")
+    parser.add_argument("--skip-references", action="store_true", help="measure the server only")
     parser.add_argument("--tmp", default="/tmp/recreason-load")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_load.json"))
     args = parser.parse_args()
     pairs = pairs_for(args.run, 2000)
-    results = {"server": load_server(args, pairs), "transformers_one_at_a_time": plain_generate(args, pairs)}
+    results = {"server": load_server(args, pairs)}
+    s = results["server"]
+    print(f"server with {args.clients} clients: {s['reasons_per_s']:.2f} reasons/s, p50 {s['p50_s']:.2f} s, "
+          f"p95 {s['p95_s']:.2f} s, p99 {s['p99_s']:.2f} s, {s['errors']} errors", flush=True)
+    if args.skip_references:
+        print(json.dumps(results, indent=2))
+        return
+    results["transformers_one_at_a_time"] = plain_generate(args, pairs)
     results["llama_cpp_single_stream"] = llama_cpp(args, pairs)
-    server = results["server"]["reasons_per_s"]
     print(json.dumps(results, indent=2))
-    print(f"\nserver with {args.clients} clients: {server:.2f} reasons/s, p50 {results['server']['p50_s']:.2f} s, "
-          f"p95 {results['server']['p95_s']:.2f} s, p99 {results['server']['p99_s']:.2f} s")
-    print(f"vs transformers generate one at a time: {server / results['transformers_one_at_a_time']['reasons_per_s']:.1f}x")
+    plain = results["transformers_one_at_a_time"]["reasons_per_s"]
+    print(f"transformers generate one at a time: {plain:.2f} reasons/s; server / it = {s['reasons_per_s'] / plain:.1f}x")
     if results["llama_cpp_single_stream"]:
-        print(f"vs llama.cpp single stream: {server / results['llama_cpp_single_stream']['reasons_per_s']:.2f}x")
+        ref = results["llama_cpp_single_stream"]["reasons_per_s"]
+        print(f"llama.cpp single stream: {ref:.2f} reasons/s; server / it = {s['reasons_per_s'] / ref:.2f}x")
     else:
         print("llama.cpp reference skipped: pip install llama-cpp-python")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

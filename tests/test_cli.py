@@ -20,6 +20,10 @@ def test_shipped_configs_load_against_the_dataclasses():
     default = load_config(root / "default.yaml")
     fresh = load_config(None)
     assert {k: vars(v) for k, v in default.items()} == {k: vars(v) for k, v in fresh.items()}
+    import yaml  # default.yaml lists every key, so users can read every setting in one place
+
+    listed = yaml.safe_load((root / "default.yaml").read_text())
+    assert {section: set(keys) for section, keys in listed.items()} == {k: set(vars(v)) for k, v in fresh.items()}
 
 
 def test_overrides_and_unknown_keys(tmp_path):

@@ -47,6 +47,9 @@ class RecReasonModel(nn.Module):
         rating_mean: float = 3.0,
     ):
         super().__init__()
+        from recreason.models.registry import contiguous_head_input
+
+        contiguous_head_input(lm)  # also for models not loaded through the registry (full fine-tuning runs)
         if prompt_mode not in ("discrete", "continuous", "hybrid"):
             raise ValueError(f"prompt_mode must be discrete, continuous or hybrid, got {prompt_mode!r}")
         if rating_head not in (None, "mf", "mlp"):

@@ -155,7 +155,30 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(name: str | None = None, dtype: str = "float32", device: str = "cpu"):
+def contiguous_head_input(lm) -> None:
+    """Make the output head fold its input into one matrix product.
+
+    With ``logits_to_keep`` the head gets ``hidden[:, -k:]``, a non-contiguous slice. ``F.linear`` on such a
+    3-D input falls back to a batched product that first copies the (vocabulary x hidden) weight once per
+    row of the batch: for SmolLM2 and batch 16, 450 M elements per forward, 40% of a prefill's time on
+    CPU. One small copy of the slice avoids it. Idempotent; hooks are not saved with the model.
+    """
+    head = lm.get_output_embeddings()
+    if head is None or getattr(head, "_recreason_contiguous", False):
+        return
+    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    head._recreason_contiguous = True
+
+
+def attention_for(device: str, requested: str = "auto") -> str:
+    """``auto``: eager attention on CPU (faster than the CPU flash kernel for our prompts of ~100 tokens:
+    +11% training tokens/s, +5% generation, measured), PyTorch SDPA on GPU."""
+    if requested != "auto":
+        return requested
+    return "eager" if str(device).startswith("cpu") else "sdpa"
+
+
+def load_model(name: str | None = None, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "auto"):
     """Load (model, tokenizer, resolved path) for ``name``."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -163,5 +186,7 @@ def load_model(name: str | None = None, dtype: str = "float32", device: str = "c
     path = resolve_model(name)
     torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                    "float16": torch.float16, "fp16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                 attn_implementation=attention_for(device, attn_implementation)).to(device)
+    contiguous_head_input(model)
     return model, load_tokenizer(path), path

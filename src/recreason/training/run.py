@@ -94,7 +94,10 @@ class Run:
             from transformers import AutoModelForCausalLM
 
             torch_dtype = torch.bfloat16 if dtype in ("bf16", "bfloat16") else torch.float32
-            lm = AutoModelForCausalLM.from_pretrained(best, dtype=torch_dtype).to(device)
+            from recreason.models.registry import attention_for
+
+            lm = AutoModelForCausalLM.from_pretrained(best, dtype=torch_dtype,
+                                                      attn_implementation=attention_for(device)).to(device)
             tokenizer = load_tokenizer(self.info["base_model_path"])
         elif self.info["method"] == "adapter":
             from recreason.training.methods import load_adapter

@@ -252,7 +252,8 @@ def build_model(cfg: TrainConfig, train_records, device: str, total_steps: int =
 
     # Frozen base weights can live in bf16 under LoRA; full fine-tuning keeps fp32 master weights.
     load_dtype = "bf16" if cfg.precision == "bf16" and cfg.method != "full" else "fp32"
-    lm, tokenizer, base_path = load_model(cfg.model, dtype=load_dtype, device=device)
+    lm, tokenizer, base_path = load_model(cfg.model, dtype=load_dtype, device=device,
+                                          attn_implementation=cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = apply_method(lm, cfg, total_steps)
