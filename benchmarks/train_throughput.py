@@ -5,6 +5,8 @@ of a prepared dataset, with the same batch size: `warmup` steps, then `steps` ti
 
 * ours-<method>: recreason's engine (bf16 autocast on CPU, loss on explanation tokens only, logits only
   at target positions, length-bucketed batches, LoRA on the top `--top-layers` layers when given).
+  `<method>+compile` also sets `train.compile` (torch.compile per decoder layer); its one-time compile
+  falls in the warmup steps (at least 3 for it); `warmup_s` reports how long the warmup took.
 * hf-trainer-lora: transformers.Trainer + peft LoRA (r=16, all linear layers) with default settings:
   fp32, loss on the whole sequence, padding to the longest sequence in each batch.
 * matmul peak: a plain bf16 torch.matmul loop on the same machine.
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["lora", "adalora", "ia3", "prefix", "prompt", "adapter", "full"]
+METHODS = ["lora", "lora+compile", "adalora", "ia3", "prefix", "prompt", "adapter", "full"]
 
 
 def matmul_peak(seconds: float = 3.0) -> float:
@@ -76,19 +78,22 @@ def run_ours(args) -> dict:
     from recreason.training.trainer import _optimizer, autocast_context, build_model
 
     method = args.one.removeprefix("ours-")
+    compiled = method.endswith("+compile")
+    method = method.removesuffix("+compile")
+    warmup = max(args.warmup, 3) if compiled else args.warmup
     cfg = TrainConfig(model=args.model, method=method, batch_size=args.batch_size, lora_top_layers=args.top_layers,
-                      precision=args.precision)
-    train, sample, prompter = _records(args.dataset, args.batch_size * (args.warmup + args.steps))
+                      precision=args.precision, compile=compiled)
+    train, sample, prompter = _records(args.dataset, args.batch_size * (warmup + args.steps))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok, _ = build_model(cfg, train, device, total_steps=args.warmup + args.steps)
+    model, tok, _ = build_model(cfg, train, device, total_steps=warmup + args.steps)
     examples, _ = build_examples(sample, prompter, tok, cfg, model=model)
     batches = length_bucketed_batches(examples, cfg.batch_size, random.Random(0))
     optimizer = _optimizer(model, cfg, 1e-4)
     layers = model.lm.config.num_hidden_layers
     bp = 1.0 if method in ("full", "prefix", "prompt") or not args.top_layers else args.top_layers / layers
-    tokens, start = 0, None
-    for n, idx in enumerate(batches[: args.warmup + args.steps]):
-        if n == args.warmup:
+    tokens, start, began = 0, None, time.perf_counter()
+    for n, idx in enumerate(batches[: warmup + args.steps]):
+        if n == warmup:
             start, tokens = time.perf_counter(), 0
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tok.pad_token_id).items()}
         with autocast_context(cfg.precision, device):
@@ -99,6 +104,7 @@ def run_ours(args) -> dict:
         tokens += int(batch["attention_mask"].sum())
     elapsed = time.perf_counter() - start
     return {"tokens_per_s": tokens / elapsed, "flops_per_token": _flops_per_token(model, bp),
+            "warmup_s": start - began,
             "epoch_tokens": sum(len(e) for e in build_examples(train, prompter, tok, cfg)[0]),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
@@ -115,7 +121,7 @@ def run_hf_trainer(args) -> dict:
     tok.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear"))
-    train, sample, prompter = _records(args.dataset, args.batch_size * (args.warmup + args.steps))
+    train, sample, prompter = _records(args.dataset, args.batch_size * (warmup + args.steps))
     texts = [render(tok, prompter.for_record(r)) + r.sentence + tok.eos_token for r in sample]
     rows = [{"input_ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
 
@@ -152,7 +158,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--top-layers", type=int, default=12, help="layers adapted by LoRA-family methods")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train_throughput.json"))

@@ -189,3 +189,20 @@ def test_loggers_are_checked_before_training(prepared_dir, tiny_model_dir, tmp_p
         cfg.report_to = ["wandb"]
         with pytest.raises(ValueError, match="pip install wandb"):
             train(prepared_dir, tmp_path, cfg, progress=False)
+
+
+def test_compiled_layers_train_like_eager_ones(prepared_dir, tiny_model_dir, tmp_path):
+    """train.compile: same losses as the uncompiled run (within float tolerance), same checkpoint names."""
+    from safetensors.torch import load_file
+
+    from recreason.training.trainer import train
+
+    def cfg(compile_layers):
+        return TrainConfig(model=str(tiny_model_dir), method="lora", lora_r=4, lr=1e-2, batch_size=8, max_steps=3,
+                           eval_every=3, max_eval_records=8, precision="fp32", compile=compile_layers)
+
+    eager = train(prepared_dir, tmp_path / "eager", cfg(False), progress=False)
+    compiled = train(prepared_dir, tmp_path / "compiled", cfg(True), progress=False)
+    assert compiled["best_validation_loss"] == pytest.approx(eager["best_validation_loss"], rel=1e-4)
+    names = lambda run: set(load_file(run / "best" / "adapter_model.safetensors"))  # noqa: E731
+    assert names(tmp_path / "compiled") == names(tmp_path / "eager")

@@ -30,7 +30,7 @@ from recreason.data.records import DataError
 from recreason.prompts.discrete import DiscretePrompter, PromptConfig
 from recreason.training.config import TrainConfig
 from recreason.training.data import collate, joint_loss, length_bucketed_batches
-from recreason.training.methods import apply_method, save_adapter, uses_position_ids
+from recreason.training.methods import apply_method, compile_layers, save_adapter, uses_position_ids
 from recreason.training.run import build_examples, write_run_info
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,8 @@ def build_model(cfg: TrainConfig, train_records, device: str, total_steps: int =
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = apply_method(lm, cfg, total_steps)
+    if cfg.compile:
+        compile_layers(lm)
     users = sorted({r.user for r in train_records})
     items = sorted({r.item for r in train_records})
     mean = float(np.mean([r.rating for r in train_records]))
