@@ -3,8 +3,8 @@
 1. Starts `recreason serve --run RUN` on 127.0.0.1 (a free port) and drives POST /v1/explanations with
    `--clients` concurrent clients for `--seconds` seconds (each request one distinct (user, item) pair,
    so the reason cache never answers); reports reasons/s and p50/p95/p99 latency.
-2. Plain transformers: the same run's model, `generate` one request at a time, same prompts and
-   max_new_tokens, for `--seconds` seconds.
+2. Plain transformers: the same run's model (LoRA merged), fp32 and SDPA attention as `from_pretrained`
+   gives them, `generate` one request at a time, same prompts and max_new_tokens, for `--seconds` seconds.
 3. llama.cpp (`llama-cpp-python`, when installed) on the embedded GGUF file, one stream.
 
 Prints the ratios of the server's throughput to each reference. Every loop is bounded in time and count,
@@ -95,7 +95,8 @@ def plain_generate(args, pairs) -> dict:
     run = Run(args.run)
     model, tok = run.load_model(dtype="fp32")
     prompter = run.prompter(run.dataset())
-    lm = model.lm
+    lm = model.lm  # the run's LoRA merged into the base weights
+    lm.set_attn_implementation("sdpa")  # transformers' default, not the eager attention recreason picks on CPU
     done, start = 0, time.monotonic()
     with torch.no_grad():
         for user, item in pairs:

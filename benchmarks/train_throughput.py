@@ -121,7 +121,7 @@ def run_hf_trainer(args) -> dict:
     tok.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear"))
-    train, sample, prompter = _records(args.dataset, args.batch_size * (warmup + args.steps))
+    train, sample, prompter = _records(args.dataset, args.batch_size * (args.warmup + args.steps))
     texts = [render(tok, prompter.for_record(r)) + r.sentence + tok.eos_token for r in sample]
     rows = [{"input_ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
 

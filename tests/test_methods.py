@@ -77,3 +77,28 @@ def test_fp16_on_cpu_is_refused(prepared_dir, tiny_model_dir, tmp_path):
 
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         train(prepared_dir, tmp_path, TrainConfig(model=str(tiny_model_dir), precision="fp16"), progress=False)
+
+
+def test_adalora_orthogonality_penalty_is_the_one_peft_adds(tiny_model_dir):
+    """Our loss is computed outside the model, so the trainer adds AdaLoRA's regulariser itself:
+    it must equal the term peft adds to a label loss."""
+    from transformers import AutoModelForCausalLM
+
+    from recreason.training.config import TrainConfig
+    from recreason.training.methods import apply_method, orthogonality_penalty
+
+    torch.manual_seed(0)
+    lm = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainConfig(method="adalora", lora_r=4),
+                      total_steps=10)
+    with torch.no_grad():  # make the factors far from orthogonal so the penalty is clearly non-zero
+        for name, p in lm.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.normal_(0, 0.5)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with_reg = lm(input_ids=ids, labels=ids).loss
+    plain = lm.get_base_model()(input_ids=ids, labels=ids).loss
+    ours = orthogonality_penalty(lm)
+    assert float(ours) > 0.1
+    assert float(ours) == pytest.approx(float(with_reg - plain), rel=1e-4)
+    lora = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainConfig(method="lora", lora_r=4))
+    assert orthogonality_penalty(lora) is None

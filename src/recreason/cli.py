@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "default: the SQLite file RUN/serving.db, seeded from the dataset on first start")
     p.add_argument("--api-key-file", help="file with one accepted API key per line (default: no keys)")
     p.add_argument("--max-batch-size", type=int, default=16, help="generations batched together (default 16)")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch")
+    p.add_argument("--max-wait-ms", type=float, default=50.0,
+                   help="how long the first queued request waits for others to join its batch (default 50)")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only")
     p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model copy")
     p.set_defaults(func=cmd_serve)

@@ -30,7 +30,7 @@ class UnknownId(LookupError):
 @dataclass
 class ServeConfig:
     max_batch_size: int = 16  # generations run together
-    max_wait_ms: float = 10.0  # how long the first queued request waits for company
+    max_wait_ms: float = 50.0  # how long the first queued request waits for company (a batch takes 1-3 s on CPU)
     max_new_tokens_limit: int = 64  # upper bound on a request's max_new_tokens
     max_beams: int = 4
     cache_size: int = 10000  # cached reasons (model, user, item, options, history version)

@@ -156,6 +156,26 @@ def apply_method(model, cfg: TrainConfig, total_steps: int = 1000):
     return get_peft_model(model, peft_config(model, cfg, total_steps))  # peft keeps adapter weights in fp32
 
 
+def orthogonality_penalty(lm):
+    """AdaLoRA's regulariser, weighted: the mean over its SVD factors of ||P P^T - I||_F (``lora_A``, rows)
+    and ||Q^T Q - I||_F (``lora_B``, columns). peft adds it only to a loss the model computes from labels;
+    we compute our own target-only loss, so the trainer adds it here. None for other methods."""
+    import torch
+
+    config = getattr(lm, "peft_config", {}).get("default")
+    if config is None or str(getattr(config, "peft_type", "")) not in ("ADALORA", "PeftType.ADALORA"):
+        return None
+    terms = []
+    for name, p in lm.named_parameters():
+        if p.requires_grad and (".lora_A." in name or ".lora_B." in name) and p.numel():
+            gram = p @ p.T if ".lora_A." in name else p.T @ p
+            eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+            terms.append(torch.linalg.matrix_norm(gram - eye))
+    if not terms:
+        return None
+    return config.orth_reg_weight * torch.stack(terms).mean()
+
+
 def compile_layers(lm) -> int:
     """``torch.compile`` each decoder layer in place (state-dict names unchanged, so checkpoints and peft
     saving are unaffected), with dynamic shapes so new sequence lengths do not recompile. Fuses the

@@ -30,7 +30,8 @@ from recreason.data.records import DataError
 from recreason.prompts.discrete import DiscretePrompter, PromptConfig
 from recreason.training.config import TrainConfig
 from recreason.training.data import collate, joint_loss, length_bucketed_batches
-from recreason.training.methods import apply_method, compile_layers, save_adapter, uses_position_ids
+from recreason.training.methods import (apply_method, compile_layers, orthogonality_penalty, save_adapter,
+                                        uses_position_ids)
 from recreason.training.run import build_examples, write_run_info
 
 log = logging.getLogger(__name__)
@@ -382,6 +383,8 @@ def train(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast_context(cfg.precision, device):
                     loss, parts = joint_loss(net, batch, cfg.rating_weight)
+                if cfg.method == "adalora" and not personal_only:
+                    loss = loss + orthogonality_penalty(model.lm)
                 scaler.scale(loss / cfg.grad_accum).backward()
                 state["tokens_seen"] += int(batch["attention_mask"].sum())
                 value = loss.item()
