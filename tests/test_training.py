@@ -111,6 +111,37 @@ def test_evaluate_writes_table_for_all_systems(tiny_run):
     assert row["generated"] and row["reference"] and row["generated"] != row["reference"]
 
 
+def test_evaluation_reuses_texts_only_from_the_same_model_and_settings(tiny_run, monkeypatch):
+    import os
+
+    from recreason.evaluation import evaluate as E
+    from recreason.generation.generate import GenerateConfig
+
+    calls = []
+    real = E.generate_for_run
+
+    def counting(run, records, system, *args, **kwargs):
+        calls.append(system)
+        return real(run, records, system, *args, **kwargs)
+
+    monkeypatch.setattr(E, "generate_for_run", counting)
+    cfg = GenerateConfig(max_new_tokens=5, max_records=6, precision="fp32")
+    systems = ["zero-shot", "fine-tuned"]
+    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
+    calls.clear()
+    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
+    assert calls == []  # same model, same settings: the texts on disk are reused
+    weights = tiny_run[0] / "best" / "adapter_model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as if the run had been trained again
+    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
+    assert calls == ["fine-tuned"]
+    calls.clear()
+    cfg.max_new_tokens = 7
+    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
+    assert sorted(calls) == ["fine-tuned", "zero-shot"]
+
+
 _KILLED_RUN = """
 import ast, os, signal, sys
 from recreason.training.config import TrainConfig

@@ -9,12 +9,15 @@ Systems, all on the same records and prompts:
   fine-tuned rows, whose rating/interest heads (when trained) are scored by RMSE, MAE,
   interest macro-F1, HR@10 and NDCG@10 over sampled negatives, and sentiment agreement.
 
-Generated texts go to ``<run>/generated/<split>-<system>.jsonl``; the table
-goes to ``<run>/eval/<split>.json`` and ``.md`` and is printed.
+Generated texts go to ``<run>/generated/<split>-<system>.jsonl`` with a fingerprint of the
+weights and settings that wrote them; a later evaluation reuses them only when the fingerprint
+and the records match (``--regenerate`` forces new texts). The table goes to
+``<run>/eval/<split>.json`` and ``.md`` and is printed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -60,15 +63,35 @@ def check_rates(texts: Sequence[str], records, item_features: dict[str, set[str]
 
 
 def _write_generated(path: Path, records: Sequence[Explained], texts: Sequence[str], references: Sequence[str],
-                     vocabulary=()):
-    """One JSON line per record: ids, reference, generated text, ground-truth feature, features generated."""
+                     vocabulary=(), fingerprint: str | None = None):
+    """One JSON line per record: ids, reference, generated text, ground-truth feature, features generated.
+    With ``fingerprint``, a sidecar ``.meta.json`` (written last) says what produced the texts."""
     matcher = M.FeatureMatcher(vocabulary)
     path.parent.mkdir(parents=True, exist_ok=True)
+    meta = path.with_suffix(".meta.json")
+    meta.unlink(missing_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         for r, text, ref in zip(records, texts, references):
             row = {"index": r.index, "user": r.user, "item": r.item, "reference": ref, "generated": text,
                    "feature": r.feature, "features": sorted(matcher.find(tokenize(text))), "rating": r.rating}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if fingerprint is not None:
+        meta.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+
+
+def generation_fingerprint(run: Run, system: str, gen_cfg: GenerateConfig) -> str:
+    """What cached texts depend on: the run's settings, the decoding settings and, for the fine-tuned
+    system, the best checkpoint's files. A retrained run or new options never reuse old texts."""
+    digest = hashlib.sha256()
+    settings = {"system": system, "run": run.info, "generate": {k: v for k, v in asdict(gen_cfg).items()
+                                                               if k != "max_records"}}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    if system == "fine-tuned":
+        for f in sorted((run.dir / "best").rglob("*")):
+            if f.is_file():
+                stat = f.stat()
+                digest.update(f"{f.relative_to(run.dir)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
 
 
 def read_generated(path: Path) -> list[dict]:
@@ -125,12 +148,15 @@ def _select_records(run: Run, dataset, split: str, gen_cfg: GenerateConfig):
     return [records[i] for i in keep], [refs[i] for i in keep]
 
 
-def _texts(path: Path, records, regenerate: bool, make) -> list[str]:
-    if path.exists() and not regenerate:
-        rows = read_generated(path)
-        if [r["index"] for r in rows] == [r.index for r in records]:
-            return [r["generated"] for r in rows]
-    return make()
+def _cached_texts(path: Path, records, fingerprint: str) -> list[str] | None:
+    """Texts generated earlier for exactly these records by exactly this model and these settings."""
+    meta = path.with_suffix(".meta.json")
+    if not (path.exists() and meta.exists()) or json.loads(meta.read_text()).get("fingerprint") != fingerprint:
+        return None
+    rows = read_generated(path)
+    if [r["index"] for r in rows] != [r.index for r in records]:
+        return None
+    return [r["generated"] for r in rows]
 
 
 def rating_and_ranking(model, records, train, negatives, low: float, high: float, texts=None) -> dict[str, float]:
@@ -208,10 +234,13 @@ def evaluate_runs(
         if system == "retrieval":
             baseline = RetrievalBaseline(train)
             texts = [baseline.explain(r.user, r.item) for r in records]
+            fingerprint = None
         else:
-            texts = _texts(path, records, regenerate,
-                           lambda: generate_for_run(first, records, system, gen_cfg, progress, dataset))
-        _write_generated(path, records, texts, references, dataset.features)
+            fingerprint = generation_fingerprint(first, system, gen_cfg)
+            texts = None if regenerate else _cached_texts(path, records, fingerprint)
+            if texts is None:
+                texts = generate_for_run(first, records, system, gen_cfg, progress, dataset)
+        _write_generated(path, records, texts, references, dataset.features, fingerprint)
         results[system] = score_texts(references, texts, truth, dataset.features, max_len)
         results[system].update(check_rates(texts, records, item_features, dataset.features))
         timings[system] = time.time() - start
@@ -230,12 +259,14 @@ def evaluate_runs(
             start = time.time()
             name = "fine-tuned" if len(runs) == 1 else f"fine-tuned: {run.dir.name}"
             path = run.dir / "generated" / f"{split}-fine-tuned.jsonl"
+            fingerprint = generation_fingerprint(run, "fine-tuned", gen_cfg)
+            texts = None if regenerate else _cached_texts(path, records, fingerprint)
             loaded = None
-            if regenerate or not path.exists() or run.train_config.rating_head or run.train_config.interest_head:
+            if texts is None or run.train_config.rating_head or run.train_config.interest_head:
                 loaded = _load_for_generation(run, "fine-tuned", gen_cfg)
-            texts = _texts(path, records, regenerate,
-                           lambda: generate_for_run(run, records, "fine-tuned", gen_cfg, progress, dataset, loaded))
-            _write_generated(path, records, texts, references, dataset.features)
+            if texts is None:
+                texts = generate_for_run(run, records, "fine-tuned", gen_cfg, progress, dataset, loaded)
+            _write_generated(path, records, texts, references, dataset.features, fingerprint)
             row = score_texts(references, texts, truth, dataset.features, max_len)
             row.update(check_rates(texts, records, item_features, dataset.features))
             if loaded is not None:
