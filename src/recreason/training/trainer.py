@@ -297,6 +297,10 @@ def train(
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Our checkpoints read whole parameters from the model; sharded ones would be saved as fragments.
+        raise ValueError(f"recreason trains with data parallelism (DDP) only; {accelerator.distributed_type.name} was "
+                         "requested by the accelerate config. Launch without --use_fsdp/--use_deepspeed.")
     device = str(accelerator.device)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if cfg.batch_size % world:
