@@ -87,7 +87,8 @@ class _SQLStore(Store):
         return sql if self.PLACEHOLDER == "?" else sql.replace("?", self.PLACEHOLDER)
 
     @contextmanager
-    def _transaction(self) -> Iterator:
+    def _transaction(self, write: bool = True) -> Iterator:
+        """One transaction; ``write=False`` for reads, which then never wait for the write lock."""
         raise NotImplementedError
 
     def _create(self) -> None:
@@ -105,7 +106,7 @@ class _SQLStore(Store):
         return rows[0] if rows else None
 
     def seeded(self) -> bool:
-        with self._transaction() as conn:
+        with self._transaction(write=False) as conn:
             return conn.execute("SELECT value FROM meta WHERE key = 'seeded_from'").fetchone() is not None
 
     def seed(self, records: Iterable[Explained], source: str) -> int:
@@ -139,7 +140,7 @@ class _SQLStore(Store):
         return version
 
     def _select(self, where: str = "", args: tuple = ()) -> list[Interaction]:
-        with self._transaction() as conn:
+        with self._transaction(write=False) as conn:
             rows = conn.execute(self._q(f"SELECT {_COLUMNS} FROM interactions {where} ORDER BY seq"), args).fetchall()
         return [Interaction(u, i, float(r), t, int(ts), json.loads(f), s, int(seq))
                 for seq, u, i, r, t, ts, f, s in rows]
@@ -151,12 +152,12 @@ class _SQLStore(Store):
         return self._select("WHERE seq > ?", (seq,))
 
     def user_version(self, user: str) -> int:
-        with self._transaction() as conn:
+        with self._transaction(write=False) as conn:
             row = conn.execute(self._q('SELECT version FROM user_versions WHERE "user" = ?'), (user,)).fetchone()
         return row[0] if row else 0
 
     def items(self) -> list[str]:
-        with self._transaction() as conn:
+        with self._transaction(write=False) as conn:
             return [r[0] for r in conn.execute("SELECT DISTINCT item FROM interactions ORDER BY item").fetchall()]
 
 
@@ -184,9 +185,10 @@ class SQLiteStore(_SQLStore):
         self._create()
 
     @contextmanager
-    def _transaction(self):
+    def _transaction(self, write: bool = True):
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            # IMMEDIATE takes the write lock up front (no upgrade deadlocks); a WAL read needs no lock.
+            self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
             try:
                 yield self._conn
             except BaseException:
@@ -223,7 +225,7 @@ class PostgresStore(_SQLStore):
         self._create()
 
     @contextmanager
-    def _transaction(self):
+    def _transaction(self, write: bool = True):
         with self._pool.connection() as conn:  # commits on success, rolls back on an exception
             yield conn
 
