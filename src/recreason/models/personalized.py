@@ -148,13 +148,15 @@ class RecReasonModel(nn.Module):
         return out[:, input_ids.shape[1]:]
 
     # ----- persistence ---------------------------------------------------------------------------
-    def save_personal(self, folder: Path) -> None:
+    def save_personal(self, folder: Path, gathered: dict | None = None) -> None:
+        """Write the user/item tables and heads (from ``gathered``, weights gathered from shards, when given)."""
         from safetensors.torch import save_file
 
         meta = {"users": self.users, "items": self.items, "prompt_mode": self.prompt_mode,
                 "rating_head": self.rating_head_kind, "interest_head": self.interest is not None}
         (folder / "personal.json").write_text(json.dumps(meta))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.personal_state().items()}
+        source = self.personal_state() if gathered is None else {k: v for k, v in gathered.items() if not k.startswith("lm.")}
+        state = {k: v.detach().cpu().contiguous() for k, v in source.items()}
         save_file(state, str(folder / "personal.safetensors"))
 
     @classmethod

@@ -21,6 +21,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
     scheduler: str = "linear"  # linear | cosine, both after linear warmup
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    fsdp: bool = False  # with several processes: shard the model (FSDP2) instead of replicating it (DDP)
     compile: bool = False  # torch.compile each decoder layer: faster steps after a one-time compile (~1 min)
     attn_implementation: str = "auto"  # auto (eager on CPU, sdpa on GPU) | eager | sdpa | flash_attention_2
     target: str = "sentence"  # explanation target: sentence | summary
@@ -65,6 +66,8 @@ class TrainConfig:
         if self.attn_implementation not in ("auto", "eager", "sdpa", "flash_attention_2"):
             raise ValueError(f"train.attn_implementation must be auto, eager, sdpa or flash_attention_2, "
                              f"got {self.attn_implementation!r}")
+        if self.fsdp and (self.two_stage or self.method == "adalora" or self.compile or self.precision == "fp16"):
+            raise ValueError("train.fsdp does not support two_stage, method adalora, compile or fp16 yet")
         if self.target not in ("sentence", "summary"):
             raise ValueError(f"train.target must be 'sentence' or 'summary', got {self.target!r}")
         if self.precision not in ("bf16", "fp16", "fp32"):

@@ -83,15 +83,17 @@ def add_bottleneck_adapters(model, cfg: TrainConfig):
     return model
 
 
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if ".down." in n or ".up." in n}
+def adapter_state(model, state: dict | None = None) -> dict[str, torch.Tensor]:
+    source = state.items() if state is not None else model.named_parameters()
+    return {n: p.detach().cpu().contiguous() for n, p in source if ".down." in n or ".up." in n}
 
 
-def save_adapter(model, folder: Path) -> None:
+def save_adapter(model, folder: Path, state: dict | None = None) -> None:
+    """Write the bottleneck adapter's weights (from ``state`` when given: weights gathered from shards)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(model), str(folder / "adapter.safetensors"))
+    save_file(adapter_state(model, state), str(folder / "adapter.safetensors"))
     (folder / "adapter.json").write_text(json.dumps(model.recreason_adapter))
 
 

@@ -32,6 +32,8 @@ from recreason.training.config import TrainConfig
 from recreason.training.data import collate, joint_loss, length_bucketed_batches
 from recreason.training.methods import (apply_method, compile_layers, orthogonality_penalty, save_adapter,
                                         uses_position_ids)
+from recreason.training.sharding import (is_sharded, load_optimizer_state, load_weights, optimizer_state,
+                                         shard_model, trainable_state)
 from recreason.training.run import build_examples, write_run_info
 
 log = logging.getLogger(__name__)
@@ -127,12 +129,16 @@ def validation_loss(model, examples, cfg: TrainConfig, pad_id: int, device: str,
                     world: int = 1) -> dict[str, float]:
     """Token-weighted text loss, mean head losses, and the objective used for early stopping.
 
-    With several processes each scores its share of the examples and the sums are all-reduced.
+    With several processes each scores its share of the examples and the sums are all-reduced. Sharded
+    forwards are collective, so under FSDP every process gets the same count (up to world-1 left out).
     """
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # text*tokens, tokens, rating_mse*rows, interest_ce*rows, rows
     seen = set()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))[rank::world]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    if cfg.fsdp and world > 1:
+        order = order[: len(order) - len(order) % world]
+    order = order[rank::world]
     size = cfg.batch_size * 2
     for start in range(0, len(order), size):
         batch = collate([examples[i] for i in order[start : start + size]], pad_id)
@@ -160,16 +166,20 @@ def validation_loss(model, examples, cfg: TrainConfig, pad_id: int, device: str,
     return result
 
 
-def _save_best(model, run_dir: Path) -> None:
+def _save_best(model, run_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write RUN/best atomically. ``state``: the trainable weights by name, when they were gathered from shards."""
     tmp = run_dir / ".best-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
+    lm_state = None if state is None else {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
     if hasattr(model.lm, "recreason_adapter"):
-        save_adapter(model.lm, tmp)
+        save_adapter(model.lm, tmp, lm_state)
+    elif lm_state is not None:
+        model.lm.save_pretrained(tmp, safe_serialization=True, state_dict=lm_state)
     else:
         model.lm.save_pretrained(tmp, safe_serialization=True)
     if model.uses_ids:
-        model.save_personal(tmp)
+        model.save_personal(tmp, state)
     best = run_dir / "best"
     old = run_dir / ".best-old"
     if best.exists():
@@ -179,11 +189,13 @@ def _save_best(model, run_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-def _trainable_state(model, names: set[str]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n in names}
+def _trainable_state(model, names: set[str], gathered: dict | None = None) -> dict[str, torch.Tensor]:
+    source = gathered.items() if gathered is not None else model.named_parameters()
+    return {n: p.detach().cpu().contiguous() for n, p in source if n in names}
 
 
-def _save_checkpoint(folder: Path, model, names: set[str], optimizer, scheduler, rng: random.Random, state: dict) -> None:
+def _save_checkpoint(folder: Path, model, names: set[str], optimizer_state: dict, scheduler, rng: random.Random,
+                     state: dict, gathered: dict | None = None) -> None:
     """Write the resumable state atomically: a temporary folder renamed over the old one."""
     from safetensors.torch import save_file
 
@@ -191,10 +203,10 @@ def _save_checkpoint(folder: Path, model, names: set[str], optimizer, scheduler,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(_trainable_state(model, names), str(tmp / "trainable.safetensors"))
+    save_file(_trainable_state(model, names, gathered), str(tmp / "trainable.safetensors"))
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": rng.getstate(),
@@ -218,12 +230,18 @@ def _load_checkpoint(folder: Path, model) -> dict:
     unknown = set(weights) - {n for n, _ in model.named_parameters()}
     if unknown:
         raise DataError(f"{folder} does not match this model and method (unexpected {sorted(unknown)[:3]})")
-    model.load_state_dict(weights, strict=False)
+    if is_sharded(model):
+        load_weights(model, weights)
+    else:
+        model.load_state_dict(weights, strict=False)
     return torch.load(folder / "state.pt", weights_only=True)
 
 
-def _restore_optimizer(saved: dict, optimizer, scheduler, rng: random.Random) -> None:
-    optimizer.load_state_dict(saved["optimizer"])
+def _restore_optimizer(saved: dict, model, optimizer, scheduler, rng: random.Random) -> None:
+    if is_sharded(model):
+        load_optimizer_state(model, optimizer, saved["optimizer"])
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
     version, internal, gauss = saved["python_rng"]
@@ -291,7 +309,7 @@ def train(
     seed_everything(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    # Accelerate: one process here, or one per device under `accelerate launch` / torchrun (DDP).
+    # Accelerate: one process here, or one per device under `accelerate launch` / torchrun (DDP, or our FSDP2).
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -299,8 +317,9 @@ def train(
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         # Our checkpoints read whole parameters from the model; sharded ones would be saved as fragments.
-        raise ValueError(f"recreason trains with data parallelism (DDP) only; {accelerator.distributed_type.name} was "
-                         "requested by the accelerate config. Launch without --use_fsdp/--use_deepspeed.")
+        raise ValueError(f"{accelerator.distributed_type.name} was requested by the accelerate config; recreason "
+                         "shards with its own FSDP2 path instead: launch without --use_fsdp/--use_deepspeed and "
+                         "set train.fsdp: true")
     device = str(accelerator.device)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if cfg.batch_size % world:
@@ -333,7 +352,11 @@ def train(
         write_run_info(run_dir, str(dataset_dir), base_path, cfg, prompt_cfg)
         if full_config is not None:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
-    net = accelerator.prepare_model(model) if world > 1 else model  # what the forward pass runs through
+    if world > 1 and cfg.fsdp:
+        shard_model(model, device)  # in place: FSDP2 keeps the module and its parameter names
+        net = model
+    else:
+        net = accelerator.prepare_model(model) if world > 1 else model  # what the forward pass runs through
 
     steps_per_epoch = math.ceil(math.ceil(len(train_examples) / cfg.batch_size) / cfg.grad_accum)
     main_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
@@ -375,7 +398,7 @@ def train(
             optimizer = _optimizer(model, cfg, lr)
             scheduler = get_scheduler(cfg.scheduler, optimizer, int(cfg.warmup_ratio * stage_steps), stage_steps)
             if saved is not None:
-                _restore_optimizer(saved, optimizer, scheduler, rng)
+                _restore_optimizer(saved, model, optimizer, scheduler, rng)
                 saved = None
             else:
                 state.update(stage=stage_index, stage_step=0, bad_passes=0, stopped_early=False, micro=0)
@@ -420,8 +443,9 @@ def train(
                     improved = val["objective"] < state["best_loss"]
                     if improved:
                         state.update(best_loss=val["objective"], best_step=step, bad_passes=0)
+                        weights = trainable_state(model)  # gathered from the shards under FSDP, else None
                         if main:
-                            _save_best(model, run_dir)
+                            _save_best(model, run_dir, weights)
                         accelerator.wait_for_everyone()
                     else:
                         state["bad_passes"] += 1
@@ -436,8 +460,11 @@ def train(
                     bar.write(message) if progress else log.info(message)
                 if state["stage_step"] % save_every == 0 or state["stage_step"] == stage_steps or state["stopped_early"]:
                     state["elapsed"] = time.time() - start
+                    opt_state = optimizer_state(model, optimizer) if is_sharded(model) else optimizer.state_dict()
+                    weights = trainable_state(model)
                     if main:
-                        _save_checkpoint(run_dir / "last", model, trainable_names, optimizer, scheduler, rng, state)
+                        _save_checkpoint(run_dir / "last", model, trainable_names, opt_state, scheduler, rng, state,
+                                         weights)
                     accelerator.wait_for_everyone()
                 if on_step is not None:
                     on_step(step, model)
