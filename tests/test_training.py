@@ -237,3 +237,10 @@ def test_compiled_layers_train_like_eager_ones(prepared_dir, tiny_model_dir, tmp
     assert compiled["best_validation_loss"] == pytest.approx(eager["best_validation_loss"], rel=1e-4)
     names = lambda run: set(load_file(run / "best" / "adapter_model.safetensors"))  # noqa: E731
     assert names(tmp_path / "compiled") == names(tmp_path / "eager")
+
+
+def test_fsdp_refuses_combinations_it_does_not_support():
+    for bad in (dict(method="prefix"), dict(method="adalora"), dict(two_stage=True, rating_head="mf"), dict(compile=True)):
+        with pytest.raises(ValueError, match="train.fsdp works with methods full, lora, ia3 and adapter"):
+            TrainConfig(fsdp=True, **bad).validate()
+    TrainConfig(fsdp=True, method="ia3").validate()

@@ -66,8 +66,10 @@ class TrainConfig:
         if self.attn_implementation not in ("auto", "eager", "sdpa", "flash_attention_2"):
             raise ValueError(f"train.attn_implementation must be auto, eager, sdpa or flash_attention_2, "
                              f"got {self.attn_implementation!r}")
-        if self.fsdp and (self.two_stage or self.method == "adalora" or self.compile or self.precision == "fp16"):
-            raise ValueError("train.fsdp does not support two_stage, method adalora, compile or fp16 yet")
+        if self.fsdp and (self.two_stage or self.method in ("adalora", "prefix", "prompt") or self.compile
+                          or self.precision == "fp16"):
+            raise ValueError("train.fsdp works with methods full, lora, ia3 and adapter; it does not support "
+                             "adalora, prefix, prompt, two_stage, compile or fp16 yet")
         if self.target not in ("sentence", "summary"):
             raise ValueError(f"train.target must be 'sentence' or 'summary', got {self.target!r}")
         if self.precision not in ("bf16", "fp16", "fp32"):
