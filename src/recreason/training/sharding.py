@@ -57,20 +57,29 @@ def _options(**kwargs):
 
 
 def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
-    """Load full (unsharded) weights by name into a sharded model; names not given keep their values."""
+    """Load full weights by name (names not given keep their values), into shards when the model is sharded."""
+    if not is_sharded(model):
+        model.load_state_dict(weights, strict=False)
+        return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     set_model_state_dict(model, weights, options=_options(strict=False))
 
 
 def optimizer_state(model, optimizer) -> dict:
-    """The optimizer state gathered into its full form, keyed by parameter name (a collective)."""
+    """The optimizer's state dict; under FSDP gathered into its full form, keyed by name (a collective)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """The inverse of :func:`optimizer_state`."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=_options())

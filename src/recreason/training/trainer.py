@@ -32,8 +32,8 @@ from recreason.training.config import TrainConfig
 from recreason.training.data import collate, joint_loss, length_bucketed_batches
 from recreason.training.methods import (apply_method, compile_layers, orthogonality_penalty, save_adapter,
                                         uses_position_ids)
-from recreason.training.sharding import (is_sharded, load_optimizer_state, load_weights, optimizer_state,
-                                         shard_model, trainable_state)
+from recreason.training.sharding import (load_optimizer_state, load_weights, optimizer_state, shard_model,
+                                         trainable_state)
 from recreason.training.run import build_examples, write_run_info
 
 log = logging.getLogger(__name__)
@@ -230,18 +230,12 @@ def _load_checkpoint(folder: Path, model) -> dict:
     unknown = set(weights) - {n for n, _ in model.named_parameters()}
     if unknown:
         raise DataError(f"{folder} does not match this model and method (unexpected {sorted(unknown)[:3]})")
-    if is_sharded(model):
-        load_weights(model, weights)
-    else:
-        model.load_state_dict(weights, strict=False)
+    load_weights(model, weights)
     return torch.load(folder / "state.pt", weights_only=True)
 
 
 def _restore_optimizer(saved: dict, model, optimizer, scheduler, rng: random.Random) -> None:
-    if is_sharded(model):
-        load_optimizer_state(model, optimizer, saved["optimizer"])
-    else:
-        optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(model, optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
     version, internal, gauss = saved["python_rng"]
@@ -460,7 +454,7 @@ def train(
                     bar.write(message) if progress else log.info(message)
                 if state["stage_step"] % save_every == 0 or state["stage_step"] == stage_steps or state["stopped_early"]:
                     state["elapsed"] = time.time() - start
-                    opt_state = optimizer_state(model, optimizer) if is_sharded(model) else optimizer.state_dict()
+                    opt_state = optimizer_state(model, optimizer)  # gathered under FSDP (a collective)
                     weights = trainable_state(model)
                     if main:
                         _save_checkpoint(run_dir / "last", model, trainable_names, opt_state, scheduler, rng, state,
