@@ -36,9 +36,11 @@ demo: install
 	echo "demo finished in $$(( $$(date +%s) - start )) s; dataset: $(OUT)/data, run: $(OUT)/run, report: $(OUT)/run/eval/test.md"
 
 test: install postgres-server
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install postgres-server
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     from recreason.generation.generate import GenerateConfig, generate_texts
     from recreason.prompts.discrete import render
-    from recreason.training.run import Run
+    from recreason.rundir import Run
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)

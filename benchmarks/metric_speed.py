@@ -12,7 +12,8 @@ import itertools
 import random
 import time
 
-from recreason.evaluation.metrics import FeatureMatcher, feature_diversity
+from recreason.evaluation.metrics import feature_diversity
+from recreason.text import FeatureMatcher
 
 
 def pairwise(sets):

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pairs_for(run_dir: str, n: int) -> list[tuple[str, str]]:
-    from recreason.training.run import Run
+    from recreason.rundir import Run
 
     run = Run(run_dir)
     test = run.dataset().subset(run.info["split_seed"], "test")
@@ -90,7 +90,7 @@ def plain_generate(args, pairs) -> dict:
     import torch
 
     from recreason.prompts.discrete import render
-    from recreason.training.run import Run
+    from recreason.rundir import Run
 
     run = Run(args.run)
     model, tok = run.load_model(dtype="fp32")
@@ -115,7 +115,7 @@ def llama_cpp(args, pairs) -> dict | None:
         return None
     from recreason.models.registry import ALIASES
     from recreason.prompts.discrete import render
-    from recreason.training.run import Run
+    from recreason.rundir import Run
 
     run = Run(args.run)
     model, tok = run.load_model(dtype="fp32")

@@ -72,10 +72,9 @@ def _flops_per_token(model, backprop_fraction: float) -> float:
 
 
 def run_ours(args) -> dict:
-    from recreason.training.config import TrainConfig
-    from recreason.training.data import collate, joint_loss, length_bucketed_batches
-    from recreason.training.run import build_examples
-    from recreason.training.trainer import _optimizer, autocast_context, build_model
+    from recreason.config import TrainConfig
+    from recreason.training.data import build_examples, collate, length_bucketed_batches
+    from recreason.training.trainer import Stage, StepEngine, TrainState, build_model
 
     method = args.one.removeprefix("ours-")
     compiled = method.endswith("+compile")
@@ -88,7 +87,9 @@ def run_ours(args) -> dict:
     model, tok, _ = build_model(cfg, train, device, total_steps=warmup + args.steps)
     examples, _ = build_examples(sample, prompter, tok, cfg, model=model)
     batches = length_bucketed_batches(examples, cfg.batch_size, random.Random(0))
-    optimizer = _optimizer(model, cfg, 1e-4)
+    engine = StepEngine(model, model, cfg, device)  # the trainer's own step: forward, backward, clip, update
+    engine.start_stage(Stage(warmup + args.steps, 1e-4, personal_only=False))
+    state = TrainState()
     layers = model.lm.config.num_hidden_layers
     bp = 1.0 if method in ("full", "prefix", "prompt") or not args.top_layers else args.top_layers / layers
     tokens, start, began = 0, None, time.perf_counter()
@@ -96,11 +97,7 @@ def run_ours(args) -> dict:
         if n == warmup:
             start, tokens = time.perf_counter(), 0
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tok.pad_token_id).items()}
-        with autocast_context(cfg.precision, device):
-            loss, _ = joint_loss(model, batch, 0.0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.train_step(batch, state)
         tokens += int(batch["attention_mask"].sum())
     elapsed = time.perf_counter() - start
     return {"tokens_per_s": tokens / elapsed, "flops_per_token": _flops_per_token(model, bp),

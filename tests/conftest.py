@@ -73,6 +73,46 @@ def prepared_dir(real_lines, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_run(prepared_dir, tiny_model_dir, tmp_path_factory):
+    """A LoRA run of the tiny model: (run directory, training summary)."""
+    from recreason.config import TrainConfig
+    from recreason.training.trainer import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(model=str(tiny_model_dir), method="lora", lora_r=4, lr=5e-2, batch_size=8, max_steps=12,
+                      eval_every=4, max_eval_records=32, precision="fp32", patience=5)
+    summary = train(prepared_dir, out, cfg, progress=False)
+    return out, summary
+
+
+def reloaded_validation_loss(run_dir, n_records: int = 16, seed: int = 42) -> float:
+    """The text loss of a run's reloaded best checkpoint on the validation records the trainer scored."""
+    import random
+
+    import torch
+
+    from recreason.prompts.discrete import DiscretePrompter
+    from recreason.rundir import Run
+    from recreason.training.data import build_examples, collate, joint_loss
+
+    run = Run(run_dir)
+    model, tok = run.load_model(dtype="fp32")
+    ds = run.dataset()
+    prompter = DiscretePrompter(ds.subset(run.split_seed, "train"), run.prompt_config)
+    valid = random.Random(seed + 1).sample(ds.subset(run.split_seed, "validation"), n_records)
+    examples, _ = build_examples(valid, prompter, tok, run.train_config, model=model)
+    tokens = total = 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    with torch.no_grad():
+        for start in range(0, len(order), 16):
+            batch = collate([examples[i] for i in order[start:start + 16]], tok.pad_token_id)
+            _, parts = joint_loss(model, batch, run.train_config.rating_weight)
+            total += parts["text"] * parts["tokens"]
+            tokens += parts["tokens"]
+    return total / tokens
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + ("" if isinstance(r, str) and r.endswith("\n") else "\n") for r in rows))
     return path

@@ -64,11 +64,11 @@ def test_injected_reviews_do_not_change_the_task(real_run, tmp_path):
 
     service = ExplanationService(real_run, f"sqlite:///{tmp_path / 'store.db'}", GenerateConfig(max_new_tokens=24))
     try:
-        service.prompter.config.history = len(INJECTIONS)  # quote the injected summaries in the prompt
-        items = sorted(service.prompter.item_profiles, key=lambda i: -len(service.ratings.get(i, [])))[:3]
+        service.predictor.prompter.config.history = len(INJECTIONS)  # quote the injected summaries in the prompt
+        items = sorted(service.predictor.prompter.item_profiles, key=lambda i: -len(service.predictor.item_ratings.get(i, [])))[:3]
         for n, text in enumerate(INJECTIONS):
             service.record("attacker", items[n], 5.0, text, 1700000000 + n, summary=text)
-        prompt_lines = service.prompter.messages("attacker", items[0])[1]["content"]
+        prompt_lines = service.predictor.prompter.messages("attacker", items[0])[1]["content"]
         assert json.dumps(INJECTIONS[0]) in prompt_lines  # the attack really reaches the prompt, quoted
         answers = service.explain([{"user_id": "attacker", "item_id": item} for item in items])
     finally:

@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
-from recreason.training.config import TrainConfig
+from conftest import reloaded_validation_loss
+from recreason.config import TrainConfig
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"])
 def test_method_trains_saves_reloads_and_generates(method, prepared_dir, tiny_model_dir, tmp_path):
-    from recreason.generation.generate import GenerateConfig, generate_texts
-    from recreason.training.run import Run
+    from recreason.config import GenerateConfig
+    from recreason.inference import Predictor, Request
     from recreason.training.trainer import train
 
     cfg = TrainConfig(model=str(tiny_model_dir), method=method, lora_r=4, lr=1e-2, batch_size=8, max_steps=4,
@@ -22,39 +23,29 @@ def test_method_trains_saves_reloads_and_generates(method, prepared_dir, tiny_mo
     assert summary["steps"] == 4 and len(log) == 2
     if method not in ("ia3",):  # SGD on IA3's scaling vectors moves slowly; only check it runs
         assert log[-1]["validation_loss"] < log[0]["validation_loss"] + 1e-6
-    run = Run(tmp_path)
-    model, tok = run.load_model(dtype="fp32")
-    ds = run.dataset()
-    prompter = run.prompter(ds)
-    records = ds.subset(1, "test")[:2]
-    prompts = [run.prompt_for(prompter, tok, r) for r in records]
-    texts = generate_texts(model, tok, prompts, GenerateConfig(max_new_tokens=4, precision="fp32"), progress=False)
-    assert len(texts) == 2
-    # The reloaded model reproduces the validation loss of the best checkpoint.
-    from recreason.training.data import collate, joint_loss
-    from recreason.training.run import build_examples
-
-    valid = ds.subset(1, "validation")
-    import random
-
-    valid = random.Random(cfg.seed + 1).sample(valid, 16)
-    examples, _ = build_examples(valid, prompter, tok, cfg, model=model)
-    tokens = total = 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    # The reloaded model reproduces the validation loss of the best checkpoint ...
+    assert reloaded_validation_loss(tmp_path) == pytest.approx(summary["best_validation_loss"], rel=1e-3)
+    # ... and generates through the Predictor: greedy decoding starts with the forward pass's argmax token.
+    predictor = Predictor(tmp_path, GenerateConfig(max_new_tokens=1, precision="fp32"))
+    prompted = predictor.prompt(Request(*_pair(predictor)))
+    ids = predictor.tokenizer(prompted.prompt, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
-        for start in range(0, len(order), 16):
-            batch = collate([examples[i] for i in order[start:start + 16]], tok.pad_token_id)
-            _, parts = joint_loss(model, batch, cfg.rating_weight)
-            total += parts["text"] * parts["tokens"]
-            tokens += parts["tokens"]
-    assert total / tokens == pytest.approx(summary["best_validation_loss"], rel=1e-3)
+        logits = predictor.model(ids["input_ids"], ids["attention_mask"], logits_to_keep=1).logits[0, -1]
+        first = predictor.model.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=1, do_sample=False,
+                                         pad_token_id=predictor.tokenizer.pad_token_id)
+    assert int(first[0, -1]) == int(logits.argmax())
+
+
+def _pair(predictor):
+    record = predictor.dataset.subset(1, "test")[0]
+    return record.user, record.item
 
 
 def test_lora_export_merged_loads_with_plain_transformers(prepared_dir, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from recreason.cli import main
-    from recreason.training.run import Run
+    from recreason.rundir import Run
     from recreason.training.trainer import train
 
     cfg = TrainConfig(model=str(tiny_model_dir), method="lora", lora_r=4, lr=5e-2, batch_size=8, max_steps=2,
@@ -84,8 +75,8 @@ def test_adalora_orthogonality_penalty_is_the_one_peft_adds(tiny_model_dir):
     it must equal the term peft adds to a label loss."""
     from transformers import AutoModelForCausalLM
 
-    from recreason.training.config import TrainConfig
-    from recreason.training.methods import apply_method, orthogonality_penalty
+    from recreason.config import TrainConfig
+    from recreason.models.methods import apply_method, orthogonality_penalty
 
     torch.manual_seed(0)
     lm = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainConfig(method="adalora", lora_r=4),

@@ -7,7 +7,7 @@ import torch
 
 from recreason.evaluation import ranking
 from recreason.models.personalized import RecReasonModel, interest_class
-from recreason.training.config import TrainConfig
+from recreason.config import TrainConfig
 from recreason.training.data import Example, collate, joint_loss
 
 
@@ -146,12 +146,12 @@ def test_recommend_and_evaluate_a_run_with_heads(prepared_dir, tiny_model_dir, t
     train(prepared_dir, tmp_path / "run", cfg, progress=False)
     ds = Dataset(prepared_dir)
     user = ds.subset(1, "train")[0].user
-    seen = {r.item for r in ds.records if r.user == user}
+    seen = {r.item for r in ds.subset(1, "train") if r.user == user}  # the history the run knows
     args = ["recommend", "--run", str(tmp_path / "run"), "--user", user, "-k", "3", "--json",
             "--set", "generate.max_new_tokens=4", "--set", "generate.precision=fp32"]
     assert main(args) == 0
     recs = json.loads(capsys.readouterr().out)["recommendations"]
-    assert len(recs) == 3 and not seen & {r["item"] for r in recs}
+    assert len(recs) == 3 and not seen & {r["item_id"] for r in recs}
     assert [r["score"] for r in recs] == sorted((r["score"] for r in recs), reverse=True)
     assert all(r["interest"] in ("low", "medium", "high") and isinstance(r["reason"], str) for r in recs)
     # Cold start: an unknown user gets item-only reasons ranked by popularity, or a clear error.

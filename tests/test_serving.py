@@ -5,8 +5,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from recreason.serving.safety import ReasonChecker
-from recreason.training.config import TrainConfig
+from recreason.inference.safety import ReasonChecker
+from recreason.config import TrainConfig
 
 
 def test_reason_checker_flags_and_replaces():
@@ -46,8 +46,8 @@ def served(prepared_dir, tiny_model_dir, tmp_path_factory):
 
 
 def _known_pair(service):
-    user = next(iter(service.prompter.user_profiles))
-    item = next(iter(service.prompter.item_profiles))
+    user = next(iter(service.predictor.prompter.user_profiles))
+    item = next(iter(service.predictor.prompter.item_profiles))
     return user, item
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from recreason.training.config import TrainConfig
+from recreason.config import TrainConfig
 from recreason.training.data import Example, collate, target_loss
 
 
@@ -43,17 +43,6 @@ def test_target_only_logits_give_the_full_sequence_loss(tiny_model_dir):
     assert float(ours) == pytest.approx(float(full), rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(prepared_dir, tiny_model_dir, tmp_path_factory):
-    from recreason.training.trainer import train
-
-    out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(model=str(tiny_model_dir), method="lora", lora_r=4, lr=5e-2, batch_size=8, max_steps=12,
-                      eval_every=4, max_eval_records=32, precision="fp32", patience=5)
-    summary = train(prepared_dir, out, cfg, progress=False)
-    return out, summary
-
-
 def test_training_lowers_validation_loss_and_keeps_best(tiny_run):
     out, summary = tiny_run
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -80,12 +69,14 @@ def test_early_stopping_stops_after_patience(prepared_dir, tiny_model_dir, tmp_p
 def test_batched_generation_matches_one_at_a_time(tiny_run):
     from recreason.generation.generate import GenerateConfig, generate_texts
     from recreason.prompts.discrete import render
-    from recreason.training.run import Run
+    from recreason.rundir import Run
+
+    from recreason.prompts.discrete import DiscretePrompter
 
     run = Run(tiny_run[0])
     model, tok = run.load_model(dtype="fp32")
     ds = run.dataset()
-    prompter = run.prompter(ds)
+    prompter = DiscretePrompter(ds.subset(1, "train"), run.prompt_config)
     prompts = [render(tok, prompter.for_record(r)) for r in ds.subset(1, "test")[:6]]
     cfg = GenerateConfig(max_new_tokens=8, batch_size=6, precision="fp32")
     batched = generate_texts(model, tok, prompts, cfg, progress=False)
@@ -94,57 +85,9 @@ def test_batched_generation_matches_one_at_a_time(tiny_run):
     assert len({len(p) for p in prompts}) > 1  # the batch really was padded
 
 
-def test_evaluate_writes_table_for_all_systems(tiny_run):
-    from recreason.evaluation.evaluate import evaluate_run
-    from recreason.generation.generate import GenerateConfig
-
-    report = evaluate_run(tiny_run[0], gen_cfg=GenerateConfig(max_new_tokens=6, max_records=10, precision="fp32"),
-                          progress=False)
-    assert set(report["results"]) == {"zero-shot", "retrieval", "fine-tuned", "popularity", "matrix factorization"}
-    assert "RMSE" not in report["results"]["fine-tuned"]  # this run has no rating head
-    assert report["results"]["popularity"]["RMSE"] > 0
-    assert report["records"] == 10
-    saved = json.loads((tiny_run[0] / "eval" / "test.json").read_text())
-    assert saved["results"]["retrieval"]["BLEU-1"] == report["results"]["retrieval"]["BLEU-1"]
-    lines = (tiny_run[0] / "generated" / "test-retrieval.jsonl").read_text().splitlines()
-    row = json.loads(lines[0])
-    assert row["generated"] and row["reference"] and row["generated"] != row["reference"]
-
-
-def test_evaluation_reuses_texts_only_from_the_same_model_and_settings(tiny_run, monkeypatch):
-    import os
-
-    from recreason.evaluation import evaluate as E
-    from recreason.generation.generate import GenerateConfig
-
-    calls = []
-    real = E.generate_for_run
-
-    def counting(run, records, system, *args, **kwargs):
-        calls.append(system)
-        return real(run, records, system, *args, **kwargs)
-
-    monkeypatch.setattr(E, "generate_for_run", counting)
-    cfg = GenerateConfig(max_new_tokens=5, max_records=6, precision="fp32")
-    systems = ["zero-shot", "fine-tuned"]
-    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
-    calls.clear()
-    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
-    assert calls == []  # same model, same settings: the texts on disk are reused
-    weights = tiny_run[0] / "best" / "adapter_model.safetensors"
-    stat = weights.stat()
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as if the run had been trained again
-    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
-    assert calls == ["fine-tuned"]
-    calls.clear()
-    cfg.max_new_tokens = 7
-    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
-    assert sorted(calls) == ["fine-tuned", "zero-shot"]
-
-
 _KILLED_RUN = """
 import ast, os, signal, sys
-from recreason.training.config import TrainConfig
+from recreason.config import TrainConfig
 from recreason.training.trainer import train
 
 def kill_at_5(step, model):

@@ -52,7 +52,7 @@ def cmd_prepare(args) -> int:
 def cmd_export(args) -> int:
     """Export a prepared dataset as NETE/PETER reviews.pickle, or a run as one merged model (--merged)."""
     if args.merged or args.format == "merged":
-        from recreason.training.run import Run
+        from recreason.rundir import Run
 
         out = Run(args.source).export_merged(args.out)
         print(f"wrote the merged model to {out} (loads with transformers' from_pretrained)")
@@ -77,7 +77,7 @@ def cmd_train(args) -> int:
         if value is not None:
             setattr(cfg, flag, value)
     summary = train(args.dataset, args.out, cfg, config["prompt"], to_dict(config), progress=not args.quiet,
-                    resume=args.resume)
+                    resume="or-start" if args.resume_or_start else args.resume)
     print(f"trained {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
           f"({summary['tokens_per_second']:.0f} tokens/s); best validation loss "
           f"{summary['best_validation_loss']:.4f} at step {summary['best_step']}"
@@ -89,21 +89,23 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     """Generate explanations for a split with a trained run (or its base model: --system zero-shot)."""
-    from recreason.evaluation.evaluate import _write_generated, generate_for_run
-    from recreason.training.run import Run, target_text
+    from recreason.data.records import target_text
+    from recreason.evaluation.evaluate import write_generated
+    from recreason.inference import Predictor, Request
 
-    config = _config(args)
-    gen = config["generate"]
+    gen = _config(args)["generate"]
     if args.max_records:
         gen.max_records = args.max_records
-    run = Run(args.run)
-    dataset = run.dataset()
-    records = dataset.subset(run.info["split_seed"], args.split)
+    predictor = Predictor(args.run, gen, system=args.system)
+    run, dataset = predictor.run, predictor.dataset
+    records = dataset.subset(run.split_seed, args.split)
     if gen.max_records:
         records = records[: gen.max_records]
-    texts = generate_for_run(run, records, args.system, gen, progress=not args.quiet, dataset=dataset)
+    explained = predictor.explain([Request(r.user, r.item, record=r) for r in records], progress=not args.quiet)
+    texts = [e.generated for e in explained]
     out = Path(args.out) if args.out else run.dir / "generated" / f"{args.split}-{args.system}.jsonl"
-    _write_generated(out, records, texts, [target_text(r, run.info["target"]) for r in records], dataset.features)
+    write_generated(out, records, texts, [target_text(r, run.info["target"]) for r in records], dataset.features,
+                    explanations=explained)
     print(f"wrote {len(texts)} explanations to {out}")
     return 0
 
@@ -127,18 +129,18 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_recommend(args) -> int:
-    """Top-K unseen items for a user, ranked by the run's rating head, each with a generated reason."""
-    from recreason.recommendation import Recommender
+    """Top-K unseen items for a user (the run's rating head, or popularity), each with a generated reason."""
+    from recreason.inference import Predictor
 
     gen = _config(args)["generate"]
-    recs = Recommender(args.run, gen).recommend(args.user, args.k, not args.include_seen, args.cold_start)
+    recs = Predictor(args.run, gen, cold_start=args.cold_start).recommend(args.user, args.k, not args.include_seen)
     if args.json:
         print(json.dumps({"user": args.user, "recommendations": [r.to_dict() for r in recs]}, indent=2))
         return 0
     print(f"top {len(recs)} for user {args.user}:")
     for n, r in enumerate(recs, 1):
         rating = "" if r.predicted_rating is None else f"predicted {r.predicted_rating:.2f} ({r.interest}) "
-        print(f"{n:>3}. {r.item}  {rating}- {r.reason}")
+        print(f"{n:>3}. {r.item_id}  {rating}- {r.reason}")
     return 0
 
 
@@ -149,12 +151,13 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from recreason.config import to_dict
+    from recreason.errors import ConfigError
 
     if args.api_key_file:
         keys = [line.strip() for line in Path(args.api_key_file).read_text().splitlines() if line.strip()]
         if not keys:
-            raise ValueError(f"{args.api_key_file} holds no API key")
-    from recreason.training.run import Run
+            raise ConfigError(f"{args.api_key_file} holds no API key")
+    from recreason.rundir import Run
 
     Run(args.run)  # fail here, before workers start, when the run is missing
     # Each worker process builds its own service (one model per worker) from these settings.
@@ -205,22 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="prepared dataset directory")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--model", help="alias (smollm2-135m), local directory, .gguf file or cached HF id")
-    p.add_argument("--method", choices=["full", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"])
-    p.add_argument("--max-steps", type=int, dest="max_steps")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--split-seed", type=int, dest="split_seed")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--method", choices=["full", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"],
+                   help="fine-tuning method (train.method; default lora)")
+    p.add_argument("--max-steps", type=int, dest="max_steps", help="stop after this many optimizer steps")
+    p.add_argument("--epochs", type=float, help="passes over the training split (train.epochs)")
+    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="global batch size (train.batch_size)")
+    p.add_argument("--split-seed", type=int, dest="split_seed", help="which prepared split to train on")
+    p.add_argument("--seed", type=int, help="random seed of initialisation and batch order")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUT/last (weights, optimizer, scheduler, RNG, data position)")
+                   help="continue an interrupted run from OUT/last (weights, optimizer, scheduler, RNG, data "
+                        "position); an error when OUT/last is missing or damaged")
+    p.add_argument("--resume-or-start", action="store_true", dest="resume_or_start",
+                   help="like --resume, but start from step 0 when OUT has no checkpoint yet")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", parents=[common], help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     p.add_argument("--run", required=True, help="run directory from 'recreason train'")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--system", default="fine-tuned", choices=["fine-tuned", "zero-shot"])
-    p.add_argument("--max-records", type=int)
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="which split's records to explain (default test)")
+    p.add_argument("--system", default="fine-tuned", choices=["fine-tuned", "zero-shot"],
+                   help="the fine-tuned run, or its base model before fine-tuning")
+    p.add_argument("--max-records", type=int, help="only the first N records of the split")
     p.add_argument("--out", help="JSONL file (default: RUN/generated/SPLIT-SYSTEM.jsonl)")
     p.set_defaults(func=cmd_generate)
 
@@ -228,15 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, action="append",
                    help="run directory from 'recreason train'; repeat to compare runs on one split in one table")
     p.add_argument("--out", help="report directory (default: FIRST_RUN/eval)")
-    p.add_argument("--split", choices=["validation", "test"])
-    p.add_argument("--systems", nargs="+", choices=["zero-shot", "retrieval", "fine-tuned"])
+    p.add_argument("--split", choices=["validation", "test"], help="split to score (default evaluate.split: test)")
+    p.add_argument("--systems", nargs="+", choices=["zero-shot", "retrieval", "fine-tuned"],
+                   help="systems to compare (default evaluate.systems: all three)")
     p.add_argument("--max-records", type=int, help="evaluate the first N records of the split")
     p.add_argument("--regenerate", action="store_true", help="ignore texts generated earlier")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("recommend", parents=[common], help=cmd_recommend.__doc__, description=cmd_recommend.__doc__)
-    p.add_argument("--run", required=True, help="run directory trained with a rating head")
+    p.add_argument("--run", required=True, help="run directory from 'recreason train'")
     p.add_argument("--user", required=True, help="user id")
     p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     p.add_argument("--include-seen", action="store_true", help="also rank items the user already interacted with")
@@ -247,15 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     p.add_argument("--run", "--model", dest="run", required=True, help="run directory from 'recreason train'")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--store", help="store URL: sqlite:///PATH or postgresql://USER@HOST/DB (needs recreason[postgres]); "
                                  "default: the SQLite file RUN/serving.db, seeded from the dataset on first start")
     p.add_argument("--api-key-file", help="file with one accepted API key per line (default: no keys)")
     p.add_argument("--max-batch-size", type=int, default=16, help="generations batched together (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=50.0,
                    help="how long the first queued request waits for others to join its batch (default 50)")
-    p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only")
+    p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
+                   help="unknown user without history: item-only reason, or 404 (default item-only)")
     p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model copy")
     p.set_defaults(func=cmd_serve)
     return parser
@@ -266,13 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "peft", "accelerate", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from recreason.config import ConfigError
-    from recreason.data.records import DataError
-    from recreason.models.registry import ModelNotFound
+    from recreason.errors import RecReasonError
 
     try:
         return args.func(args)
-    except (DataError, ConfigError, ModelNotFound, ValueError) as exc:
+    except RecReasonError as exc:  # a failure the user can act on: one line; anything else is a bug: traceback
         print(f"recreason {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

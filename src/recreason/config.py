@@ -1,8 +1,10 @@
-"""Layered configuration: dataclass defaults < YAML file < ``--set section.key=value`` < CLI flags.
+"""Every setting of recreason, one dataclass per stage, and how they are layered.
 
+Layers: dataclass defaults < YAML file < ``--set section.key=value`` < CLI flags.
 A config file has one mapping per stage (``prepare``, ``prompt``, ``train``,
 ``generate``, ``evaluate``); each key must be a field of that stage's
-dataclass, so a typo fails loudly instead of being ignored.
+dataclass, so a typo fails loudly instead of being ignored. This module sits at
+the bottom of the package: it imports nothing else of recreason but its errors.
 """
 
 from __future__ import annotations
@@ -10,14 +12,131 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
-from recreason.data.dataset import PrepareConfig
-from recreason.generation.generate import GenerateConfig
-from recreason.prompts.discrete import PromptConfig
-from recreason.training.config import TrainConfig
+from recreason.errors import ConfigError
+
+# Fine-tuning methods (see recreason.models.methods); the first three can be merged into the base weights.
+METHODS = ("full", "lora", "adalora", "ia3", "prefix", "prompt", "adapter")
+MERGEABLE = ("lora", "adalora", "ia3")
+LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SYSTEM = "You explain product recommendations in one short sentence."
+
+
+@dataclass
+class PrepareConfig:
+    schema: str = "auto"
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    max_reject_fraction: float = 0.5
+    min_feature_df: int = 10
+    min_words: int = 4
+    max_words: int = 30
+    seeds: Sequence[int] = field(default_factory=lambda: [1])
+    n_process: int = 1
+    max_records: int | None = None  # read only the first N valid reviews (for quick trials)
+
+
+@dataclass
+class PromptConfig:
+    user_features: int = 5  # how many of the user's most frequent features to list
+    item_features: int = 5  # how many of the item's most frequent features to list
+    history: int = 0  # how many of the user's latest training reviews to quote (rating and summary)
+    attributes: int = 5  # how many item attributes (and its title) to show when the data has them
+    system: str = SYSTEM
+    instruction: str = "Write one short sentence on why this user will like this item."
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"  # alias, Hugging Face id (local cache), directory or .gguf
+    method: str = "lora"  # full | lora | adalora | ia3 | prefix | prompt | adapter
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # dropout on the LoRA/adapter input; 0.05 costs ~15% of a CPU step (RNG per module)
+    target_modules: list[str] = field(default_factory=lambda: list(LINEAR_MODULES))
+    lora_top_layers: int | None = None  # adapt only the last N decoder layers (backward stops there: faster)
+    adapter_size: int = 64  # bottleneck width of the adapter method
+    num_virtual_tokens: int = 16  # prefix and prompt tuning
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
+    scheduler: str = "linear"  # linear | cosine, both after linear warmup
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    fsdp: bool = False  # with several processes: shard the model (FSDP2) instead of replicating it (DDP)
+    compile: bool = False  # torch.compile each decoder layer: faster steps after a one-time compile (~1 min)
+    attn_implementation: str = "auto"  # auto (eager on CPU, sdpa on GPU) | eager | sdpa | flash_attention_2
+    target: str = "sentence"  # explanation target: sentence | summary
+    prompt_mode: str = "discrete"  # discrete (text) | continuous (learned user/item vectors) | hybrid (both)
+    rating_head: str | None = None  # null | mf | mlp: predict the rating jointly with the text
+    interest_head: bool = False  # also classify interest low/medium/high (ratings 1-2 / 3 / 4-5)
+    personal_lr: float | None = 1e-2  # learning rate of user/item vectors and heads (null: same as lr)
+    rating_weight: float = 0.1  # lambda in loss = NLL + lambda * (rating MSE + interest cross-entropy)
+    two_stage: bool = False  # PEPLER: stage 1 trains only user/item vectors and heads, LM frozen
+    stage1_steps: int = 100  # optimizer steps of stage 1 (it may stop earlier on validation loss)
+    stage1_lr: float = 1e-2  # learning rate of stage 1
+    split_seed: int = 1
+    max_prompt_tokens: int = 160
+    max_target_tokens: int = 32
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int | None = None  # caps optimizer steps; wins over epochs
+    max_train_records: int | None = None  # train on a random subset (quick runs)
+    eval_every: int = 100  # optimizer steps between validation passes
+    max_eval_records: int | None = 256  # validation records used for early stopping
+    checkpoint_every: int | None = None  # steps between resumable checkpoints in RUN/last (default: eval_every)
+    patience: int = 3  # validation passes without improvement before stopping
+    precision: str = "bf16"  # bf16 (autocast; frozen base weights stored in bf16) | fp16 (GPU, loss scaling) | fp32
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard and/or wandb
+    seed: int = 42
+    num_threads: int | None = None  # torch threads; default: all cores
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"train.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"train.optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.scheduler not in ("linear", "cosine"):
+            raise ConfigError(f"train.scheduler must be linear or cosine, got {self.scheduler!r}")
+        if self.attn_implementation not in ("auto", "eager", "sdpa", "flash_attention_2"):
+            raise ConfigError(f"train.attn_implementation must be auto, eager, sdpa or flash_attention_2, "
+                             f"got {self.attn_implementation!r}")
+        if self.fsdp and (self.two_stage or self.method in ("adalora", "prefix", "prompt") or self.compile
+                          or self.precision == "fp16"):
+            raise ConfigError("train.fsdp works with methods full, lora, ia3 and adapter; it does not support "
+                             "adalora, prefix, prompt, two_stage, compile or fp16 yet")
+        if self.target not in ("sentence", "summary"):
+            raise ConfigError(f"train.target must be 'sentence' or 'summary', got {self.target!r}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"train.precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.prompt_mode not in ("discrete", "continuous", "hybrid"):
+            raise ConfigError(f"train.prompt_mode must be discrete, continuous or hybrid, got {self.prompt_mode!r}")
+        if self.rating_head not in (None, "mf", "mlp"):
+            raise ConfigError(f"train.rating_head must be null, mf or mlp, got {self.rating_head!r}")
+        if self.two_stage and self.prompt_mode == "discrete" and not (self.rating_head or self.interest_head):
+            raise ConfigError("train.two_stage needs learned vectors: a continuous/hybrid prompt or a head")
+        for name in ("batch_size", "grad_accum", "eval_every", "max_target_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1")
+
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    precision: str = "bf16"  # bf16 | fp32: weights used for generation
+    max_records: int | None = None  # generate for the first N records of the split only
 
 
 @dataclass
@@ -27,6 +146,17 @@ class EvaluateConfig:
     systems: list[str] = field(default_factory=lambda: ["zero-shot", "retrieval", "fine-tuned"])
 
 
+@dataclass
+class ServeConfig:
+    max_batch_size: int = 16  # generations run together
+    max_wait_ms: float = 50.0  # how long the first queued request waits for company (a batch takes 1-3 s on CPU)
+    max_new_tokens_limit: int = 64  # upper bound on a request's max_new_tokens
+    max_beams: int = 4
+    cache_size: int = 10000  # cached reasons (model, user, item, options, history version)
+    request_timeout_s: float = 60.0
+    cold_start: str = "item-only"  # unknown user without history: item-only reason, or "error"
+
+
 SECTIONS = {
     "prepare": PrepareConfig,
     "prompt": PromptConfig,
@@ -34,10 +164,6 @@ SECTIONS = {
     "generate": GenerateConfig,
     "evaluate": EvaluateConfig,
 }
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _coerce(value: Any, annotation: str, where: str) -> Any:

@@ -1,4 +1,4 @@
-"""Word-level tokenization shared by the NETE export and the metrics.
+"""Word-level tokenization and feature matching shared by the NETE export, prompts, metrics and checks.
 
 PETER, PEPLER and NRT compare explanations as lower-cased word sequences
 with punctuation and English clitics split into tokens of their own. Both
@@ -8,7 +8,9 @@ the exported ``reviews.pickle`` sentences and every metric go through
 
 from __future__ import annotations
 
+import collections
 import re
+from typing import Iterable, Sequence
 
 _CLITICS = re.compile(r"(n't|'s|'m|'ve|'re|'d|'ll)\b")
 # Runs of punctuation collapse to a single token, as in the reference code.
@@ -39,3 +41,23 @@ def tokenize(text: str) -> list[str]:
     """Split ``text`` into the word tokens the metrics count."""
     norm = normalize(text)
     return norm.split(" ") if norm else []
+
+
+class FeatureMatcher:
+    """Finds vocabulary features in token lists; multi-word features match when their words appear in order."""
+
+    def __init__(self, features: Iterable[str]):
+        self.features = sorted(set(features))
+        self._by_first: dict[str, list[tuple[str, ...]]] = collections.defaultdict(list)
+        for feature in self.features:
+            words = tuple(feature.split())
+            if words:
+                self._by_first[words[0]].append(words)
+
+    def find(self, tokens: Tokens) -> set[str]:
+        found = set()
+        for i, tok in enumerate(tokens):
+            for words in self._by_first.get(tok, ()):
+                if tuple(tokens[i : i + len(words)]) == words:
+                    found.add(" ".join(words))
+        return found

@@ -19,26 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from recreason.config import PrepareConfig
 from recreason.data.extract import ExtractConfig, extract
 from recreason.data.readers import read_reviews
 from recreason.data.records import DataError, Explained
 from recreason.data.split import split_indices
 
 SPLITS = ("train", "validation", "test")
-
-
-@dataclass
-class PrepareConfig:
-    schema: str = "auto"
-    rating_min: float = 1.0
-    rating_max: float = 5.0
-    max_reject_fraction: float = 0.5
-    min_feature_df: int = 10
-    min_words: int = 4
-    max_words: int = 30
-    seeds: Sequence[int] = field(default_factory=lambda: [1])
-    n_process: int = 1
-    max_records: int | None = None  # read only the first N valid reviews (for quick trials)
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:

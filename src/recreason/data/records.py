@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class DataError(ValueError):
-    """Input data that cannot be used, with a message naming the record and field."""
+from recreason.errors import DataError  # noqa: F401  (re-exported: the data stage's error)
 
 
 @dataclass
@@ -51,3 +50,8 @@ class Explained:
     def from_dict(cls, data: dict[str, Any]) -> "Explained":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def target_text(record: Explained, target: str) -> str:
+    """The explanation a run learns to write: the extracted ``sentence`` or the review's ``summary``."""
+    return record.summary if target == "summary" else record.sentence

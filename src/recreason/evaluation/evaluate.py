@@ -24,15 +24,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from recreason.data.records import Explained
+from recreason.config import GenerateConfig
+from recreason.data.records import Explained, target_text
+from recreason.errors import ConfigError
 from recreason.evaluation import metrics as M
 from recreason.evaluation import ranking
 from recreason.evaluation.baselines import RetrievalBaseline
 from recreason.evaluation.metrics import text_metrics
-from recreason.generation.generate import GenerateConfig, generate_texts
-from recreason.prompts.discrete import render
-from recreason.text import tokenize
-from recreason.training.run import Run, target_text
+from recreason.inference import Predictor
+from recreason.inference.safety import REPLACE_FLAGS, ReasonChecker
+from recreason.rundir import Run
+from recreason.text import FeatureMatcher, tokenize
 
 SYSTEMS = ("zero-shot", "retrieval", "fine-tuned")
 METRIC_ORDER = ["BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "USR", "FMR", "FCR", "DIV",
@@ -51,8 +53,6 @@ def score_texts(
 
 def check_rates(texts: Sequence[str], records, item_features: dict[str, set[str]], vocabulary) -> dict[str, float]:
     """Share of reasons the serving safety filter would replace, and share naming features the item lacks."""
-    from recreason.serving.safety import REPLACE_FLAGS, ReasonChecker
-
     checker = ReasonChecker(vocabulary)
     flags = [checker.check(t, sorted(item_features.get(r.item, ()))).flags for t, r in zip(texts, records)]
     n = max(len(flags), 1)
@@ -62,18 +62,21 @@ def check_rates(texts: Sequence[str], records, item_features: dict[str, set[str]
     }
 
 
-def _write_generated(path: Path, records: Sequence[Explained], texts: Sequence[str], references: Sequence[str],
-                     vocabulary=(), fingerprint: str | None = None):
-    """One JSON line per record: ids, reference, generated text, ground-truth feature, features generated.
+def write_generated(path: Path, records: Sequence[Explained], texts: Sequence[str], references: Sequence[str],
+                    vocabulary=(), fingerprint: str | None = None, explanations=None):
+    """One JSON line per record: ids, reference, generated text, ground-truth feature, features generated;
+    with ``explanations`` (from the Predictor) also the checked reason a user would see and its flags.
     With ``fingerprint``, a sidecar ``.meta.json`` (written last) says what produced the texts."""
-    matcher = M.FeatureMatcher(vocabulary)
+    matcher = FeatureMatcher(vocabulary)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = path.with_suffix(".meta.json")
     meta.unlink(missing_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
-        for r, text, ref in zip(records, texts, references):
+        for n, (r, text, ref) in enumerate(zip(records, texts, references)):
             row = {"index": r.index, "user": r.user, "item": r.item, "reference": ref, "generated": text,
                    "feature": r.feature, "features": sorted(matcher.find(tokenize(text))), "rating": r.rating}
+            if explanations is not None:
+                row.update(reason=explanations[n].reason, flags=explanations[n].flags)
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     if fingerprint is not None:
         meta.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
@@ -111,32 +114,11 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _load_for_generation(run: Run, system: str, gen_cfg: GenerateConfig):
-    import torch
-
-    from recreason.models.personalized import RecReasonModel
-    from recreason.models.registry import load_model
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bf16" if gen_cfg.precision == "bf16" else "fp32"
-    if system == "fine-tuned":
-        return run.load_model(dtype=dtype, device=device)
-    lm, tokenizer, _ = load_model(run.info["base_model_path"], dtype=dtype, device=device)
-    return RecReasonModel(lm).eval(), tokenizer
-
-
-def generate_for_run(
-    run: Run, records, system: str, gen_cfg: GenerateConfig, progress: bool = True, dataset=None, loaded=None
-) -> list[str]:
-    """Texts for ``records`` from the fine-tuned run or its zero-shot base model (discrete prompt)."""
-    model, tokenizer = loaded or _load_for_generation(run, system, gen_cfg)
-    prompter = run.prompter(dataset or run.dataset())
-    if system == "fine-tuned":
-        prompts = [run.prompt_for(prompter, tokenizer, r) for r in records]
-    else:
-        prompts = [render(tokenizer, prompter.for_record(r)) for r in records]
-    return generate_texts(model, tokenizer, prompts, gen_cfg, progress=progress, desc=f"generating ({system})",
-                          users=[r.user for r in records], items=[r.item for r in records])
+def generate_for_run(run: Run, records, system: str, gen_cfg: GenerateConfig, progress: bool = True, dataset=None,
+                     predictor: Predictor | None = None) -> list[str]:
+    """Texts for ``records`` from the fine-tuned run or its zero-shot base model, through the Predictor."""
+    predictor = predictor or Predictor(run, gen_cfg, system=system, dataset=dataset)
+    return predictor.explain_records(records, progress=progress)
 
 
 def _select_records(run: Run, dataset, split: str, gen_cfg: GenerateConfig):
@@ -159,34 +141,28 @@ def _cached_texts(path: Path, records, fingerprint: str) -> list[str] | None:
     return [r["generated"] for r in rows]
 
 
-def rating_and_ranking(model, records, train, negatives, low: float, high: float, texts=None) -> dict[str, float]:
+def rating_and_ranking(predictor: Predictor, records, negatives, low: float, high: float, texts=None) -> dict[str, float]:
     """RMSE/MAE, interest accuracy/macro-F1, HR@10/NDCG@10 and sentiment agreement of a run's heads."""
     import torch
 
     from recreason.models.personalized import INTEREST_LABELS, interest_class
 
     out: dict[str, float] = {}
+    model = predictor.model
     if not getattr(model, "uses_ids", False):
         return out
-    device = next(model.parameters()).device
-    u, i = model.ids([r.user for r in records], [r.item for r in records])
-    with torch.no_grad():
-        rating = model.predict_rating(u.to(device), i.to(device))
-        interest = model.predict_interest(u.to(device), i.to(device))
     actual = [r.rating for r in records]
-    if rating is not None:
-        predicted = rating.float().cpu().tolist()
+    predicted = predictor.head_ratings([r.user for r in records], [r.item for r in records])
+    if predicted is not None:
         out["RMSE"] = M.rmse(predicted, actual, low, high)
         out["MAE"] = M.mae(predicted, actual, low, high)
-
-        def scorer(user, items):
-            uu, ii = model.ids([user] * len(items), items)
-            with torch.no_grad():
-                return model.predict_rating(uu.to(device), ii.to(device)).float().cpu().tolist()
-
-        out.update(ranking.evaluate_ranking(scorer, records, negatives, ks=(10,)))
+        out.update(ranking.evaluate_ranking(lambda user, items: predictor.head_ratings([user] * len(items), items),
+                                            records, negatives, ks=(10,)))
         if texts is not None:
             out["SentAgree"] = M.sentiment_agreement(texts, predicted, midpoint=(low + high) / 2)
+    u, i = model.ids([r.user for r in records], [r.item for r in records])
+    with torch.no_grad():
+        interest = model.predict_interest(u.to(predictor.device), i.to(predictor.device))
     if interest is not None:
         report = M.classification_report(interest.argmax(-1).cpu().tolist(), [interest_class(a) for a in actual],
                                          INTEREST_LABELS)
@@ -213,7 +189,7 @@ def evaluate_runs(
     first = runs[0]
     for other in runs[1:]:
         if (other.info["dataset"], other.info["split_seed"]) != (first.info["dataset"], first.info["split_seed"]):
-            raise ValueError(f"{other.dir} uses another dataset or split than {first.dir}; rows would not compare")
+            raise ConfigError(f"{other.dir} uses another dataset or split than {first.dir}; rows would not compare")
     dataset = first.dataset()
     records, references = _select_records(first, dataset, split, gen_cfg)
     truth = [r.feature for r in records]
@@ -227,7 +203,7 @@ def evaluate_runs(
     timings: dict[str, float] = {}
     for system in systems:
         if system not in SYSTEMS:
-            raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+            raise ConfigError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
     for system in [s for s in systems if s != "fine-tuned"]:
         start = time.time()
         path = first.dir / "generated" / f"{split}-{system}.jsonl"
@@ -240,7 +216,7 @@ def evaluate_runs(
             texts = None if regenerate else _cached_texts(path, records, fingerprint)
             if texts is None:
                 texts = generate_for_run(first, records, system, gen_cfg, progress, dataset)
-        _write_generated(path, records, texts, references, dataset.features, fingerprint)
+        write_generated(path, records, texts, references, dataset.features, fingerprint)
         results[system] = score_texts(references, texts, truth, dataset.features, max_len)
         results[system].update(check_rates(texts, records, item_features, dataset.features))
         timings[system] = time.time() - start
@@ -261,16 +237,16 @@ def evaluate_runs(
             path = run.dir / "generated" / f"{split}-fine-tuned.jsonl"
             fingerprint = generation_fingerprint(run, "fine-tuned", gen_cfg)
             texts = None if regenerate else _cached_texts(path, records, fingerprint)
-            loaded = None
+            predictor = None
             if texts is None or run.train_config.rating_head or run.train_config.interest_head:
-                loaded = _load_for_generation(run, "fine-tuned", gen_cfg)
+                predictor = Predictor(run, gen_cfg, dataset=dataset)
             if texts is None:
-                texts = generate_for_run(run, records, "fine-tuned", gen_cfg, progress, dataset, loaded)
-            _write_generated(path, records, texts, references, dataset.features, fingerprint)
+                texts = generate_for_run(run, records, "fine-tuned", gen_cfg, progress, dataset, predictor)
+            write_generated(path, records, texts, references, dataset.features, fingerprint)
             row = score_texts(references, texts, truth, dataset.features, max_len)
             row.update(check_rates(texts, records, item_features, dataset.features))
-            if loaded is not None:
-                row.update(rating_and_ranking(loaded[0], records, train, negatives, low, high, texts))
+            if predictor is not None:
+                row.update(rating_and_ranking(predictor, records, negatives, low, high, texts))
             results[name] = row
             timings[name] = time.time() - start
     table = format_table(results)

@@ -10,6 +10,8 @@ import collections
 import math
 from typing import Iterable, Sequence
 
+from recreason.text import FeatureMatcher
+
 Tokens = Sequence[str]
 
 
@@ -99,26 +101,6 @@ def unique_sentence_ratio(hypotheses: Sequence[Tokens]) -> float:
     if not hypotheses:
         return 0.0
     return len({tuple(h) for h in hypotheses}) / len(hypotheses)
-
-
-class FeatureMatcher:
-    """Finds vocabulary features in token lists; multi-word features match when their words appear in order."""
-
-    def __init__(self, features: Iterable[str]):
-        self.features = sorted(set(features))
-        self._by_first: dict[str, list[tuple[str, ...]]] = collections.defaultdict(list)
-        for feature in self.features:
-            words = tuple(feature.split())
-            if words:
-                self._by_first[words[0]].append(words)
-
-    def find(self, tokens: Tokens) -> set[str]:
-        found = set()
-        for i, tok in enumerate(tokens):
-            for words in self._by_first.get(tok, ()):
-                if tuple(tokens[i : i + len(words)]) == words:
-                    found.add(" ".join(words))
-        return found
 
 
 def feature_matching_ratio(found: Sequence[set[str]], truth: Sequence[str]) -> float:

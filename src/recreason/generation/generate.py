@@ -13,18 +13,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-
-@dataclass
-class GenerateConfig:
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    precision: str = "bf16"  # bf16 | fp32: weights used for generation
-    max_records: int | None = None  # generate for the first N records of the split only
+from recreason.config import GenerateConfig
 
 
 def clean_output(text: str) -> str:

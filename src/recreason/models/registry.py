@@ -34,8 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 log = logging.getLogger(__name__)
 
 
-class ModelNotFound(FileNotFoundError):
-    """The model name does not resolve to anything available offline."""
+from recreason.errors import ModelNotFound  # noqa: E402,F401  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -14,19 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Iterable
 
+from recreason.config import PromptConfig
 from recreason.data.records import Explained
 
-SYSTEM = "You explain product recommendations in one short sentence."
-
-
-@dataclass
-class PromptConfig:
-    user_features: int = 5  # how many of the user's most frequent features to list
-    item_features: int = 5  # how many of the item's most frequent features to list
-    history: int = 0  # how many of the user's latest training reviews to quote (rating and summary)
-    attributes: int = 5  # how many item attributes (and its title) to show when the data has them
-    system: str = SYSTEM
-    instruction: str = "Write one short sentence on why this user will like this item."
 
 
 class DiscretePrompter:
@@ -113,6 +103,12 @@ class DiscretePrompter:
 
     def for_record(self, record: Explained) -> list[dict[str, str]]:
         return self.messages(record.user, record.item, record)
+
+
+def uses_soft_prompt(prompt_mode: str, known_to_model: bool) -> bool:
+    """The one rule for which prompt a run gets: a continuous-prompt run whose model has learned vectors for
+    the user gets the instruction alone (the vectors carry user and item); everything else gets the text."""
+    return prompt_mode == "continuous" and known_to_model
 
 
 def render(tokenizer, messages: list[dict[str, str]]) -> str:

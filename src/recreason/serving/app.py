@@ -12,7 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from recreason.serving.service import ExplanationService, UnknownId
+from recreason.errors import UnknownId
+from recreason.serving.service import ExplanationService
 
 MAX_ID = 200
 MAX_TEXT = 4000
@@ -221,8 +222,7 @@ def app_from_environment() -> FastAPI:
     import json
     import os
 
-    from recreason.generation.generate import GenerateConfig
-    from recreason.serving.service import ServeConfig
+    from recreason.config import GenerateConfig, ServeConfig
 
     settings = json.loads(os.environ["RECREASON_SERVE"])
     keys = None

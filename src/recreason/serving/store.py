@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from recreason.data.records import Explained
+from recreason.errors import ConfigError
 
 
 @dataclass
@@ -180,7 +181,7 @@ class SQLiteStore(_SQLStore):
         self._conn.execute("PRAGMA synchronous=FULL")
         columns = {r[1] for r in self._conn.execute("PRAGMA table_info(interactions)")}
         if columns and "seq" not in columns:
-            raise ValueError(f"store {self.path} was written by an older recreason (no 'seq' column); "
+            raise ConfigError(f"store {self.path} was written by an older recreason (no 'seq' column); "
                              "delete it and restart to seed it again from the dataset")
         self._create()
 
@@ -241,5 +242,5 @@ def open_store(url: str) -> Store:
         return PostgresStore(url)
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        raise ValueError(f"store URL scheme {scheme!r} is not supported; use sqlite:///PATH or postgresql://...")
+        raise ConfigError(f"store URL scheme {scheme!r} is not supported; use sqlite:///PATH or postgresql://...")
     return SQLiteStore(url)

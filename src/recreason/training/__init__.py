@@ -1,5 +1,1 @@
-"""Fine-tuning engine: encoding, batching, the training loop and run directories."""
-
-from recreason.training.config import TrainConfig
-
-__all__ = ["TrainConfig"]
+"""Fine-tuning engine: encoding, batching and the training loop (named steps over a typed state)."""

@@ -13,6 +13,11 @@ from typing import Sequence
 
 import torch
 
+from recreason.config import TrainConfig
+from recreason.errors import ConfigError
+from recreason.data.records import Explained, target_text
+from recreason.prompts.discrete import DiscretePrompter, render, uses_soft_prompt
+
 
 @dataclass
 class Example:
@@ -29,7 +34,7 @@ class Example:
 def encode(tokenizer, prompt: str, target: str | None, max_prompt: int, max_target: int) -> Example:
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) > max_prompt:
-        raise ValueError(f"prompt has {len(prompt_ids)} tokens, more than max_prompt_tokens={max_prompt}")
+        raise ConfigError(f"prompt has {len(prompt_ids)} tokens, more than max_prompt_tokens={max_prompt}")
     target_ids: list[int] = []
     if target is not None:
         target_ids = tokenizer(target.strip(), add_special_tokens=False)["input_ids"][: max_target - 1]
@@ -126,3 +131,24 @@ def joint_loss(model, batch: dict[str, torch.Tensor], rating_weight: float) -> t
         loss = loss + rating_weight * ce
         parts["interest_ce"] = ce.item()
     return loss, parts
+
+
+def build_examples(records, prompter: DiscretePrompter, tokenizer, cfg: TrainConfig, with_target: bool = True,
+                   model=None) -> tuple[list[Example], list[Explained]]:
+    """Encode records as training examples; ``model`` (a RecReasonModel) maps user/item ids to its tables."""
+    examples: list[Example] = []
+    kept: list[Explained] = []
+    for record in records:
+        target = target_text(record, cfg.target) if with_target else None
+        if with_target and not target:
+            continue
+        soft = uses_soft_prompt(cfg.prompt_mode, known_to_model=True)  # every training user has a vector
+        prompt = render(tokenizer, prompter.bare_messages() if soft else prompter.for_record(record))
+        example = encode(tokenizer, prompt, target, cfg.max_prompt_tokens, cfg.max_target_tokens)
+        if model is not None and model.uses_ids:
+            example.user_idx = model.user_index.get(record.user, 0)
+            example.item_idx = model.item_index.get(record.item, 0)
+        example.rating = record.rating
+        examples.append(example)
+        kept.append(record)
+    return examples, kept

@@ -1,4 +1,6 @@
-"""The training loop: AdamW, linear warmup and decay, bf16 autocast, early stopping.
+"""The training loop as named steps: setup, fit, train step, validate, checkpoint, resume.
+
+AdamW, linear warmup and decay, bf16 autocast, early stopping.
 
 Loss is computed on explanation tokens only. Validation loss is measured
 every ``eval_every`` optimizer steps on a fixed validation subset; the best
@@ -11,13 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import resource
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,73 +25,17 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from recreason.config import PromptConfig, TrainConfig
 from recreason.data.dataset import Dataset
-from recreason.data.records import DataError
-from recreason.prompts.discrete import DiscretePrompter, PromptConfig
-from recreason.training.config import TrainConfig
-from recreason.training.data import collate, joint_loss, length_bucketed_batches
-from recreason.training.methods import (apply_method, compile_layers, orthogonality_penalty, save_adapter,
-                                        uses_position_ids)
-from recreason.training.sharding import (load_optimizer_state, load_weights, optimizer_state, shard_model,
-                                         trainable_state)
-from recreason.training.run import build_examples, write_run_info
+from recreason.errors import ConfigError, DataError, NotARun
+from recreason.models.methods import apply_method, compile_layers, orthogonality_penalty, uses_position_ids
+from recreason.models.sharding import load_optimizer_state, load_weights, optimizer_state, shard_model, trainable_state
+from recreason.prompts.discrete import DiscretePrompter
+from recreason.rundir import load_best_into, load_checkpoint, save_best, save_checkpoint, write_run_info
+from recreason.training.data import build_examples, collate, joint_loss, length_bucketed_batches
+from recreason.training.loggers import NullWriter, make_writer
 
 log = logging.getLogger(__name__)
-
-
-class _NullWriter:
-    """Stands in for the log file and TensorBoard writer on non-main processes."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-class _Writers:
-    """Sends every scalar to each logger in ``report_to``."""
-
-    def __init__(self, writers):
-        self.writers = writers
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        for w in self.writers:
-            w.add_scalar(tag, value, step)
-
-    def close(self) -> None:
-        for w in self.writers:
-            w.close()
-
-
-class _WandbWriter:
-    def __init__(self, run_dir: Path, config: dict):
-        import wandb
-
-        self.wandb = wandb
-        self.run = wandb.init(dir=str(run_dir), name=run_dir.name, config=config)
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self.run.log({tag: value}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-def make_writer(report_to, run_dir: Path, config: dict) -> _Writers:
-    """TensorBoard by default; Weights & Biases when installed and asked for (``train.report_to``)."""
-    writers = []
-    for name in report_to or []:
-        if name == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            writers.append(SummaryWriter(str(run_dir / "tensorboard")))
-        elif name == "wandb":
-            import importlib.util
-
-            if importlib.util.find_spec("wandb") is None:
-                raise ValueError("train.report_to asks for wandb, which is not installed: pip install wandb")
-            writers.append(_WandbWriter(run_dir, config))
-        else:
-            raise ValueError(f"train.report_to: unknown logger {name!r}; use tensorboard and/or wandb")
-    return _Writers(writers)
 
 
 def seed_everything(seed: int) -> None:
@@ -107,7 +51,7 @@ def autocast_context(precision: str, device: str):
     return nullcontext()
 
 
-def _optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     decay, no_decay, personal = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -166,98 +110,6 @@ def validation_loss(model, examples, cfg: TrainConfig, pad_id: int, device: str,
     return result
 
 
-def _save_best(model, run_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write RUN/best atomically. ``state``: the trainable weights by name, when they were gathered from shards."""
-    tmp = run_dir / ".best-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    lm_state = None if state is None else {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
-    if hasattr(model.lm, "recreason_adapter"):
-        save_adapter(model.lm, tmp, lm_state)
-    elif lm_state is not None:
-        model.lm.save_pretrained(tmp, safe_serialization=True, state_dict=lm_state)
-    else:
-        model.lm.save_pretrained(tmp, safe_serialization=True)
-    if model.uses_ids:
-        model.save_personal(tmp, state)
-    best = run_dir / "best"
-    old = run_dir / ".best-old"
-    if best.exists():
-        os.replace(best, old)
-    os.replace(tmp, best)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _trainable_state(model, names: set[str], gathered: dict | None = None) -> dict[str, torch.Tensor]:
-    source = gathered.items() if gathered is not None else model.named_parameters()
-    return {n: p.detach().cpu().contiguous() for n, p in source if n in names}
-
-
-def _save_checkpoint(folder: Path, model, names: set[str], optimizer_state: dict, scheduler, rng: random.Random,
-                     state: dict, gathered: dict | None = None) -> None:
-    """Write the resumable state atomically: a temporary folder renamed over the old one."""
-    from safetensors.torch import save_file
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(_trainable_state(model, names, gathered), str(tmp / "trainable.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": rng.getstate(),
-            "state": state,
-        },
-        tmp / "state.pt",
-    )
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _load_checkpoint(folder: Path, model) -> dict:
-    """Load the trainable weights into ``model``; return the rest of the saved state."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(folder / "trainable.safetensors"))
-    unknown = set(weights) - {n for n, _ in model.named_parameters()}
-    if unknown:
-        raise DataError(f"{folder} does not match this model and method (unexpected {sorted(unknown)[:3]})")
-    load_weights(model, weights)
-    return torch.load(folder / "state.pt", weights_only=True)
-
-
-def _restore_optimizer(saved: dict, model, optimizer, scheduler, rng: random.Random) -> None:
-    load_optimizer_state(model, optimizer, saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
-    version, internal, gauss = saved["python_rng"]
-    rng.setstate((version, tuple(internal), gauss))
-
-
-def _load_best_into(model, run_dir: Path) -> None:
-    """Load the best checkpoint's personal weights and adapter/model weights back into ``model``."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    best = run_dir / "best"
-    if model.uses_ids and (best / "personal.safetensors").exists():
-        model.load_state_dict(load_file(str(best / "personal.safetensors")), strict=False)
-    if (best / "adapter.safetensors").exists():
-        model.lm.load_state_dict(load_file(str(best / "adapter.safetensors")), strict=False)
-    elif (best / "adapter_model.safetensors").exists():
-        set_peft_model_state_dict(model.lm, load_file(str(best / "adapter_model.safetensors")))
-    elif (best / "model.safetensors").exists():
-        model.lm.load_state_dict(load_file(str(best / "model.safetensors")), strict=False)
-
-
 def build_model(cfg: TrainConfig, train_records, device: str, total_steps: int = 1000):
     """(RecReasonModel, tokenizer, base path) ready to train according to ``cfg``."""
     from recreason.models.personalized import RecReasonModel
@@ -280,213 +132,330 @@ def build_model(cfg: TrainConfig, train_records, device: str, total_steps: int =
     return model, tokenizer, base_path
 
 
-def train(
-    dataset_dir: str | Path,
-    run_dir: str | Path,
-    cfg: TrainConfig,
-    prompt_cfg: PromptConfig | None = None,
-    full_config: dict | None = None,
-    progress: bool = True,
-    resume: bool = False,
-    on_step=None,
-) -> dict:
-    """Fine-tune ``cfg.model`` on a prepared dataset; write a run directory; return the summary.
+@dataclass
+class TrainState:
+    """Where training stands; saved whole in RUN/last/state.pt so a resumed run continues exactly."""
 
-    With ``cfg.two_stage`` a first stage trains only the user/item vectors and heads with the language
-    model frozen, then the main stage trains everything with a fresh optimizer (PEPLER); each stage stops
-    early on the validation objective. With ``resume`` the run continues from ``run_dir/last`` (trainable
-    weights, optimizer, scheduler, RNG states, stage and position in the epoch), so an interrupted run ends
-    where an uninterrupted one would. ``on_step(step, model)`` is called after every optimizer step.
+    stage: int = 0  # index into the stages (PEPLER's two-stage training has two)
+    stage_step: int = 0  # optimizer steps taken in this stage
+    step: int = 0  # optimizer steps taken in all
+    micro: int = 0  # micro-batches in this stage (gradient accumulation)
+    tokens_seen: int = 0
+    best_loss: float = float("inf")
+    best_step: int = 0
+    bad_passes: int = 0  # validation passes without improvement
+    stopped_early: bool = False
+    running: float | None = None  # smoothed training loss
+    batches: list[list[int]] = field(default_factory=list)  # what is left of this epoch's batch order
+    elapsed: float = 0.0  # wall seconds before this process started
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainState":
+        return cls(**data)
+
+
+@dataclass
+class Stage:
+    steps: int
+    lr: float
+    personal_only: bool  # PEPLER stage 1: only user/item vectors and heads learn
+
+
+class StepEngine:
+    """One optimizer step: forward, backward (accumulated, loss-scaled), clip, step. The trainer and the
+    throughput benchmark both use it, so what is measured is what trains."""
+
+    def __init__(self, model, net, cfg: TrainConfig, device: str):
+        self.model, self.net, self.cfg, self.device = model, net, cfg, device
+        # fp16 needs loss scaling; with bf16/fp32 the scaler is a no-op pass-through.
+        self.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.precision == "fp16")
+        self.allocate = getattr(getattr(model.lm, "base_model", None), "update_and_allocate", None) \
+            if cfg.method == "adalora" else None
+        self.optimizer = self.scheduler = None
+        self.personal_only = False
+        self.lm_trainable = [p for p in model.lm.parameters() if p.requires_grad]
+
+    def start_stage(self, stage: Stage) -> None:
+        from transformers import get_scheduler
+
+        for p in self.lm_trainable:
+            p.requires_grad_(not stage.personal_only)
+        self.personal_only = stage.personal_only
+        self.optimizer = make_optimizer(self.model, self.cfg, stage.lr)
+        self.scheduler = get_scheduler(self.cfg.scheduler, self.optimizer, int(self.cfg.warmup_ratio * stage.steps),
+                                       stage.steps)
+
+    def train_step(self, batch: dict, state: TrainState) -> tuple[float, dict, bool]:
+        """Run one micro-batch; take the optimizer step when ``grad_accum`` micro-batches are in.
+        Returns (loss, loss parts, whether an optimizer step was taken)."""
+        cfg = self.cfg
+        with autocast_context(cfg.precision, self.device):
+            loss, parts = joint_loss(self.net, batch, cfg.rating_weight)
+        if cfg.method == "adalora" and not self.personal_only:
+            penalty = orthogonality_penalty(self.model.lm)
+            if penalty is not None:
+                loss = loss + penalty
+        self.scaler.scale(loss / cfg.grad_accum).backward()
+        state.tokens_seen += int(batch["attention_mask"].sum())
+        value = loss.item()
+        state.running = value if state.running is None else 0.9 * state.running + 0.1 * value
+        state.micro += 1
+        if state.micro % cfg.grad_accum:
+            return value, parts, False
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.allocate is not None and not self.personal_only:
+            self.allocate(state.step + 1)  # AdaLoRA re-distributes its rank budget
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.stage_step += 1
+        return value, parts, True
+
+
+class Trainer:
+    """Fine-tune ``cfg.model`` on a prepared dataset into a run directory.
+
+    ``Trainer(...)`` is the setup (processes, data, model, stages); :meth:`fit` runs the stages of
+    :meth:`StepEngine.train_step`, :meth:`validate` and :meth:`checkpoint`; :meth:`resume` restores
+    RUN/last. With ``cfg.two_stage`` a first stage trains only the user/item vectors and heads with the
+    language model frozen, then the main stage trains everything with a fresh optimizer (PEPLER); each
+    stage stops early on the validation objective.
     """
-    cfg.validate()
-    prompt_cfg = prompt_cfg or PromptConfig()
-    seed_everything(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    # Accelerate: one process here, or one per device under `accelerate launch` / torchrun (DDP, or our FSDP2).
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Our checkpoints read whole parameters from the model; sharded ones would be saved as fragments.
-        raise ValueError(f"{accelerator.distributed_type.name} was requested by the accelerate config; recreason "
-                         "shards with its own FSDP2 path instead: launch without --use_fsdp/--use_deepspeed and "
-                         "set train.fsdp: true")
-    device = str(accelerator.device)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    if cfg.batch_size % world:
-        raise ValueError(f"train.batch_size {cfg.batch_size} is the global batch: it must divide by {world} processes")
-    progress = progress and main
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, dataset_dir: str | Path, run_dir: str | Path, cfg: TrainConfig,
+                 prompt_cfg: PromptConfig | None = None, full_config: dict | None = None, progress: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.prompt_cfg = prompt_cfg or PromptConfig()
+        self.dataset_dir, self.full_config = str(dataset_dir), full_config
+        seed_everything(cfg.seed)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self._setup_processes()
+        self.progress = progress and self.main
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_data_and_model()
+        self.state = TrainState()
 
-    dataset = Dataset(dataset_dir)
-    train_records = dataset.subset(cfg.split_seed, "train")
-    valid_records = dataset.subset(cfg.split_seed, "validation")
-    prompter = DiscretePrompter(train_records, prompt_cfg)
-    rng = random.Random(cfg.seed)
-    if cfg.precision == "fp16" and device == "cpu":
-        raise ValueError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    n_train = min(len(train_records), cfg.max_train_records or len(train_records))
-    estimated_steps = cfg.max_steps or max(1, math.ceil(n_train / cfg.batch_size / cfg.grad_accum * cfg.epochs))
-    model, tokenizer, base_path = build_model(cfg, train_records, device, estimated_steps)
-    if cfg.max_train_records and cfg.max_train_records < len(train_records):
-        train_records = rng.sample(train_records, cfg.max_train_records)
-    if cfg.max_eval_records and cfg.max_eval_records < len(valid_records):
-        valid_records = random.Random(cfg.seed + 1).sample(valid_records, cfg.max_eval_records)
-    model.train()
-    train_examples, _ = build_examples(train_records, prompter, tokenizer, cfg, model=model)
-    valid_examples, _ = build_examples(valid_records, prompter, tokenizer, cfg, model=model)
-    if not train_examples:
-        raise DataError(f"no training examples with a non-empty {cfg.target!r} target")
+    # ----- setup -------------------------------------------------------------------------------
+    def _setup_processes(self) -> None:
+        """Accelerate: one process here, or one per device under `accelerate launch` / torchrun (DDP or FSDP2)."""
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
-    if main:
-        write_run_info(run_dir, str(dataset_dir), base_path, cfg, prompt_cfg)
-        if full_config is not None:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
-    if world > 1 and cfg.fsdp:
-        shard_model(model, device)  # in place: FSDP2 keeps the module and its parameter names
-        net = model
-    else:
-        net = accelerator.prepare_model(model) if world > 1 else model  # what the forward pass runs through
+        cfg = self.cfg
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        kind = self.accelerator.distributed_type.name
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            # Our checkpoints read whole parameters from the model; sharded ones would be saved as fragments.
+            raise ConfigError(f"{kind} was requested by the accelerate config; recreason shards with its own FSDP2 "
+                              "path instead: launch without --use_fsdp/--use_deepspeed and set train.fsdp: true")
+        self.device = str(self.accelerator.device)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.main = self.accelerator.is_main_process
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"train.batch_size {cfg.batch_size} is the global batch: it must divide by "
+                              f"{self.world} processes")
+        if cfg.precision == "fp16" and self.device == "cpu":
+            raise ConfigError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
 
-    steps_per_epoch = math.ceil(math.ceil(len(train_examples) / cfg.batch_size) / cfg.grad_accum)
-    main_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    stages = [(cfg.stage1_steps, cfg.stage1_lr, True)] if cfg.two_stage else []
-    stages.append((main_steps, cfg.lr, False))
-    lm_trainable = [p for p in model.lm.parameters() if p.requires_grad]
-    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("training %s (%s, %s prompt, %d trainable parameters) for %s steps on %d examples",
-             cfg.model, cfg.method, cfg.prompt_mode, trainable, "+".join(str(s[0]) for s in stages),
-             len(train_examples))
-    from transformers import get_scheduler
+    def _setup_data_and_model(self) -> None:
+        cfg = self.cfg
+        dataset = Dataset(self.dataset_dir)
+        train_records = dataset.subset(cfg.split_seed, "train")
+        valid_records = dataset.subset(cfg.split_seed, "validation")
+        prompter = DiscretePrompter(train_records, self.prompt_cfg)
+        self.rng = random.Random(cfg.seed)
+        n_train = min(len(train_records), cfg.max_train_records or len(train_records))
+        estimated = cfg.max_steps or max(1, math.ceil(n_train / cfg.batch_size / cfg.grad_accum * cfg.epochs))
+        self.model, self.tokenizer, self.base_path = build_model(cfg, train_records, self.device, estimated)
+        if cfg.max_train_records and cfg.max_train_records < len(train_records):
+            train_records = self.rng.sample(train_records, cfg.max_train_records)
+        if cfg.max_eval_records and cfg.max_eval_records < len(valid_records):
+            valid_records = random.Random(cfg.seed + 1).sample(valid_records, cfg.max_eval_records)
+        self.model.train()
+        self.train_examples, _ = build_examples(train_records, prompter, self.tokenizer, cfg, model=self.model)
+        self.valid_examples, _ = build_examples(valid_records, prompter, self.tokenizer, cfg, model=self.model)
+        if not self.train_examples:
+            raise DataError(f"{self.dataset_dir}: no training examples with a non-empty {cfg.target!r} target")
+        if self.world > 1 and cfg.fsdp:
+            shard_model(self.model, self.device)  # in place: FSDP2 keeps the module and its parameter names
+            net = self.model
+        else:  # what the forward pass runs through
+            net = self.accelerator.prepare_model(self.model) if self.world > 1 else self.model
+        self.engine = StepEngine(self.model, net, cfg, self.device)
+        steps_per_epoch = math.ceil(math.ceil(len(self.train_examples) / cfg.batch_size) / cfg.grad_accum)
+        main_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+        self.stages = [Stage(cfg.stage1_steps, cfg.stage1_lr, True)] if cfg.two_stage else []
+        self.stages.append(Stage(main_steps, cfg.lr, False))
+        self.trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
 
-    writer = make_writer(cfg.report_to, run_dir, asdict(cfg)) if main else _NullWriter()
-    pad_id = tokenizer.pad_token_id
-    # fp16 needs loss scaling; with bf16/fp32 the scaler is a no-op pass-through.
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.precision == "fp16")
-    allocate = getattr(getattr(model.lm, "base_model", None), "update_and_allocate", None) \
-        if cfg.method == "adalora" else None
-    state = {"stage": 0, "stage_step": 0, "step": 0, "micro": 0, "tokens_seen": 0, "best_loss": float("inf"),
-             "best_step": 0, "bad_passes": 0, "stopped_early": False, "running": None, "batches": [],
-             "elapsed": 0.0}
-    saved = None
-    if resume and (run_dir / "last" / "state.pt").exists():
-        saved = _load_checkpoint(run_dir / "last", model)
-        state = saved["state"]
-        log.info("resumed from %s at step %d", run_dir / "last", state["step"])
-    start = time.time() - state["elapsed"]
-    log_file = open(run_dir / "train_log.jsonl", "a" if resume else "w") if main else _NullWriter()
-    save_every = cfg.checkpoint_every or cfg.eval_every
-    bar = tqdm(total=sum(s[0] for s in stages), initial=state["step"], desc="training", unit="step",
-               disable=not progress)
-    try:
-        for stage_index, (stage_steps, lr, personal_only) in enumerate(stages):
-            if stage_index < state["stage"]:
-                continue
-            for p in lm_trainable:
-                p.requires_grad_(not personal_only)
-            optimizer = _optimizer(model, cfg, lr)
-            scheduler = get_scheduler(cfg.scheduler, optimizer, int(cfg.warmup_ratio * stage_steps), stage_steps)
-            if saved is not None:
-                _restore_optimizer(saved, model, optimizer, scheduler, rng)
-                saved = None
-            else:
-                state.update(stage=stage_index, stage_step=0, bad_passes=0, stopped_early=False, micro=0)
-            while state["stage_step"] < stage_steps and not state["stopped_early"]:
-                if not state["batches"]:
-                    state["batches"] = length_bucketed_batches(train_examples, cfg.batch_size, rng)
-                # Every process draws the same global batch and trains on its share of it.
-                batch = collate([train_examples[i] for i in state["batches"].pop()[rank::world]], pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast_context(cfg.precision, device):
-                    loss, parts = joint_loss(net, batch, cfg.rating_weight)
-                if cfg.method == "adalora" and not personal_only:
-                    loss = loss + orthogonality_penalty(model.lm)
-                scaler.scale(loss / cfg.grad_accum).backward()
-                state["tokens_seen"] += int(batch["attention_mask"].sum())
-                value = loss.item()
-                state["running"] = value if state["running"] is None else 0.9 * state["running"] + 0.1 * value
-                state["micro"] += 1
-                if state["micro"] % cfg.grad_accum:
+    # ----- steps -------------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        return validation_loss(self.engine.net, self.valid_examples, self.cfg, self.tokenizer.pad_token_id,
+                               self.device, self.rank, self.world)
+
+    def save_best(self) -> None:
+        weights = trainable_state(self.model)  # gathered from the shards under FSDP, else None
+        if self.main:
+            save_best(self.model, self.run_dir, weights)
+        self.accelerator.wait_for_everyone()
+
+    def checkpoint(self) -> None:
+        """Write RUN/last: trainable weights, optimizer, scheduler, RNG states and the TrainState."""
+        self.state.elapsed = time.time() - self._start
+        opt_state = optimizer_state(self.model, self.engine.optimizer)  # gathered under FSDP (a collective)
+        gathered = trainable_state(self.model)
+        if self.main:
+            source = gathered.items() if gathered is not None else self.model.named_parameters()
+            weights = {n: p.detach().cpu().contiguous() for n, p in source if n in self.trainable_names}
+            save_checkpoint(self.run_dir / "last", weights, opt_state, self.engine.scheduler, self.rng,
+                            self.state.to_dict())
+        self.accelerator.wait_for_everyone()
+
+    def resume(self, or_start: bool = False) -> dict | None:
+        """Load RUN/last into the model and state; returns the optimizer/scheduler/RNG part for the stage to
+        restore. A run with no checkpoint is an error unless ``or_start``."""
+        last = self.run_dir / "last"
+        if not last.exists():
+            if or_start:
+                log.info("no checkpoint in %s yet: starting from step 0", last)
+                return None
+            raise NotARun(f"{last} does not exist, so there is nothing to resume; train without --resume, "
+                          "or pass --resume-or-start to start when no checkpoint exists")
+        weights, saved = load_checkpoint(last, {n for n, _ in self.model.named_parameters()})
+        load_weights(self.model, weights)
+        self.state = TrainState.from_dict(saved["state"])
+        log.info("resumed from %s at step %d", last, self.state.step)
+        return saved
+
+    def _restore(self, saved: dict) -> None:
+        load_optimizer_state(self.model, self.engine.optimizer, saved["optimizer"])
+        self.engine.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        version, internal, gauss = saved["python_rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+    def _after_validation(self, stage_index: int, writer, log_file, bar) -> None:
+        state, step = self.state, self.state.step
+        val = self.validate()
+        for key, v in val.items():
+            writer.add_scalar(f"validation/{key}", v, step)
+        improved = val["objective"] < state.best_loss
+        if improved:
+            state.best_loss, state.best_step, state.bad_passes = val["objective"], step, 0
+            self.save_best()
+        else:
+            state.bad_passes += 1
+            state.stopped_early = state.bad_passes >= self.cfg.patience
+        entry = {"step": step, "stage": stage_index + 1 if self.cfg.two_stage else 1,
+                 "train_loss": state.running, "validation_loss": val["objective"],
+                 **{f"validation_{k}": v for k, v in val.items() if k != "objective"},
+                 "best": improved, "elapsed_s": round(time.time() - self._start, 1)}
+        log_file.write(json.dumps(entry) + "\n")
+        log_file.flush()
+        message = f"step {step}: validation loss {val['objective']:.4f}{' (best)' if improved else ''}"
+        bar.write(message) if self.progress else log.info(message)
+
+    # ----- the loop ----------------------------------------------------------------------------
+    def fit(self, resume: bool | str = False, on_step=None) -> dict:
+        """Train every stage; write best/, last/, the log and summary.json; return the summary.
+        ``resume``: True continues from RUN/last (an error when it is missing), ``"or-start"`` starts fresh
+        then. ``on_step(step, model)`` is called after every optimizer step."""
+        cfg, state = self.cfg, self.state
+        saved = self.resume(or_start=resume == "or-start") if resume else None
+        state = self.state
+        if self.main:
+            write_run_info(self.run_dir, self.dataset_dir, self.base_path, cfg, self.prompt_cfg)
+            if self.full_config is not None:
+                (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.full_config, sort_keys=False))
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("training %s (%s, %s prompt, %d trainable parameters) for %s steps on %d examples", cfg.model,
+                 cfg.method, cfg.prompt_mode, trainable, "+".join(str(s.steps) for s in self.stages),
+                 len(self.train_examples))
+        writer = make_writer(cfg.report_to, self.run_dir, asdict(cfg)) if self.main else NullWriter()
+        pad_id = self.tokenizer.pad_token_id
+        self._start = time.time() - state.elapsed
+        log_file = open(self.run_dir / "train_log.jsonl", "a" if saved else "w") if self.main else NullWriter()
+        save_every = cfg.checkpoint_every or cfg.eval_every
+        bar = tqdm(total=sum(s.steps for s in self.stages), initial=state.step, desc="training", unit="step",
+                   disable=not self.progress)
+        try:
+            for stage_index, stage in enumerate(self.stages):
+                if stage_index < state.stage:
                     continue
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if allocate is not None and not personal_only:
-                    allocate(state["step"] + 1)  # AdaLoRA re-distributes its rank budget
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                state["stage_step"] += 1
-                step = state["step"]
-                elapsed = time.time() - start
-                writer.add_scalar("train/loss", value, step)
-                writer.add_scalar("train/text_loss", parts["text"], step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                bar.set_postfix(loss=f"{state['running']:.3f}", tok_s=f"{state['tokens_seen'] / elapsed:.0f}")
-                bar.update(1)
-                if state["stage_step"] % cfg.eval_every == 0 or state["stage_step"] == stage_steps:
-                    val = validation_loss(net, valid_examples, cfg, pad_id, device, rank, world)
-                    for key, v in val.items():
-                        writer.add_scalar(f"validation/{key}", v, step)
-                    improved = val["objective"] < state["best_loss"]
-                    if improved:
-                        state.update(best_loss=val["objective"], best_step=step, bad_passes=0)
-                        weights = trainable_state(model)  # gathered from the shards under FSDP, else None
-                        if main:
-                            _save_best(model, run_dir, weights)
-                        accelerator.wait_for_everyone()
-                    else:
-                        state["bad_passes"] += 1
-                        state["stopped_early"] = state["bad_passes"] >= cfg.patience
-                    entry = {"step": step, "stage": stage_index + 1 if cfg.two_stage else 1,
-                             "train_loss": state["running"], "validation_loss": val["objective"],
-                             **{f"validation_{k}": v for k, v in val.items() if k != "objective"},
-                             "best": improved, "elapsed_s": round(time.time() - start, 1)}
-                    log_file.write(json.dumps(entry) + "\n")
-                    log_file.flush()
-                    message = f"step {step}: validation loss {val['objective']:.4f}{' (best)' if improved else ''}"
-                    bar.write(message) if progress else log.info(message)
-                if state["stage_step"] % save_every == 0 or state["stage_step"] == stage_steps or state["stopped_early"]:
-                    state["elapsed"] = time.time() - start
-                    opt_state = optimizer_state(model, optimizer)  # gathered under FSDP (a collective)
-                    weights = trainable_state(model)
-                    if main:
-                        _save_checkpoint(run_dir / "last", model, trainable_names, opt_state, scheduler, rng, state,
-                                         weights)
-                    accelerator.wait_for_everyone()
-                if on_step is not None:
-                    on_step(step, model)
-            if stage_index < len(stages) - 1:
-                state["stopped_early"] = False  # early stopping ends a stage, not the run
-                # The next stage starts from the best weights of this one.
-                _load_best_into(model, run_dir)
-    finally:
-        bar.close()
-        log_file.close()
-        writer.close()
-    elapsed = time.time() - start
-    summary = {
-        "steps": state["step"],
-        "best_step": state["best_step"],
-        "best_validation_loss": state["best_loss"],
-        "stopped_early": state["stopped_early"],
-        "train_examples": len(train_examples),
-        "validation_examples": len(valid_examples),
-        "trainable_parameters": trainable,
-        "tokens_seen": state["tokens_seen"],
-        "tokens_per_second": state["tokens_seen"] / elapsed if elapsed else 0.0,
-        "wall_seconds": elapsed,
-        "config": asdict(cfg),
-    }
-    summary["processes"] = world
-    summary["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+                self.engine.start_stage(stage)
+                if saved is not None:
+                    self._restore(saved)
+                    saved = None
+                else:
+                    state.stage, state.stage_step, state.bad_passes, state.stopped_early = stage_index, 0, 0, False
+                    state.micro = 0
+                while state.stage_step < stage.steps and not state.stopped_early:
+                    if not state.batches:
+                        state.batches = length_bucketed_batches(self.train_examples, cfg.batch_size, self.rng)
+                    # Every process draws the same global batch and trains on its share of it.
+                    rows = state.batches.pop()[self.rank::self.world]
+                    batch = collate([self.train_examples[i] for i in rows], pad_id)
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    value, parts, stepped = self.engine.train_step(batch, state)
+                    if not stepped:
+                        continue
+                    step = state.step
+                    writer.add_scalar("train/loss", value, step)
+                    writer.add_scalar("train/text_loss", parts["text"], step)
+                    writer.add_scalar("train/lr", self.engine.scheduler.get_last_lr()[0], step)
+                    elapsed = time.time() - self._start
+                    bar.set_postfix(loss=f"{state.running:.3f}", tok_s=f"{state.tokens_seen / max(elapsed, 1e-9):.0f}")
+                    bar.update(1)
+                    if state.stage_step % cfg.eval_every == 0 or state.stage_step == stage.steps:
+                        self._after_validation(stage_index, writer, log_file, bar)
+                    if state.stage_step % save_every == 0 or state.stage_step == stage.steps or state.stopped_early:
+                        self.checkpoint()
+                    if on_step is not None:
+                        on_step(step, self.model)
+                if stage_index < len(self.stages) - 1:
+                    state.stopped_early = False  # early stopping ends a stage, not the run
+                    load_best_into(self.model, self.run_dir)  # the next stage starts from this one's best
+        finally:
+            bar.close()
+            log_file.close()
+            writer.close()
+        return self._summary(trainable)
+
+    def _summary(self, trainable: int) -> dict:
+        state = self.state
+        elapsed = time.time() - self._start
+        summary = {
+            "steps": state.step,
+            "best_step": state.best_step,
+            "best_validation_loss": state.best_loss,
+            "stopped_early": state.stopped_early,
+            "train_examples": len(self.train_examples),
+            "validation_examples": len(self.valid_examples),
+            "trainable_parameters": trainable,
+            "tokens_seen": state.tokens_seen,
+            "tokens_per_second": state.tokens_seen / elapsed if elapsed else 0.0,
+            "wall_seconds": elapsed,
+            "config": asdict(self.cfg),
+            "processes": self.world,
+            "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        }
+        if self.main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def train(dataset_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, prompt_cfg: PromptConfig | None = None,
+          full_config: dict | None = None, progress: bool = True, resume: bool | str = False, on_step=None) -> dict:
+    """Set up a :class:`Trainer` and fit it; returns the summary (also written to RUN/summary.json)."""
+    return Trainer(dataset_dir, run_dir, cfg, prompt_cfg, full_config, progress).fit(resume, on_step)

@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from recreason.training.config import TrainConfig
-
-METHODS = ("full", "lora", "adalora", "ia3", "prefix", "prompt", "adapter")
-MERGEABLE = ("lora", "adalora", "ia3")
+from recreason.errors import ConfigError
+from recreason.config import MERGEABLE, METHODS, TrainConfig  # noqa: F401  (the method names live in config)
 
 
 def top_layers(model, n: int | None) -> list[int] | None:
@@ -56,7 +54,7 @@ class Bottleneck(nn.Module):
         return y + h.to(y.dtype)
 
 
-def _decoder_layers(model):
+def decoder_layers(model):
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None:
@@ -69,7 +67,7 @@ def add_bottleneck_adapters(model, cfg: TrainConfig):
     for p in model.parameters():
         p.requires_grad_(False)
     hidden = model.config.hidden_size
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     chosen = top_layers(model, cfg.lora_top_layers) or list(range(len(layers)))
     for idx in chosen:
         layer = layers[idx]
@@ -102,7 +100,7 @@ def load_adapter(model, folder: Path):
 
     meta = json.loads((folder / "adapter.json").read_text())
     cfg = TrainConfig(adapter_size=meta["size"], lora_dropout=meta["dropout"])
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     hidden = model.config.hidden_size
     for idx in meta["layers"]:
         layer = layers[idx]
@@ -139,13 +137,13 @@ def peft_config(model, cfg: TrainConfig, total_steps: int):
         return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
     if cfg.method == "prompt":
         return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
-    raise ValueError(f"{cfg.method!r} is not a peft method")
+    raise ConfigError(f"{cfg.method!r} is not a peft method")
 
 
 def apply_method(model, cfg: TrainConfig, total_steps: int = 1000):
     """Wrap ``model`` for ``cfg.method``; returns the model to train (only its trainable weights need grads)."""
     if cfg.method not in METHODS:
-        raise ValueError(f"train.method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+        raise ConfigError(f"train.method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     if cfg.method == "full":
         model.float()
         for p in model.parameters():
@@ -185,7 +183,7 @@ def compile_layers(lm) -> int:
     one-time compile of about a minute (measured with benchmarks/train_throughput.py). Returns the
     number of layers compiled."""
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    layers = _decoder_layers(base)
+    layers = decoder_layers(base)
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

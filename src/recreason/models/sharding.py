@@ -24,12 +24,12 @@ def shard_model(model, device: str) -> int:
     """Shard ``model`` (a RecReasonModel) in place across all processes; returns the number of units."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from recreason.training.methods import _decoder_layers
+    from recreason.models.methods import decoder_layers
 
     _, fully_shard = _fsdp()
     mesh = init_device_mesh(torch.device(device).type, (torch.distributed.get_world_size(),))
     lm = model.lm.get_base_model() if hasattr(model.lm, "get_base_model") else model.lm
-    layers = _decoder_layers(lm)
+    layers = decoder_layers(lm)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)  # embeddings, final norm, head, user/item tables

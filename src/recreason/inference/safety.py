@@ -16,8 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from recreason.evaluation.metrics import FeatureMatcher
-from recreason.text import tokenize
+from recreason.text import FeatureMatcher, tokenize
 
 EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b")
 PHONE = re.compile(r"(?<!\w)(?:\+?\d[\d\s().-]{7,}\d)(?!\w)")

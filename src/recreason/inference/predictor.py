@@ -1,0 +1,254 @@
+"""The one way to turn (user, item) into a reason with a trained run.
+
+``recreason generate``, ``evaluate``, ``recommend``, ``serve`` and the benchmarks all call a
+:class:`Predictor`; it owns the device and dtype, which prompt a pair gets (discrete text, or learned
+user/item vectors for continuous-prompt runs), the rating and interest heads, batched generation, and
+the safety and grounding checks. Serving adds only HTTP, the store, the cache and micro-batching.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from recreason.config import GenerateConfig
+from recreason.data.records import Explained
+from recreason.errors import ConfigError, UnknownId
+from recreason.generation.generate import generate_texts
+from recreason.inference.safety import ReasonChecker
+from recreason.models.personalized import INTEREST_LABELS, interest_class
+from recreason.prompts.discrete import DiscretePrompter, render, uses_soft_prompt
+from recreason.rundir import Run
+from recreason.text import FeatureMatcher, tokenize
+
+SYSTEMS = ("fine-tuned", "zero-shot")
+
+
+@dataclass
+class Request:
+    """One (user, item) to explain. ``history`` (texts) describes a user the run does not know;
+    ``item_features`` describe an item it does not know. ``record``: the dataset record, when the pair is
+    one (its own review is then kept out of its prompt's profiles)."""
+
+    user: str
+    item: str
+    history: Sequence[str] = ()
+    item_features: Sequence[str] = ()
+    record: Explained | None = None
+
+
+@dataclass
+class Prompted:
+    """A request with the prompt it gets and what the checks need afterwards."""
+
+    request: Request
+    prompt: str
+    flags: list[str]
+    item_features: list[str]  # the item's features as listed in the prompt (a replacement template names these)
+    known_features: list[str]  # every feature the item is known to have (grounding)
+    history_version: int  # changes whenever the user's history does (cache keys)
+
+
+@dataclass
+class Explanation:
+    user_id: str
+    item_id: str
+    reason: str  # what a user is shown: the generated text, or a template when the safety check replaced it
+    generated: str  # the model's text before the checks (what the PETER metrics score)
+    predicted_rating: float | None
+    interest: str | None
+    features: list[str]
+    flags: list[str] = field(default_factory=list)
+    score: float | None = None  # ranking score, for recommendations
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        if out["score"] is None:
+            out.pop("score")
+        return out
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Predictor:
+    """Explain, rate and recommend with one trained run (``system="zero-shot"``: its base model, untrained)."""
+
+    def __init__(self, run: Run | str | Path, gen_cfg: GenerateConfig | None = None, system: str = "fine-tuned",
+                 device: str | None = None, cold_start: str = "item-only", dataset=None):
+        if system not in SYSTEMS:
+            raise ConfigError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+        if cold_start not in ("item-only", "error"):
+            raise ConfigError(f"cold_start must be item-only or error, got {cold_start!r}")
+        self.run = run if isinstance(run, Run) else Run(run)
+        self.gen_cfg = gen_cfg or GenerateConfig()
+        self.system = system
+        self.cold_start = cold_start
+        self.device = device or default_device()
+        self.dtype = "bf16" if self.gen_cfg.precision == "bf16" else "fp32"
+        self.model, self.tokenizer = self._load()
+        self.dataset = dataset or self.run.dataset()
+        self.train = self.dataset.subset(self.run.split_seed, "train")
+        self.prompter = DiscretePrompter(self.train, self.run.prompt_config)
+        self.vocabulary = list(self.dataset.features)
+        self.matcher = FeatureMatcher(self.vocabulary)
+        self.checker = ReasonChecker(self.vocabulary)
+        self.item_ratings: dict[str, list[float]] = collections.defaultdict(list)
+        for r in self.train:
+            self.item_ratings[r.item].append(r.rating)
+
+    def _load(self):
+        if self.system == "fine-tuned":
+            return self.run.load_model(dtype=self.dtype, device=self.device)
+        from recreason.models.personalized import RecReasonModel
+        from recreason.models.registry import load_model
+
+        lm, tokenizer, _ = load_model(self.run.info["base_model_path"], dtype=self.dtype, device=self.device)
+        return RecReasonModel(lm).eval(), tokenizer
+
+    # ----- what the predictor knows -------------------------------------------------------------
+    def known_user(self, user: str) -> bool:
+        return user in self.prompter.user_profiles
+
+    def known_item(self, item: str) -> bool:
+        return item in self.prompter.item_profiles
+
+    def forget_history(self) -> None:
+        """Drop every profile and rating (serving refills them from its store)."""
+        for table in (self.prompter.user_profiles, self.prompter.item_profiles, self.prompter.user_history,
+                      self.item_ratings):
+            table.clear()
+        self.prompter.train_indices.clear()
+
+    def add(self, record: Explained) -> None:
+        """Fold a new interaction into the profiles and rating statistics (a cold user becomes warm)."""
+        self.prompter.add(record)
+        self.item_ratings[record.item].append(record.rating)
+
+    def seen(self, user: str) -> set[str]:
+        return {r.item for r in self.prompter.user_history.get(user, ())}
+
+    # ----- prompts ------------------------------------------------------------------------------
+    def prompt(self, request: Request, position: int = 0) -> Prompted:
+        """The prompt ``request`` gets. Unknown ids raise :class:`UnknownId` naming ``items[position]``."""
+        user, item = request.user, request.item
+        flags: list[str] = []
+        if not self.known_item(item) and not request.item_features:
+            raise UnknownId(f"items[{position}].item_id: unknown item {item!r}; send item_features for new items")
+        if self.known_item(item):
+            item_feats = self.prompter.features(user, item, request.record)[1]
+        else:
+            item_feats = list(request.item_features)
+        known_feats = sorted(set(self.prompter.item_profiles.get(item, {})) | set(request.item_features))
+        if self.known_user(user):
+            messages = self.prompter.messages(user, item, request.record)
+        elif request.history:
+            counts = collections.Counter(f for text in request.history for f in self.matcher.find(tokenize(text)))
+            user_feats = [f for f, _ in counts.most_common(self.prompter.config.user_features)]
+            messages = self.prompter.compose(user_feats, item_feats, item)
+            flags.append("cold_start_history")
+        elif self.cold_start == "error":
+            raise UnknownId(f"items[{position}].user_id: unknown user {user!r}; send its history")
+        else:
+            messages = self.prompter.compose([], item_feats, item)
+            flags.append("cold_start_item_only")
+        soft = self.system == "fine-tuned" and uses_soft_prompt(
+            self.run.prompt_mode, user in getattr(self.model, "user_index", {}))
+        text = render(self.tokenizer, self.prompter.bare_messages() if soft else messages)
+        return Prompted(request, text, flags, item_feats, known_feats,
+                        len(self.prompter.user_history.get(user, ())))
+
+    # ----- generation and checks ----------------------------------------------------------------
+    def generation_config(self, options: dict | None = None) -> GenerateConfig:
+        return replace(self.gen_cfg, **{k: v for k, v in (options or {}).items() if v is not None})
+
+    def generate(self, prompted: Sequence[Prompted], options: dict | None = None, progress: bool = False,
+                 desc: str = "generating") -> list[str]:
+        """The model's raw texts for prompted requests, generated in batches."""
+        return generate_texts(self.model, self.tokenizer, [p.prompt for p in prompted],
+                              self.generation_config(options), progress=progress, desc=desc,
+                              users=[p.request.user for p in prompted], items=[p.request.item for p in prompted])
+
+    def finish(self, prompted: Prompted, text: str) -> Explanation:
+        """Run the safety and grounding checks on a generated text and attach the predicted rating."""
+        checked = self.checker.check(text, prompted.known_features, prompted.prompt, highlight=prompted.item_features)
+        req = prompted.request
+        (rating, level, rating_flags), = self.rate([(req.user, req.item)])
+        return Explanation(req.user, req.item, checked.text, text, rating, level, checked.features,
+                           prompted.flags + rating_flags + checked.flags)
+
+    def explain(self, requests: Iterable[Request | tuple[str, str]], options: dict | None = None,
+                progress: bool = False) -> list[Explanation]:
+        """Reasons for (user, item) pairs or :class:`Request` objects, in order."""
+        reqs = [r if isinstance(r, Request) else Request(*r) for r in requests]
+        prompted = [self.prompt(r, n) for n, r in enumerate(reqs)]
+        texts = self.generate(prompted, options, progress)
+        return [self.finish(p, t) for p, t in zip(prompted, texts)]
+
+    def explain_records(self, records: Sequence[Explained], options: dict | None = None,
+                        progress: bool = False) -> list[str]:
+        """Raw generated texts for dataset records (evaluation scores these)."""
+        prompted = [self.prompt(Request(r.user, r.item, record=r), n) for n, r in enumerate(records)]
+        return self.generate(prompted, options, progress, desc=f"generating ({self.system})")
+
+    # ----- ratings and ranking ------------------------------------------------------------------
+    def head_ratings(self, users: Sequence[str], items: Sequence[str]) -> list[float] | None:
+        """The rating head's predictions, or None when the run has no rating head."""
+        import torch
+
+        if not getattr(self.model, "rating_head_kind", None):
+            return None
+        u, i = self.model.ids(users, items)
+        with torch.no_grad():
+            return self.model.predict_rating(u.to(self.device), i.to(self.device)).float().cpu().tolist()
+
+    def rate(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, str, list[str]]]:
+        """(predicted rating, interest level, flags) per pair: the rating head where the run knows both ids,
+        else the item's mean rating (or the overall mean), flagged ``rating_fallback``."""
+        model = self.model
+        known = [getattr(model, "rating_head_kind", None) and u in model.user_index and i in model.item_index
+                 for u, i in pairs]
+        head = self.head_ratings([u for (u, _), k in zip(pairs, known) if k], [i for (_, i), k in zip(pairs, known) if k])
+        head = iter(head or [])
+        overall = self._mean_rating()
+        out = []
+        for (user, item), k in zip(pairs, known):
+            if k:
+                value, flags = next(head), []
+            else:
+                ratings = self.item_ratings.get(item)
+                value, flags = (sum(ratings) / len(ratings) if ratings else overall), ["rating_fallback"]
+            out.append((value, INTEREST_LABELS[interest_class(value)], flags))
+        return out
+
+    def _mean_rating(self) -> float:
+        total = sum(sum(v) for v in self.item_ratings.values())
+        return total / max(1, sum(len(v) for v in self.item_ratings.values()))
+
+    def rank(self, user: str, k: int, exclude_seen: bool = True) -> list[tuple[str, float]]:
+        """The top ``k`` items for ``user`` among the known items: by the rating head when the run has one and
+        knows the user, else by popularity (number of ratings). Unknown users raise with ``cold_start: error``."""
+        if not self.known_user(user) and self.cold_start == "error":
+            raise UnknownId(f"user_id: unknown user {user!r}; no history, and cold_start is 'error'")
+        seen = self.seen(user) if exclude_seen else set()
+        candidates = sorted(i for i in self.prompter.item_profiles if i not in seen)
+        model = self.model
+        if getattr(model, "rating_head_kind", None) and user in getattr(model, "user_index", {}):
+            candidates = [c for c in candidates if c in model.item_index]
+            scores = self.head_ratings([user] * len(candidates), candidates) or []
+        else:
+            scores = [float(len(self.item_ratings.get(c, ()))) for c in candidates]
+        return sorted(zip(candidates, scores), key=lambda x: (-x[1], x[0]))[:k]
+
+    def recommend(self, user: str, k: int = 10, exclude_seen: bool = True, options: dict | None = None) -> list[Explanation]:
+        """The top ``k`` items for ``user``, each with its reason and ranking score."""
+        ranked = self.rank(user, k, exclude_seen)
+        out = self.explain([Request(user, item) for item, _ in ranked], options)
+        for e, (_, score) in zip(out, ranked):
+            e.score = score
+        return out

@@ -1,0 +1,51 @@
+"""recreason evaluate: the table, the files it writes, and when generated texts are reused."""
+
+import json
+
+
+def test_evaluate_writes_table_for_all_systems(tiny_run):
+    from recreason.evaluation.evaluate import evaluate_run
+    from recreason.generation.generate import GenerateConfig
+
+    report = evaluate_run(tiny_run[0], gen_cfg=GenerateConfig(max_new_tokens=6, max_records=10, precision="fp32"),
+                          progress=False)
+    assert set(report["results"]) == {"zero-shot", "retrieval", "fine-tuned", "popularity", "matrix factorization"}
+    assert "RMSE" not in report["results"]["fine-tuned"]  # this run has no rating head
+    assert report["results"]["popularity"]["RMSE"] > 0
+    assert report["records"] == 10
+    saved = json.loads((tiny_run[0] / "eval" / "test.json").read_text())
+    assert saved["results"]["retrieval"]["BLEU-1"] == report["results"]["retrieval"]["BLEU-1"]
+    lines = (tiny_run[0] / "generated" / "test-retrieval.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    assert row["generated"] and row["reference"] and row["generated"] != row["reference"]
+
+
+def test_evaluation_reuses_texts_only_from_the_same_model_and_settings(tiny_run, monkeypatch):
+    import os
+
+    from recreason.evaluation import evaluate as E
+    from recreason.generation.generate import GenerateConfig
+
+    calls = []
+    real = E.generate_for_run
+
+    def counting(run, records, system, *args, **kwargs):
+        calls.append(system)
+        return real(run, records, system, *args, **kwargs)
+
+    monkeypatch.setattr(E, "generate_for_run", counting)
+    cfg = GenerateConfig(max_new_tokens=5, max_records=6, precision="fp32")
+    systems = ["zero-shot", "fine-tuned"]
+    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
+    calls.clear()
+    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
+    assert calls == []  # same model, same settings: the texts on disk are reused
+    weights = tiny_run[0] / "best" / "adapter_model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as if the run had been trained again
+    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
+    assert calls == ["fine-tuned"]
+    calls.clear()
+    cfg.max_new_tokens = 7
+    E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
+    assert sorted(calls) == ["fine-tuned", "zero-shot"]
