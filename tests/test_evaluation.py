@@ -9,7 +9,17 @@ def test_evaluate_writes_table_for_all_systems(tiny_run):
 
     report = evaluate_run(tiny_run[0], gen_cfg=GenerateConfig(max_new_tokens=6, max_records=10, precision="fp32"),
                           progress=False)
-    assert set(report["results"]) == {"zero-shot", "retrieval", "fine-tuned", "popularity", "matrix factorization"}
+    assert set(report["results"]) == {"zero-shot", "retrieval", "fine-tuned", "popularity", "matrix factorization",
+                                      "ranker (als)"}  # train() fits the ranking stage next to the run
+    for key in ("HR@10", "NDCG@10", "Recall@10", "Recall@20", "full NDCG@10"):
+        assert 0 <= report["results"]["ranker (als)"][key] <= 1 and key in report["results"]["popularity"]
+    fine = report["results"]["fine-tuned"]
+    for key in ("SemSim", "Distinct-1", "Distinct-2", "Generic", "UserFeat", "Ungrounded"):
+        assert key in fine
+    lo, hi = report["intervals"]["fine-tuned"]["ROUGE-L"]
+    assert lo <= fine["ROUGE-L"] <= hi
+    diff = report["differences_to_best_baseline"]["fine-tuned"]["ROUGE-L"]
+    assert diff["baseline"] in ("zero-shot", "retrieval") and diff["low"] <= diff["diff"] <= diff["high"]
     assert "RMSE" not in report["results"]["fine-tuned"]  # this run has no rating head
     assert report["results"]["popularity"]["RMSE"] > 0
     assert report["records"] == 10

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from fastapi.testclient import TestClient
 
 
@@ -53,3 +55,67 @@ def test_a_continuous_prompt_run_gets_the_bare_instruction_only_for_users_it_kno
 
     assert uses_soft_prompt("continuous", True) and not uses_soft_prompt("continuous", False)
     assert not uses_soft_prompt("hybrid", True) and not uses_soft_prompt("discrete", True)
+
+
+def test_selection_score_is_the_documented_sum():
+    import collections
+    import math
+
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import Candidate
+    from recreason.inference.selection import candidate_score, choose, sentence_key
+    from recreason.text import FeatureMatcher
+
+    cfg = GenerateConfig(weight_likelihood=1.0, weight_grounded=0.5, weight_ungrounded=1.0, weight_user=0.5,
+                         weight_generic=0.5)
+    matcher = FeatureMatcher(["tone", "strings", "price", "cable"])
+    generic = collections.Counter({sentence_key("This is a great product."): 7})
+    plain = Candidate("This is a great product.", -0.5, True)
+    specific = Candidate("The tone and the strings are great for the price.", -1.2, False)
+    wrong = Candidate("The cable is great.", -0.4, False)
+    item, user = {"tone", "strings", "price"}, {"tone"}
+    assert candidate_score(plain, item, user, generic, cfg, matcher) == pytest.approx(-0.5 - 0.5 * math.log(8))
+    assert candidate_score(specific, item, user, generic, cfg, matcher) == pytest.approx(-1.2 + 0.5 * 2 + 0.5)
+    assert candidate_score(wrong, item, user, generic, cfg, matcher) == pytest.approx(-0.4 - 1.0)
+    assert choose([plain, specific, wrong], item, user, generic, cfg, matcher) is specific
+    only_likelihood = GenerateConfig(weight_grounded=0, weight_ungrounded=0, weight_user=0, weight_generic=0)
+    assert choose([plain, specific, wrong], item, user, generic, only_likelihood, matcher) is wrong
+    assert choose([Candidate("", 0.0, True), plain], item, user, generic, cfg, matcher) is plain
+
+
+def test_candidates_do_not_depend_on_the_batch_and_start_with_the_greedy_text(tiny_run):
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import generate_candidates, generate_texts
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=6, precision="fp32"))
+    records = predictor.dataset.subset(1, "test")[:5]
+    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    cfg = GenerateConfig(max_new_tokens=6, precision="fp32", candidates=4, batch_size=5)
+    together = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False)
+    alone = generate_candidates(predictor.model, predictor.tokenizer, prompts[-1:], cfg, progress=False)
+    assert [c.text for c in together[-1]] == [c.text for c in alone[0]]
+    assert [c.logprob for c in together[-1]] == pytest.approx([c.logprob for c in alone[0]], abs=1e-4)
+    greedy = generate_texts(predictor.model, predictor.tokenizer, prompts, GenerateConfig(max_new_tokens=6),
+                            progress=False)
+    assert [c[0].text for c in together] == greedy and all(c[0].greedy for c in together)
+    assert sum(len(c) for c in together) > len(prompts)  # the samples add texts the greedy pass did not write
+    assert all(c.logprob <= 0 for cands in together for c in cands)
+
+
+def test_candidate_selection_runs_in_every_path(tiny_run, tmp_path):
+    """With generate.candidates > 1 the Predictor chooses among candidates; the choice is one of them."""
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import generate_candidates
+    from recreason.inference import Predictor, Request
+
+    cfg = GenerateConfig(max_new_tokens=6, precision="fp32", candidates=3, generic_records=8)
+    predictor = Predictor(tiny_run[0], cfg)
+    records = predictor.dataset.subset(1, "test")[:4]
+    chosen = predictor.explain_records(records)
+    prompted = [predictor.prompt(Request(r.user, r.item, record=r)) for r in records]
+    options = generate_candidates(predictor.model, predictor.tokenizer, [p.prompt for p in prompted], cfg,
+                                  progress=False)
+    assert all(text in [c.text for c in cands] for text, cands in zip(chosen, options))
+    table = json.loads((tiny_run[0] / "generated" / "generic-table.json").read_text())
+    assert 0 < sum(table["counts"].values()) <= 8  # greedy reasons of 8 validation records (blank ones left out)

@@ -107,3 +107,52 @@ def test_sentiment_agreement():
     texts = ["Great tone, I love it.", "Terrible strings, they broke.", "It is a cable."]
     assert M.sentiment_agreement(texts, [5.0, 1.0, 4.0]) == pytest.approx(1.0)
     assert M.sentiment_agreement(texts, [1.0, 5.0, 4.0]) == pytest.approx(1 / 3)
+
+
+def test_distinct_generic_and_user_feature_match_hand_computed():
+    hyps = [["a", "b", "a"], ["a", "b"]]
+    assert M.distinct_n(hyps, 1) == 2 / 5  # a b a a b: 2 distinct of 5
+    assert M.distinct_n(hyps, 2) == 2 / 3  # (a b) (b a) (a b)
+    assert M.generic_rate([["x"], ["x"], ["y"], ["z"]], top=1) == 2 / 4
+    assert M.generic_rate([["x"], ["y"]], top=10) == 1.0
+    found = [{"tone"}, {"price"}, set()]
+    users = [{"tone", "cable"}, {"strings"}, {"tone"}]
+    assert M.user_feature_match(found, users) == 1 / 3
+
+
+def test_bleu_from_summed_sentence_stats_is_corpus_bleu():
+    refs = [tokenize("the tone is bright and clear"), tokenize("great strings for the price")]
+    hyps = [tokenize("the tone is bright"), tokenize("good strings for the money")]
+    totals = [sum(x) for x in zip(*(M.bleu_stats(r, h) for r, h in zip(refs, hyps)))]
+    # matches: 1-grams 4+3, 2-grams 3+2, 3-grams 2+1, 4-grams 1+0; possible 4+5, 3+4, 2+3, 1+2; lengths 9 / 11
+    assert totals == [7, 5, 3, 1, 9, 7, 5, 3, 9, 11]
+    assert M.bleu_from_stats(totals) == pytest.approx(M.bleu(refs, hyps))
+    assert M.bleu(refs, hyps) == pytest.approx(100 * (7 / 9 * 5 / 7 * 3 / 5 * 1 / 3) ** 0.25 * math.exp(1 - 11 / 9))
+
+
+def test_bootstrap_intervals_and_paired_differences():
+    from recreason.evaluation import intervals as I
+
+    refs = [tokenize(t) for t in ["the tone is bright", "great strings", "nice cable", "good price"] * 10]
+    good = [list(r) for r in refs]  # perfect copies
+    bad = [["something", "else"] for _ in refs]
+    a, b = I.SentenceScores(refs, good), I.SentenceScores(refs, bad)
+    samples = I.resamples(len(refs), 200, seed=1)
+    ci = I.intervals(a, samples)
+    assert ci["ROUGE-L"] == [100.0, 100.0] and ci["BLEU-1"] == [pytest.approx(100.0), pytest.approx(100.0)]
+    same = I.paired_difference(a, a, samples)["ROUGE-L"]
+    assert same["diff"] == 0 and same["low"] == 0 and same["high"] == 0 and same["p_not_better"] == 1.0
+    better = I.paired_difference(a, b, samples)["ROUGE-L"]
+    assert better["diff"] == 100.0 and better["low"] == 100.0 and better["p_not_better"] == 0.0
+    mixed = [list(r) if n % 2 else ["x"] for n, r in enumerate(refs)]
+    lo, hi = I.intervals(I.SentenceScores(refs, mixed), samples)["ROUGE-L"]
+    assert lo < 50.0 < hi  # half the sentences perfect: the mean is 50 and the interval spans it
+
+
+def test_semantic_similarity_uses_the_shipped_sentence_model():
+    from recreason.evaluation.semantic import similarity_scores
+
+    same, para, other = similarity_scores(["the tone is bright and clear"] * 3,
+                                          ["the tone is bright and clear", "bright, clear sound", "the cable broke"])
+    assert same == pytest.approx(100.0, abs=0.01)
+    assert para > other + 20

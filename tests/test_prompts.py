@@ -50,3 +50,45 @@ def test_history_and_attributes_are_quoted_data():
     assert text.rstrip().endswith("why this user will like this item.")
     # A record's own review is never in its own history.
     assert "Great tone" not in p.for_record(a)[1]["content"]
+
+
+def test_evidence_quotes_other_buyers_most_relevant_sentences_first():
+    from recreason.config import PromptConfig
+
+    train = [
+        rec(0, "u1", "i9", ["tone"]),  # u1's own taste: tone
+        rec(1, "u2", "i1", ["price"]),
+        rec(2, "u3", "i1", ["tone", "price"]),
+        rec(3, "u4", "i1", ["cable"]),
+        rec(4, "u1", "i1", ["strings"]),  # u1's own review of i1: never evidence for u1
+    ]
+    p = DiscretePrompter(train, PromptConfig(evidence=2))
+    chosen = p.evidence_records("i1", p.user_profiles["u1"], user="u1")
+    assert [r.index for r in chosen] == [2, 1]  # shares "tone" with u1 first, then the newest of the rest
+    text = p.messages("u1", "i1")[1]["content"]
+    assert 'Other buyers wrote about this item: "the tone is good"; "the price is good".' in text
+    assert "strings" not in text.split("Other buyers")[1]
+    # Training record 2's own sentence never appears as evidence for itself.
+    assert 2 not in [r.index for r in p.evidence_records("i1", ["tone"], train[2], "u3")]
+    assert DiscretePrompter(train).evidence("i1", ["tone"]) == []  # evidence: 0 is off
+
+
+def test_no_target_or_test_text_reaches_any_prompt(prepared_dir):
+    """On real data: evidence comes only from training records, never a record's own review."""
+    from recreason.config import PromptConfig
+    from recreason.data.dataset import Dataset
+
+    ds = Dataset(prepared_dir)
+    train = ds.subset(1, "train")
+    p = DiscretePrompter(train, PromptConfig(evidence=5))
+    train_ids = {r.index for r in train}
+    quoted = 0
+    for split in ("train", "validation", "test"):
+        for record in ds.subset(1, split):
+            sources = p.evidence_records(record.item, p.user_profiles.get(record.user, {}), record, record.user)
+            assert all(r.index in train_ids and r.index != record.index and r.user != record.user for r in sources)
+            quoted += len(sources)
+            if split != "train":  # a held-out record's own sentence is never in its prompt
+                assert record.sentence not in p.for_record(record)[1]["content"] or \
+                    any(r.sentence == record.sentence for r in train)
+    assert quoted > 0

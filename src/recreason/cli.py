@@ -77,13 +77,30 @@ def cmd_train(args) -> int:
         if value is not None:
             setattr(cfg, flag, value)
     summary = train(args.dataset, args.out, cfg, config["prompt"], to_dict(config), progress=not args.quiet,
-                    resume="or-start" if args.resume_or_start else args.resume)
+                    resume="or-start" if args.resume_or_start else args.resume, rank_cfg=config["rank"])
     print(f"trained {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
           f"({summary['tokens_per_second']:.0f} tokens/s); best validation loss "
           f"{summary['best_validation_loss']:.4f} at step {summary['best_step']}"
           f"{' (stopped early)' if summary['stopped_early'] else ''}")
     print(f"run written to {args.out} (best checkpoint in {Path(args.out) / 'best'}, "
           f"TensorBoard logs in {Path(args.out) / 'tensorboard'})")
+    return 0
+
+
+def cmd_rank(args) -> int:
+    """Fit the ranking stage (an implicit ALS/BPR model, or popularity) on a dataset's training split."""
+    from recreason.data.dataset import Dataset
+    from recreason.ranking import fit_ranker
+
+    config = _config(args)
+    cfg = config["rank"]
+    if args.model:
+        cfg.model = args.model
+    start = time.time()
+    ranker = fit_ranker(Dataset(args.dataset).subset(args.split_seed, "train"), cfg)
+    ranker.save(args.out)
+    print(f"fitted a {cfg.model} ranker on {len(ranker.users)} users and {len(ranker.items)} items in "
+          f"{time.time() - start:.1f} s; written to {args.out}")
     return 0
 
 
@@ -119,9 +136,14 @@ def cmd_evaluate(args) -> int:
     if args.max_records:
         gen.max_records = args.max_records
     report = evaluate_runs(args.run, args.split or ev.split, gen, args.systems or ev.systems, ev.max_len,
-                           regenerate=args.regenerate, progress=not args.quiet, out_dir=args.out)
-    print(f"\n{report['split']} split, {report['records']} records, first {report['max_len']} tokens:\n")
+                           regenerate=args.regenerate, progress=not args.quiet, out_dir=args.out,
+                           bootstrap=ev.bootstrap, semantic=ev.semantic)
+    scope = f"the first {gen.max_records} (generate.max_records)" if gen.max_records else "the whole split"
+    print(f"\n{report['split']} split, {report['records']} records ({scope}), first {report['max_len']} tokens:\n")
     print(report["table"])
+    if report["differences_table"]:
+        print("\nPaired bootstrap difference to the best text baseline (95% interval):\n")
+        print(report["differences_table"])
     print(f"\nreport written to {args.out or Path(args.run[0]) / 'eval'}")
     if args.json:
         print(json.dumps(report["results"], indent=2))
@@ -129,7 +151,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_recommend(args) -> int:
-    """Top-K unseen items for a user (the run's rating head, or popularity), each with a generated reason."""
+    """Top-K unseen items for a user (the run's ranker; popularity for unknown users), each with a reason."""
     from recreason.inference import Predictor
 
     gen = _config(args)["generate"]
@@ -222,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-or-start", action="store_true", dest="resume_or_start",
                    help="like --resume, but start from step 0 when OUT has no checkpoint yet")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("rank", parents=[common], help=cmd_rank.__doc__, description=cmd_rank.__doc__)
+    p.add_argument("dataset", help="prepared dataset directory")
+    p.add_argument("--out", required=True, help="folder to write (RUN/ranker is where recommend and serve look)")
+    p.add_argument("--model", choices=["als", "bpr", "popularity"], help="ranking model (rank.model; default als)")
+    p.add_argument("--split-seed", type=int, default=1, dest="split_seed", help="which split's training part to fit on")
+    p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("generate", parents=[common], help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     p.add_argument("--run", required=True, help="run directory from 'recreason train'")

@@ -45,6 +45,7 @@ class PromptConfig:
     item_features: int = 5  # how many of the item's most frequent features to list
     history: int = 0  # how many of the user's latest training reviews to quote (rating and summary)
     attributes: int = 5  # how many item attributes (and its title) to show when the data has them
+    evidence: int = 0  # how many of other buyers' training sentences about the item to quote (0: none)
     system: str = SYSTEM
     instruction: str = "Write one short sentence on why this user will like this item."
 
@@ -91,6 +92,7 @@ class TrainConfig:
     max_eval_records: int | None = 256  # validation records used for early stopping
     checkpoint_every: int | None = None  # steps between resumable checkpoints in RUN/last (default: eval_every)
     patience: int = 3  # validation passes without improvement before stopping
+    snapshot_steps: list[int] = field(default_factory=list)  # also keep the weights at these steps (RUN/snapshots/)
     precision: str = "bf16"  # bf16 (autocast; frozen base weights stored in bf16) | fp16 (GPU, loss scaling) | fp32
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard and/or wandb
     seed: int = 42
@@ -137,6 +139,30 @@ class GenerateConfig:
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp32: weights used for generation
     max_records: int | None = None  # generate for the first N records of the split only
+    # Choose, don't just decode: with candidates > 1 the greedy text and candidates - 1 samples are scored
+    # and the best is kept (recreason.inference.selection). 1 = plain decoding with the settings above.
+    candidates: int = 1
+    sample_temperature: float = 0.8  # sampling settings of the extra candidates
+    sample_top_p: float = 0.95
+    weight_likelihood: float = 1.0  # x mean token log-probability under the model
+    weight_grounded: float = 0.5  # + per feature named that the item has (up to 2)
+    weight_ungrounded: float = 1.0  # - per feature named that the item lacks
+    weight_user: float = 0.5  # + when the reason names one of the user's own features
+    weight_generic: float = 0.5  # - x log(1 + how often the run says this sentence for other pairs)
+    generic_records: int = 200  # validation records whose greedy reasons measure what the run says often
+
+
+@dataclass
+class RankConfig:
+    model: str = "als"  # als | bpr (the implicit library) | popularity
+    factors: int = 64
+    regularization: float = 0.01
+    iterations: int = 15
+    alpha: float = 1.0  # ALS: confidence weight of an interaction
+    learning_rate: float = 0.01  # BPR
+    popularity_weight: float = 0.0  # score = model score + this x log(1 + training interactions of the item)
+    use_gpu: bool = False  # implicit's CUDA kernels (needs implicit built with CUDA)
+    seed: int = 0
 
 
 @dataclass
@@ -144,6 +170,8 @@ class EvaluateConfig:
     split: str = "test"
     max_len: int = 20  # tokens compared per sentence, as in PEPLER
     systems: list[str] = field(default_factory=lambda: ["zero-shot", "retrieval", "fine-tuned"])
+    bootstrap: int = 1000  # resamples for 95% intervals and paired differences (0: none)
+    semantic: bool = True  # semantic similarity column (all-MiniLM-L6-v2, shipped in a PyPI package)
 
 
 @dataclass
@@ -162,6 +190,7 @@ SECTIONS = {
     "prompt": PromptConfig,
     "train": TrainConfig,
     "generate": GenerateConfig,
+    "rank": RankConfig,
     "evaluate": EvaluateConfig,
 }
 

@@ -58,6 +58,13 @@ def checkpoint_kind(folder: Path) -> str:
                              f"{FULL_WEIGHTS}); retrain the run")
 
 
+def checkpoint_stamp(run: "Run", checkpoint: str = "best") -> str:
+    """Names, sizes and modification times of a checkpoint's files: changes whenever the run is retrained."""
+    best = run.dir / checkpoint
+    files = sorted(f for f in best.rglob("*") if f.is_file()) if best.exists() else []
+    return ";".join(f"{f.relative_to(run.dir)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
 def write_run_info(run_dir: Path, dataset_dir: str, base_path: str, cfg: TrainConfig, prompt: PromptConfig) -> None:
     info = {
         "model": cfg.model,
@@ -84,11 +91,14 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_best(model, run_dir: Path, state: dict | None = None) -> None:
-    """Write RUN/best atomically. ``state``: the trainable weights by name, when they were gathered from shards."""
+def save_best(model, run_dir: Path, state: dict | None = None, folder: str = "best") -> None:
+    """Write RUN/best (or another checkpoint folder of the same format, such as ``snapshots/step-100``)
+    atomically. ``state``: the trainable weights by name, when they were gathered from shards."""
     from recreason.models.methods import save_adapter
 
-    tmp = run_dir / ".best-tmp"
+    final = run_dir / folder
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}-tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     lm_state = None if state is None else {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
@@ -100,7 +110,7 @@ def save_best(model, run_dir: Path, state: dict | None = None) -> None:
         model.lm.save_pretrained(tmp, safe_serialization=True)
     if model.uses_ids:
         model.save_personal(tmp, state)
-    _replace_dir(tmp, run_dir / "best")
+    _replace_dir(tmp, final)
 
 
 def load_best_into(model, run_dir: Path) -> None:
@@ -191,8 +201,9 @@ class Run:
     def dataset(self) -> Dataset:
         return Dataset(self.info["dataset"])
 
-    def load_model(self, dtype: str = "float32", device: str = "cpu", merge: bool = True):
-        """(RecReasonModel, tokenizer) with the best checkpoint applied; LoRA is merged for fast inference."""
+    def load_model(self, dtype: str = "float32", device: str = "cpu", merge: bool = True, checkpoint: str = "best"):
+        """(RecReasonModel, tokenizer) with a checkpoint folder applied (RUN/best by default, or e.g.
+        ``snapshots/step-100``); LoRA is merged for fast inference."""
         import torch
         from safetensors.torch import load_file
 
@@ -200,9 +211,10 @@ class Run:
         from recreason.models.personalized import RecReasonModel
         from recreason.models.registry import attention_for, load_model, load_tokenizer
 
-        best = self.dir / "best"
+        best = self.dir / checkpoint
         if not best.exists():
-            raise NotARun(f"{self.dir} has no best checkpoint; training did not finish a validation pass")
+            raise NotARun(f"{self.dir} has no {checkpoint} checkpoint" +
+                          ("; training did not finish a validation pass" if checkpoint == "best" else ""))
         kind = checkpoint_kind(best)
         if kind == "full":
             from transformers import AutoModelForCausalLM

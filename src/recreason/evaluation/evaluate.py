@@ -28,27 +28,25 @@ from recreason.config import GenerateConfig
 from recreason.data.records import Explained, target_text
 from recreason.errors import ConfigError
 from recreason.evaluation import metrics as M
+from recreason.evaluation import intervals as intervals_mod
 from recreason.evaluation import ranking
 from recreason.evaluation.baselines import RetrievalBaseline
 from recreason.evaluation.metrics import text_metrics
 from recreason.inference import Predictor
 from recreason.inference.safety import REPLACE_FLAGS, ReasonChecker
-from recreason.rundir import Run
+from recreason.ranking import Ranker
+from recreason.rundir import Run, checkpoint_stamp
 from recreason.text import FeatureMatcher, tokenize
 
 SYSTEMS = ("zero-shot", "retrieval", "fine-tuned")
-METRIC_ORDER = ["BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "USR", "FMR", "FCR", "DIV",
-                "RMSE", "MAE", "InterestF1", "HR@10", "NDCG@10", "SentAgree", "Ungrounded", "Filtered"]
+METRIC_ORDER = ["BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "SemSim", "USR", "FMR", "FCR", "DIV",
+                "Distinct-1", "Distinct-2", "Generic", "UserFeat", "Ungrounded", "Filtered",
+                "RMSE", "MAE", "InterestF1", "HR@10", "NDCG@10", "Recall@10", "Recall@20", "full NDCG@10", "SentAgree"]
 FRACTIONS = {"USR", "FMR", "FCR", "DIV", "RMSE", "MAE", "InterestF1", "InterestAcc", "HR@10", "NDCG@10", "SentAgree",
-             "Ungrounded", "Filtered"}
-
-
-def score_texts(
-    references: Sequence[str], generated: Sequence[str], truth_features: Sequence[str], vocabulary, max_len: int = 20
-) -> dict[str, float]:
-    refs = [tokenize(t)[:max_len] for t in references]
-    hyps = [tokenize(t)[:max_len] for t in generated]
-    return text_metrics(refs, hyps, truth_features, vocabulary)
+             "Recall@10", "Recall@20", "full NDCG@10",
+             "Ungrounded", "Filtered", "Distinct-1", "Distinct-2", "Generic", "UserFeat"}
+SHOWN_INTERVALS = ("BLEU-1", "BLEU-4", "ROUGE-L")  # the table shows these with their 95% interval
+TEXT_BASELINES = ("zero-shot", "retrieval")
 
 
 def check_rates(texts: Sequence[str], records, item_features: dict[str, set[str]], vocabulary) -> dict[str, float]:
@@ -90,10 +88,7 @@ def generation_fingerprint(run: Run, system: str, gen_cfg: GenerateConfig) -> st
                                                                if k != "max_records"}}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     if system == "fine-tuned":
-        for f in sorted((run.dir / "best").rglob("*")):
-            if f.is_file():
-                stat = f.stat()
-                digest.update(f"{f.relative_to(run.dir)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(checkpoint_stamp(run).encode())
     return digest.hexdigest()[:20]
 
 
@@ -102,16 +97,97 @@ def read_generated(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
+def _fmt(metric: str, value: float) -> str:
+    return f"{value:.4f}" if metric in FRACTIONS else f"{value:.2f}"
+
+
+def format_table(results: dict[str, dict[str, float]], intervals: dict | None = None) -> str:
     cols = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
     lines = ["| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, res in results.items():
         cells = []
         for m in cols:
             v = res.get(m)
-            cells.append("" if v is None else (f"{v:.4f}" if m in FRACTIONS else f"{v:.2f}"))
+            cell = "" if v is None else _fmt(m, v)
+            ci = (intervals or {}).get(name, {}).get(m)
+            if ci is not None and m in SHOWN_INTERVALS:
+                cell += f" ({_fmt(m, ci[0])}-{_fmt(m, ci[1])})"
+            cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_differences(differences: dict) -> str:
+    """One row per fine-tuned run: its paired bootstrap difference to the best text baseline per metric."""
+    if not differences:
+        return ""
+    metrics = [m for m in ("BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "SemSim")
+               if any(m in d for d in differences.values())]
+    lines = ["| run | " + " | ".join(f"{m} (vs)" for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name, diffs in differences.items():
+        cells = [f"{d['diff']:+.2f} ({d['low']:+.2f} to {d['high']:+.2f}; {d['baseline']})"
+                 for d in (diffs[m] for m in metrics)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class TextScorer:
+    """Scores every system's texts on the same records: PETER's metrics, the diversity, personalization and
+    grounding columns, semantic similarity, bootstrap intervals and paired differences."""
+
+    def __init__(self, records, references, train, vocabulary, max_len: int, bootstrap: int = 1000,
+                 semantic: bool = True):
+        self.records, self.references, self.vocabulary, self.max_len = records, references, vocabulary, max_len
+        self.refs = [tokenize(t)[:max_len] for t in references]
+        self.truth = [r.feature for r in records]
+        self.matcher = FeatureMatcher(vocabulary)
+        self.item_features: dict[str, set[str]] = {}
+        user_features: dict[str, set[str]] = {}
+        for r in train:
+            feats = r.features or [r.feature]
+            self.item_features.setdefault(r.item, set()).update(feats)
+            user_features.setdefault(r.user, set()).update(feats)
+        self.user_features = [user_features.get(r.user, set()) for r in records]
+        self.semantic = semantic
+        self.samples = intervals_mod.resamples(len(records), bootstrap) if bootstrap and records else None
+        self.sentence_scores: dict[str, intervals_mod.SentenceScores] = {}
+        self.intervals: dict[str, dict[str, list[float]]] = {}
+
+    def score(self, name: str, texts: Sequence[str]) -> dict[str, float]:
+        hyps = [tokenize(t)[:self.max_len] for t in texts]
+        row = text_metrics(self.refs, hyps, self.truth, self.vocabulary)
+        row["UserFeat"] = M.user_feature_match([self.matcher.find(h) for h in hyps], self.user_features)
+        row.update(check_rates(texts, self.records, self.item_features, self.vocabulary))
+        extra = {}
+        if self.semantic and texts:
+            from recreason.evaluation.semantic import similarity_scores
+
+            extra["SemSim"] = similarity_scores(self.references, texts)
+            row["SemSim"] = sum(extra["SemSim"]) / len(texts)
+        if self.samples is not None:
+            scores = intervals_mod.SentenceScores(self.refs, hyps, extra)
+            self.sentence_scores[name] = scores
+            self.intervals[name] = intervals_mod.intervals(scores, self.samples)
+        return row
+
+    def differences(self, results: dict, systems: Sequence[str]) -> dict:
+        """For each of ``systems``: the paired difference to the best text baseline on each metric (the
+        baseline with the higher value on that metric)."""
+        baselines = [b for b in TEXT_BASELINES if b in self.sentence_scores]
+        out = {}
+        for name in systems:
+            if name not in self.sentence_scores or not baselines:
+                continue
+            diffs = {}
+            for metric in (*intervals_mod.INTERVAL_METRICS, "SemSim"):
+                if metric not in results[name]:
+                    continue
+                best = max(baselines, key=lambda b: results[b].get(metric, float("-inf")))
+                d = intervals_mod.paired_difference(self.sentence_scores[name], self.sentence_scores[best],
+                                                    self.samples)[metric]
+                diffs[metric] = {"baseline": best, **d}
+            out[name] = diffs
+        return out
 
 
 def generate_for_run(run: Run, records, system: str, gen_cfg: GenerateConfig, progress: bool = True, dataset=None,
@@ -172,6 +248,11 @@ def rating_and_ranking(predictor: Predictor, records, negatives, low: float, hig
     return out
 
 
+def _full_ranking(scorer, train, records, bootstrap: int) -> dict:
+    full = ranking.full_ranking(scorer, train, records, ks=(10, 20), n_resamples=max(bootstrap, 1))
+    return {k: v for k, v in full.items() if k in ("Recall@10", "Recall@20", "full NDCG@10")}
+
+
 def evaluate_runs(
     run_dirs: Sequence[str | Path],
     split: str = "test",
@@ -182,6 +263,8 @@ def evaluate_runs(
     progress: bool = True,
     out_dir: str | Path | None = None,
     n_negatives: int = 99,
+    bootstrap: int = 1000,
+    semantic: bool = True,
 ) -> dict:
     """One table: baselines once, then one fine-tuned row per run (all runs must share dataset and split)."""
     gen_cfg = gen_cfg or GenerateConfig()
@@ -192,13 +275,10 @@ def evaluate_runs(
             raise ConfigError(f"{other.dir} uses another dataset or split than {first.dir}; rows would not compare")
     dataset = first.dataset()
     records, references = _select_records(first, dataset, split, gen_cfg)
-    truth = [r.feature for r in records]
     train = dataset.subset(first.info["split_seed"], "train")
     low, high = dataset.rating_range
     negatives = ranking.sample_negatives(dataset.records, records, n_negatives, seed=0)
-    item_features: dict[str, set[str]] = {}
-    for r in train:
-        item_features.setdefault(r.item, set()).update(r.features or [r.feature])
+    scorer = TextScorer(records, references, train, dataset.features, max_len, bootstrap, semantic)
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     for system in systems:
@@ -217,8 +297,7 @@ def evaluate_runs(
             if texts is None:
                 texts = generate_for_run(first, records, system, gen_cfg, progress, dataset)
         write_generated(path, records, texts, references, dataset.features, fingerprint)
-        results[system] = score_texts(references, texts, truth, dataset.features, max_len)
-        results[system].update(check_rates(texts, records, item_features, dataset.features))
+        results[system] = scorer.score(system, texts)
         timings[system] = time.time() - start
     if "fine-tuned" in systems:
         start = time.time()
@@ -229,6 +308,7 @@ def evaluate_runs(
             row = {"RMSE": M.rmse(predicted, [r.rating for r in records], low, high),
                    "MAE": M.mae(predicted, [r.rating for r in records], low, high)}
             row.update(ranking.evaluate_ranking(base.score, records, negatives, ks=(10,)))
+            row.update(_full_ranking(base.score, train, records, bootstrap))
             results[name] = row
         timings["rating baselines"] = time.time() - start
         for run in runs:
@@ -243,13 +323,25 @@ def evaluate_runs(
             if texts is None:
                 texts = generate_for_run(run, records, "fine-tuned", gen_cfg, progress, dataset, predictor)
             write_generated(path, records, texts, references, dataset.features, fingerprint)
-            row = score_texts(references, texts, truth, dataset.features, max_len)
-            row.update(check_rates(texts, records, item_features, dataset.features))
+            row = scorer.score(name, texts)
             if predictor is not None:
                 row.update(rating_and_ranking(predictor, records, negatives, low, high, texts))
+                if "HR@10" in row:
+                    row.update(_full_ranking(lambda u, items: predictor.head_ratings([u] * len(items), items),
+                                             train, records, bootstrap))
             results[name] = row
             timings[name] = time.time() - start
-    table = format_table(results)
+            ranker_dir = run.dir / "ranker"
+            if (ranker_dir / "ranker.json").exists():
+                ranker = Ranker.load(ranker_dir)
+                label = f"ranker ({ranker.config.model})" + ("" if len(runs) == 1 else f": {run.dir.name}")
+                results[label] = {**ranking.evaluate_ranking(ranker.score, records, negatives, ks=(10,)),
+                                  **_full_ranking(ranker.score, train, records, bootstrap)}
+    table = format_table(results, scorer.intervals)
+    fine_tuned = [n for n in results if n.startswith("fine-tuned")]
+    differences = scorer.differences(results, fine_tuned)
+    capped = f" (the first {gen_cfg.max_records}: generate.max_records caps it)" if gen_cfg.max_records else \
+        " (the whole split)"
     report = {
         "runs": [str(r.dir) for r in runs],
         "split": split,
@@ -259,20 +351,31 @@ def evaluate_runs(
                             "interacted with; ties rank the test item last",
         "generation": asdict(gen_cfg),
         "results": results,
+        "intervals": scorer.intervals,
+        "bootstrap_resamples": bootstrap,
+        "differences_to_best_baseline": differences,
         "seconds": timings,
     }
     out = Path(out_dir) if out_dir else first.dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{split}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{split}.md").write_text(
-        f"# Evaluation on the {split} split ({len(records)} records)\n\n{table}\n\n"
-        f"Text metrics on the first {max_len} tokens; BLEU/ROUGE x100; DIV lower is better. "
-        f"HR@10/NDCG@10: {report['ranking_protocol']}. RMSE/MAE with predictions clipped to "
+        f"# Evaluation on the {split} split: {len(records)} records{capped}\n\n{table}\n\n"
+        + (f"Paired bootstrap difference of each fine-tuned run to the best text baseline on that metric "
+           f"(95% interval, {bootstrap} resamples):\n\n{format_differences(differences)}\n\n" if differences else "")
+        + f"Text metrics on the first {max_len} tokens; BLEU/ROUGE x100 with 95% bootstrap intervals "
+        f"({bootstrap} resamples of the records); SemSim: cosine similarity x100 of all-MiniLM-L6-v2 embeddings "
+        f"of reason and reference; DIV lower is better; Distinct-n: distinct n-grams over all n-grams; Generic: "
+        f"share of reasons that are one of the 10 most frequent; UserFeat: share naming a feature of the user's "
+        f"own training reviews. "
+        f"HR@10/NDCG@10: {report['ranking_protocol']}. Recall@10/20 and full NDCG@10: every training item the "
+        f"user has not interacted with in training is ranked; the user's {split} items are relevant. RMSE/MAE with predictions clipped to "
         f"[{low:g}, {high:g}]. SentAgree: share of reasons whose VADER polarity matches the predicted rating. "
         f"Filtered: share the serving safety filter would replace; Ungrounded: share naming a feature absent "
         f"from the item's training reviews.\n"
     )
     report["table"] = table
+    report["differences_table"] = format_differences(differences)
     return report
 
 

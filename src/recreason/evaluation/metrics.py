@@ -23,30 +23,38 @@ def _ngram_counts(tokens: Tokens, max_order: int) -> collections.Counter:
     return counts
 
 
+def bleu_stats(reference: Tokens, hypothesis: Tokens, max_order: int = 4) -> list[int]:
+    """One sentence's share of corpus BLEU: clipped n-gram matches and possible n-grams for each order, then
+    the hypothesis and reference lengths. Corpus BLEU sums these over sentences (so it can be bootstrapped)."""
+    overlap = _ngram_counts(reference, max_order) & _ngram_counts(hypothesis, max_order)
+    matches = [0] * max_order
+    for ngram, count in overlap.items():
+        matches[len(ngram) - 1] += count
+    possible = [max(0, len(hypothesis) - order + 1) for order in range(1, max_order + 1)]
+    return matches + possible + [len(hypothesis), len(reference)]
+
+
+def bleu_from_stats(totals: Sequence[float], max_order: int = 4) -> float:
+    """Corpus BLEU x100 from summed :func:`bleu_stats` (tensorflow/nmt ``compute_bleu``, no smoothing)."""
+    matches, possible = totals[:max_order], totals[max_order : 2 * max_order]
+    hyp_len, ref_len = totals[2 * max_order], totals[2 * max_order + 1]
+    precisions = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
+    if min(precisions) <= 0 or hyp_len == 0:
+        return 0.0
+    geo_mean = math.exp(sum(math.log(p) for p in precisions) / max_order)
+    ratio = hyp_len / ref_len if ref_len else float("inf")
+    brevity = 1.0 if ratio > 1.0 else math.exp(1 - 1 / ratio)
+    return 100.0 * geo_mean * brevity
+
+
 def bleu(references: Sequence[Tokens], hypotheses: Sequence[Tokens], max_order: int = 4) -> float:
     """Corpus BLEU as tensorflow/nmt ``compute_bleu`` with one reference each, no smoothing, x100."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    matches = [0] * max_order
-    possible = [0] * max_order
-    ref_len = hyp_len = 0
+    totals = [0] * (2 * max_order + 2)
     for ref, hyp in zip(references, hypotheses):
-        ref_len += len(ref)
-        hyp_len += len(hyp)
-        overlap = _ngram_counts(ref, max_order) & _ngram_counts(hyp, max_order)
-        for ngram, count in overlap.items():
-            matches[len(ngram) - 1] += count
-        for order in range(1, max_order + 1):
-            possible[order - 1] += max(0, len(hyp) - order + 1)
-    precisions = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
-    if min(precisions) <= 0:
-        return 0.0
-    geo_mean = math.exp(sum(math.log(p) for p in precisions) / max_order)
-    if hyp_len == 0:
-        return 0.0
-    ratio = hyp_len / ref_len if ref_len else float("inf")
-    brevity = 1.0 if ratio > 1.0 else math.exp(1 - 1 / ratio)
-    return 100.0 * geo_mean * brevity
+        totals = [a + b for a, b in zip(totals, bleu_stats(ref, hyp, max_order))]
+    return bleu_from_stats(totals, max_order)
 
 
 def _f1(overlap: int, hyp_size: int, ref_size: int) -> float:
@@ -56,16 +64,19 @@ def _f1(overlap: int, hyp_size: int, ref_size: int) -> float:
     return 2 * p * r / (p + r)
 
 
-def rouge_n(references: Sequence[Tokens], hypotheses: Sequence[Tokens], n: int) -> float:
-    """Mean per-sentence ROUGE-N F-score with n-grams taken as sets, x100."""
-    if not hypotheses:
-        return 0.0
-    total = 0.0
+def rouge_n_scores(references: Sequence[Tokens], hypotheses: Sequence[Tokens], n: int) -> list[float]:
+    """Per-sentence ROUGE-N F-scores with n-grams taken as sets, x100."""
+    scores = []
     for ref, hyp in zip(references, hypotheses):
         ref_set = {tuple(ref[i : i + n]) for i in range(len(ref) - n + 1)}
         hyp_set = {tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1)}
-        total += _f1(len(ref_set & hyp_set), len(hyp_set), len(ref_set))
-    return 100.0 * total / len(hypotheses)
+        scores.append(100.0 * _f1(len(ref_set & hyp_set), len(hyp_set), len(ref_set)))
+    return scores
+
+
+def rouge_n(references: Sequence[Tokens], hypotheses: Sequence[Tokens], n: int) -> float:
+    """Mean per-sentence ROUGE-N F-score with n-grams taken as sets, x100."""
+    return sum(rouge_n_scores(references, hypotheses, n)) / len(hypotheses) if hypotheses else 0.0
 
 
 def lcs_length(a: Tokens, b: Tokens) -> int:
@@ -81,19 +92,23 @@ def lcs_length(a: Tokens, b: Tokens) -> int:
     return prev[-1]
 
 
-def rouge_l(references: Sequence[Tokens], hypotheses: Sequence[Tokens]) -> float:
-    """Mean per-sentence ROUGE-L F with beta = P/R, x100."""
-    if not hypotheses:
-        return 0.0
-    total = 0.0
+def rouge_l_scores(references: Sequence[Tokens], hypotheses: Sequence[Tokens]) -> list[float]:
+    """Per-sentence ROUGE-L F with beta = P/R, x100."""
+    scores = []
     for ref, hyp in zip(references, hypotheses):
         lcs = lcs_length(ref, hyp)
         if lcs == 0:
+            scores.append(0.0)
             continue
         r, p = lcs / len(ref), lcs / len(hyp)
         beta = p / r
-        total += (1 + beta**2) * r * p / (r + beta**2 * p)
-    return 100.0 * total / len(hypotheses)
+        scores.append(100.0 * (1 + beta**2) * r * p / (r + beta**2 * p))
+    return scores
+
+
+def rouge_l(references: Sequence[Tokens], hypotheses: Sequence[Tokens]) -> float:
+    """Mean per-sentence ROUGE-L F with beta = P/R, x100."""
+    return sum(rouge_l_scores(references, hypotheses)) / len(hypotheses) if hypotheses else 0.0
 
 
 def unique_sentence_ratio(hypotheses: Sequence[Tokens]) -> float:
@@ -147,6 +162,27 @@ def mae(predicted: Sequence[float], actual: Sequence[float], low: float, high: f
     return sum(err) / len(err)
 
 
+def distinct_n(hypotheses: Sequence[Tokens], n: int) -> float:
+    """Distinct-n (Li et al., NAACL 2016): distinct n-grams over all n-grams of all outputs."""
+    grams = [tuple(h[i : i + n]) for h in hypotheses for i in range(len(h) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def generic_rate(hypotheses: Sequence[Tokens], top: int = 10) -> float:
+    """Share of outputs that are one of the ``top`` most frequent outputs (1.0: ten sentences cover all)."""
+    if not hypotheses:
+        return 0.0
+    counts = collections.Counter(tuple(h) for h in hypotheses)
+    return sum(c for _, c in counts.most_common(top)) / len(hypotheses)
+
+
+def user_feature_match(found: Sequence[set[str]], user_features: Sequence[set[str]]) -> float:
+    """Share of reasons that name at least one feature from the user's own training reviews."""
+    if not found:
+        return 0.0
+    return sum(1 for f, u in zip(found, user_features) if f & u) / len(found)
+
+
 def text_metrics(
     references: Sequence[Tokens],
     hypotheses: Sequence[Tokens],
@@ -166,6 +202,9 @@ def text_metrics(
         "FMR": feature_matching_ratio(found, truth_features),
         "FCR": feature_coverage_ratio(found, len(matcher.features)),
         "DIV": feature_diversity(found),
+        "Distinct-1": distinct_n(hypotheses, 1),
+        "Distinct-2": distinct_n(hypotheses, 2),
+        "Generic": generic_rate(hypotheses),
     }
 
 

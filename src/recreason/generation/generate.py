@@ -2,11 +2,14 @@
 
 Prompts are sorted by length so each batch pads little, generated in batches,
 and returned in the caller's order. Greedy decoding is the default; beam
-search and sampling are options.
+search and sampling are options. :func:`generate_candidates` returns several
+candidates per prompt (the greedy one plus samples) with their mean token
+log-likelihood under the model, for a caller that chooses among them.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,10 +19,58 @@ from tqdm.auto import tqdm
 from recreason.config import GenerateConfig
 
 
+@dataclass
+class Candidate:
+    text: str
+    logprob: float  # mean log-probability of its tokens under the model (raw logits, no temperature)
+    greedy: bool
+
+
 def clean_output(text: str) -> str:
     """First line of the answer, stripped: explanations are one sentence."""
     text = text.strip()
     return text.split("\n", 1)[0].strip()
+
+
+def _decode_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if cfg.do_sample:
+        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
+    return kwargs
+
+
+def _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
+    """Yield (caller indices, input batch, extra generate kwargs) in length-sorted batches."""
+    personal = hasattr(model, "user_index")
+    if personal and model.soft and (users is None or items is None):
+        raise ValueError("this model has user/item prompt vectors: pass users and items")
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    bar = tqdm(total=len(prompts), desc=desc, unit="text", disable=not progress)
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start : start + cfg.batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        extra = {}
+        if personal and model.uses_ids and users is not None:
+            u, i = model.ids([users[j] for j in idx], [items[j] for j in idx])
+            extra.update(user_idx=u.to(device), item_idx=i.to(device))
+        yield idx, batch, extra
+        bar.update(len(idx))
+    bar.close()
+
+
+def _generate(model, batch, **kwargs):
+    """New tokens (and, with ``output_logits``, the raw logits of each step) for a RecReasonModel or plain LM."""
+    if hasattr(model, "user_index"):
+        return model.generate(batch["input_ids"], batch["attention_mask"], **kwargs)
+    out = model.generate(**batch, **kwargs)
+    if kwargs.get("return_dict_in_generate"):
+        out.sequences = out.sequences[:, batch["input_ids"].shape[1]:]
+        return out
+    return out[:, batch["input_ids"].shape[1]:]
 
 
 @torch.no_grad()
@@ -30,38 +81,87 @@ def generate_texts(
     """Decode one explanation per prompt. ``model`` is a RecReasonModel (soft prompts use ``users`` and
     ``items``) or a plain Hugging Face causal LM."""
     cfg = cfg or GenerateConfig()
-    personal = hasattr(model, "user_index")
-    if personal and model.soft and (users is None or items is None):
-        raise ValueError("this model has user/item prompt vectors: pass users and items")
-    device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     torch.manual_seed(cfg.seed)
-    bar = tqdm(total=len(prompts), desc=desc, unit="text", disable=not progress)
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
-        kwargs = dict(
-            max_new_tokens=cfg.max_new_tokens,
-            num_beams=cfg.num_beams,
-            do_sample=cfg.do_sample,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        if cfg.do_sample:
-            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
-        if personal:
-            if model.uses_ids and users is not None:
-                u, i = model.ids([users[j] for j in idx], [items[j] for j in idx])
-                kwargs.update(user_idx=u.to(device), item_idx=i.to(device))
-            new = model.generate(batch["input_ids"], batch["attention_mask"], **kwargs)
-        else:
-            out = model.generate(**batch, **kwargs)
-            new = out[:, batch["input_ids"].shape[1] :]
+    for idx, batch, extra in _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
+        new = _generate(model, batch, **_decode_kwargs(cfg, tokenizer), **extra)
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             outputs[i] = clean_output(text)
-        bar.update(len(idx))
-    bar.close()
     return outputs
+
+
+def _mean_logprobs(sequences: torch.Tensor, logits: Sequence[torch.Tensor], eos_id: int | None, pad_id: int | None):
+    """Mean log-probability of each row's tokens up to and including its first end-of-sequence token."""
+    steps = torch.stack([torch.log_softmax(step.float(), -1) for step in logits], 1)  # rows x steps x vocab
+    tokens = sequences[:, : steps.shape[1]]
+    chosen = steps.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    ended = torch.zeros_like(tokens, dtype=torch.bool)
+    if eos_id is not None:
+        is_end = tokens == eos_id
+        ended = torch.cumsum(is_end.int(), 1) - is_end.int() > 0  # strictly after the first end token
+    keep = ~ended
+    if pad_id is not None and pad_id != eos_id:
+        keep &= tokens != pad_id
+    return (chosen * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
+class SeededSampler:
+    """A logits processor that samples each row with its own seeded random stream (Gumbel-max with temperature
+    and top-p), so a prompt's candidates do not depend on which other prompts share its batch. A row whose
+    seed is None stays greedy. Used with greedy decoding: the argmax of the perturbed scores is the sample."""
+
+    def __init__(self, seeds: Sequence[int | None], temperature: float, top_p: float):
+        self.generators = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.clone()
+        for row, gen in enumerate(self.generators):
+            if gen is None:
+                continue
+            logits = scores[row].float() / max(self.temperature, 1e-5)
+            if self.top_p < 1.0:
+                probs, order = torch.softmax(logits, -1).sort(descending=True)
+                drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest set reaching top_p
+                logits[order[drop]] = float("-inf")
+            uniform = torch.rand(logits.shape, generator=gen).clamp_(1e-10, 1 - 1e-10)
+            out[row] = (logits - torch.log(-torch.log(uniform))).to(out.dtype)
+        return out
+
+
+def prompt_seed(seed: int, prompt: str, sample: int) -> int:
+    return zlib.crc32(f"{seed}\x00{sample}\x00{prompt}".encode())
+
+
+@torch.no_grad()
+def generate_candidates(
+    model, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, progress: bool = True, desc: str = "generating",
+    users: Sequence[str] | None = None, items: Sequence[str] | None = None,
+) -> list[list[Candidate]]:
+    """``cfg.candidates`` candidates per prompt: the greedy text first, then ``cfg.candidates - 1`` samples
+    (``cfg.sample_temperature``, ``cfg.sample_top_p``), each with its mean token log-likelihood under the
+    model. All of a batch's candidates decode in one pass. Each sample's random stream is seeded by
+    ``cfg.seed``, the prompt and the sample number, so a prompt gets the same candidates in any batch.
+    Identical texts are kept once."""
+    from transformers import LogitsProcessorList
+
+    n = max(1, cfg.candidates)
+    out: list[list[Candidate]] = [[] for _ in prompts]
+    for idx, batch, extra in _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
+        seeds = [None if j == 0 else prompt_seed(cfg.seed, prompts[i], j) for i in idx for j in range(n)]
+        expanded = {k: v.repeat_interleave(n, 0) for k, v in batch.items()}
+        ids = {k: v.repeat_interleave(n, 0) for k, v in extra.items()}
+        result = _generate(model, expanded, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           return_dict_in_generate=True, output_logits=True,
+                           logits_processor=LogitsProcessorList([SeededSampler(seeds, cfg.sample_temperature,
+                                                                               cfg.sample_top_p)]), **ids)
+        logprobs = _mean_logprobs(result.sequences, result.logits, tokenizer.eos_token_id,
+                                  tokenizer.pad_token_id).tolist()
+        texts = tokenizer.batch_decode(result.sequences, skip_special_tokens=True)
+        for row, (text, lp) in enumerate(zip(texts, logprobs)):
+            target = out[idx[row // n]]
+            text = clean_output(text)
+            if all(c.text != text for c in target):
+                target.append(Candidate(text, float(lp), greedy=row % n == 0))
+    return out

@@ -9,18 +9,21 @@ the safety and grounding checks. Serving adds only HTTP, the store, the cache an
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from recreason.config import GenerateConfig
 from recreason.data.records import Explained
 from recreason.errors import ConfigError, UnknownId
-from recreason.generation.generate import generate_texts
+from recreason.generation.generate import generate_candidates, generate_texts
 from recreason.inference.safety import ReasonChecker
+from recreason.inference.selection import choose, generic_table
 from recreason.models.personalized import INTEREST_LABELS, interest_class
 from recreason.prompts.discrete import DiscretePrompter, render, uses_soft_prompt
-from recreason.rundir import Run
+from recreason.ranking import Ranker
+from recreason.rundir import Run, checkpoint_stamp
 from recreason.text import FeatureMatcher, tokenize
 
 SYSTEMS = ("fine-tuned", "zero-shot")
@@ -49,6 +52,7 @@ class Prompted:
     item_features: list[str]  # the item's features as listed in the prompt (a replacement template names these)
     known_features: list[str]  # every feature the item is known to have (grounding)
     history_version: int  # changes whenever the user's history does (cache keys)
+    user_features: set[str] = field(default_factory=set)  # the user's own features (candidate selection)
 
 
 @dataclass
@@ -80,7 +84,7 @@ class Predictor:
     """Explain, rate and recommend with one trained run (``system="zero-shot"``: its base model, untrained)."""
 
     def __init__(self, run: Run | str | Path, gen_cfg: GenerateConfig | None = None, system: str = "fine-tuned",
-                 device: str | None = None, cold_start: str = "item-only", dataset=None):
+                 device: str | None = None, cold_start: str = "item-only", dataset=None, checkpoint: str = "best"):
         if system not in SYSTEMS:
             raise ConfigError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
         if cold_start not in ("item-only", "error"):
@@ -88,6 +92,7 @@ class Predictor:
         self.run = run if isinstance(run, Run) else Run(run)
         self.gen_cfg = gen_cfg or GenerateConfig()
         self.system = system
+        self.checkpoint = checkpoint
         self.cold_start = cold_start
         self.device = device or default_device()
         self.dtype = "bf16" if self.gen_cfg.precision == "bf16" else "fp32"
@@ -98,13 +103,16 @@ class Predictor:
         self.vocabulary = list(self.dataset.features)
         self.matcher = FeatureMatcher(self.vocabulary)
         self.checker = ReasonChecker(self.vocabulary)
+        self._generic: tuple[str, collections.Counter] | None = None
+        ranker_dir = self.run.dir / "ranker"
+        self.ranker = Ranker.load(ranker_dir) if (ranker_dir / "ranker.json").exists() else None
         self.item_ratings: dict[str, list[float]] = collections.defaultdict(list)
         for r in self.train:
             self.item_ratings[r.item].append(r.rating)
 
     def _load(self):
         if self.system == "fine-tuned":
-            return self.run.load_model(dtype=self.dtype, device=self.device)
+            return self.run.load_model(dtype=self.dtype, device=self.device, checkpoint=self.checkpoint)
         from recreason.models.personalized import RecReasonModel
         from recreason.models.registry import load_model
 
@@ -121,7 +129,7 @@ class Predictor:
     def forget_history(self) -> None:
         """Drop every profile and rating (serving refills them from its store)."""
         for table in (self.prompter.user_profiles, self.prompter.item_profiles, self.prompter.user_history,
-                      self.item_ratings):
+                      self.prompter.item_records, self.item_ratings):
             table.clear()
         self.prompter.train_indices.clear()
 
@@ -145,23 +153,27 @@ class Predictor:
         else:
             item_feats = list(request.item_features)
         known_feats = sorted(set(self.prompter.item_profiles.get(item, {})) | set(request.item_features))
+        user_features: set[str] = set()
         if self.known_user(user):
             messages = self.prompter.messages(user, item, request.record)
+            user_features = self.prompter.user_features(user, request.record)
         elif request.history:
             counts = collections.Counter(f for text in request.history for f in self.matcher.find(tokenize(text)))
             user_feats = [f for f, _ in counts.most_common(self.prompter.config.user_features)]
-            messages = self.prompter.compose(user_feats, item_feats, item)
+            user_features = set(counts)
+            messages = self.prompter.compose(user_feats, item_feats, item,
+                                             evidence=self.prompter.evidence(item, user_feats, user=user))
             flags.append("cold_start_history")
         elif self.cold_start == "error":
             raise UnknownId(f"items[{position}].user_id: unknown user {user!r}; send its history")
         else:
-            messages = self.prompter.compose([], item_feats, item)
+            messages = self.prompter.compose([], item_feats, item, evidence=self.prompter.evidence(item, [], user=user))
             flags.append("cold_start_item_only")
         soft = self.system == "fine-tuned" and uses_soft_prompt(
             self.run.prompt_mode, user in getattr(self.model, "user_index", {}))
         text = render(self.tokenizer, self.prompter.bare_messages() if soft else messages)
         return Prompted(request, text, flags, item_feats, known_feats,
-                        len(self.prompter.user_history.get(user, ())))
+                        len(self.prompter.user_history.get(user, ())), user_features)
 
     # ----- generation and checks ----------------------------------------------------------------
     def generation_config(self, options: dict | None = None) -> GenerateConfig:
@@ -169,10 +181,47 @@ class Predictor:
 
     def generate(self, prompted: Sequence[Prompted], options: dict | None = None, progress: bool = False,
                  desc: str = "generating") -> list[str]:
-        """The model's raw texts for prompted requests, generated in batches."""
-        return generate_texts(self.model, self.tokenizer, [p.prompt for p in prompted],
-                              self.generation_config(options), progress=progress, desc=desc,
-                              users=[p.request.user for p in prompted], items=[p.request.item for p in prompted])
+        """The model's raw texts for prompted requests, generated in batches. With ``generate.candidates`` > 1
+        (fine-tuned runs) each text is chosen among that many candidates (:mod:`recreason.inference.selection`)."""
+        cfg = self.generation_config(options)
+        args = dict(progress=progress, desc=desc, users=[p.request.user for p in prompted],
+                    items=[p.request.item for p in prompted])
+        prompts = [p.prompt for p in prompted]
+        if cfg.candidates <= 1 or self.system != "fine-tuned":
+            return generate_texts(self.model, self.tokenizer, prompts, cfg, **args)
+        generic = self.generic_table(cfg)
+        candidates = generate_candidates(self.model, self.tokenizer, prompts, cfg, **args)
+        return [choose(c, set(p.known_features), p.user_features, generic, cfg, self.matcher).text
+                for p, c in zip(prompted, candidates)]
+
+    def generic_table(self, cfg: GenerateConfig) -> collections.Counter:
+        """How often the run's greedy reason is each sentence, on ``cfg.generic_records`` validation records:
+        what the run says for many pairs. Measured once per run and settings, kept in RUN/generated/."""
+        settings = {"max_new_tokens": cfg.max_new_tokens, "precision": cfg.precision, "records": cfg.generic_records,
+                    "prompt": asdict(self.run.prompt_config)}
+        key = json.dumps({"settings": settings, "weights": checkpoint_stamp(self.run, self.checkpoint)}, sort_keys=True)
+        if self._generic is not None and self._generic[0] == key:
+            return self._generic[1]
+        path = self.run.dir / "generated" / "generic-table.json"
+        table = None
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                table = collections.Counter(saved["counts"]) if saved.get("key") == key else None
+            except (json.JSONDecodeError, KeyError, TypeError):
+                table = None
+        if table is None:
+            records = self.dataset.subset(self.run.split_seed, "validation")[: cfg.generic_records]
+            prompted = [self.prompt(Request(r.user, r.item, record=r), n) for n, r in enumerate(records)]
+            texts = generate_texts(self.model, self.tokenizer, [p.prompt for p in prompted], replace(cfg, candidates=1),
+                                   progress=False, users=[r.user for r in records], items=[r.item for r in records])
+            table = generic_table(texts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "counts": dict(table)}, ensure_ascii=False))
+            tmp.replace(path)
+        self._generic = (key, table)
+        return table
 
     def finish(self, prompted: Prompted, text: str) -> Explanation:
         """Run the safety and grounding checks on a generated text and attach the predicted rating."""
@@ -231,11 +280,14 @@ class Predictor:
         return total / max(1, sum(len(v) for v in self.item_ratings.values()))
 
     def rank(self, user: str, k: int, exclude_seen: bool = True) -> list[tuple[str, float]]:
-        """The top ``k`` items for ``user`` among the known items: by the rating head when the run has one and
-        knows the user, else by popularity (number of ratings). Unknown users raise with ``cold_start: error``."""
+        """The top ``k`` items for ``user``: by the run's ranker (RUN/ranker, an implicit-feedback model fitted
+        by ``recreason train`` or ``recreason rank``; popularity for users it has not seen), or, for runs
+        without one, by the rating head or popularity. Unknown users raise with ``cold_start: error``."""
         if not self.known_user(user) and self.cold_start == "error":
             raise UnknownId(f"user_id: unknown user {user!r}; no history, and cold_start is 'error'")
         seen = self.seen(user) if exclude_seen else set()
+        if self.ranker is not None:
+            return self.ranker.recommend(user, k, exclude=seen)
         candidates = sorted(i for i in self.prompter.item_profiles if i not in seen)
         model = self.model
         if getattr(model, "rating_head_kind", None) and user in getattr(model, "user_index", {}):

@@ -145,6 +145,9 @@ class RecReasonModel(nn.Module):
             inputs.pop("position_ids", None)  # generate derives them from the attention mask
             return self.lm.generate(**inputs, **kwargs)  # with inputs_embeds only new tokens come back
         out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if kwargs.get("return_dict_in_generate"):  # sequences, plus the scores or logits asked for
+            out.sequences = out.sequences[:, input_ids.shape[1]:]
+            return out
         return out[:, input_ids.shape[1]:]
 
     # ----- persistence ---------------------------------------------------------------------------

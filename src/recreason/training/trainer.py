@@ -25,12 +25,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from recreason.config import PromptConfig, TrainConfig
+from recreason.config import PromptConfig, RankConfig, TrainConfig
 from recreason.data.dataset import Dataset
 from recreason.errors import ConfigError, DataError, NotARun
 from recreason.models.methods import apply_method, compile_layers, orthogonality_penalty, uses_position_ids
 from recreason.models.sharding import load_optimizer_state, load_weights, optimizer_state, shard_model, trainable_state
 from recreason.prompts.discrete import DiscretePrompter
+from recreason.ranking import fit_ranker
 from recreason.rundir import load_best_into, load_checkpoint, save_best, save_checkpoint, write_run_info
 from recreason.training.data import build_examples, collate, joint_loss, length_bucketed_batches
 from recreason.training.loggers import NullWriter, make_writer
@@ -303,10 +304,10 @@ class Trainer:
         return validation_loss(self.engine.net, self.valid_examples, self.cfg, self.tokenizer.pad_token_id,
                                self.device, self.rank, self.world)
 
-    def save_best(self) -> None:
+    def save_best(self, folder: str = "best") -> None:
         weights = trainable_state(self.model)  # gathered from the shards under FSDP, else None
         if self.main:
-            save_best(self.model, self.run_dir, weights)
+            save_best(self.model, self.run_dir, weights, folder)
         self.accelerator.wait_for_everyone()
 
     def checkpoint(self) -> None:
@@ -420,6 +421,8 @@ class Trainer:
                         self._after_validation(stage_index, writer, log_file, bar)
                     if state.stage_step % save_every == 0 or state.stage_step == stage.steps or state.stopped_early:
                         self.checkpoint()
+                    if step in cfg.snapshot_steps:
+                        self.save_best(folder=f"snapshots/step-{step}")
                     if on_step is not None:
                         on_step(step, self.model)
                 if stage_index < len(self.stages) - 1:
@@ -456,6 +459,14 @@ class Trainer:
 
 
 def train(dataset_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, prompt_cfg: PromptConfig | None = None,
-          full_config: dict | None = None, progress: bool = True, resume: bool | str = False, on_step=None) -> dict:
-    """Set up a :class:`Trainer` and fit it; returns the summary (also written to RUN/summary.json)."""
-    return Trainer(dataset_dir, run_dir, cfg, prompt_cfg, full_config, progress).fit(resume, on_step)
+          full_config: dict | None = None, progress: bool = True, resume: bool | str = False, on_step=None,
+          rank_cfg: RankConfig | None = None) -> dict:
+    """Set up a :class:`Trainer` and fit it, then fit the ranking stage into RUN/ranker (``rank_cfg``; seconds);
+    returns the summary (also written to RUN/summary.json)."""
+    trainer = Trainer(dataset_dir, run_dir, cfg, prompt_cfg, full_config, progress)
+    summary = trainer.fit(resume, on_step)
+    if trainer.main:
+        start = time.time()
+        fit_ranker(Dataset(dataset_dir).subset(cfg.split_seed, "train"), rank_cfg).save(Path(run_dir) / "ranker")
+        log.info("fitted the %s ranker in %.1f s", (rank_cfg or RankConfig()).model, time.time() - start)
+    return summary
