@@ -87,6 +87,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    """Write a reason for every (user_id, item_id) pair of a CSV/JSONL/Parquet file (a resumable batch job)."""
+    from recreason.inference import Predictor
+    from recreason.jobs import explain_pairs
+
+    gen = _config(args)["generate"]
+    predictor = Predictor(args.run, gen, cold_start=args.cold_start)
+    stats = explain_pairs(predictor, args.pairs, args.out, args.chunk_size, progress=not args.quiet)
+    print(f"wrote {stats['rows']} reasons to {args.out} ({stats['resumed']} pairs were already done; "
+          f"{stats['reasons_per_second']:.2f} reasons/s); {stats['rejected']} rows rejected"
+          + (f" (see {stats['rejects_file']})" if stats["rejected"] else ""))
+    return 0
+
+
 def cmd_rank(args) -> int:
     """Fit the ranking stage (an implicit ALS/BPR model, or popularity) on a dataset's training split."""
     from recreason.data.dataset import Dataset
@@ -152,10 +166,23 @@ def cmd_evaluate(args) -> int:
 
 def cmd_recommend(args) -> int:
     """Top-K unseen items for a user (the run's ranker; popularity for unknown users), each with a reason."""
+    from recreason.errors import ConfigError
     from recreason.inference import Predictor
 
     gen = _config(args)["generate"]
-    recs = Predictor(args.run, gen, cold_start=args.cold_start).recommend(args.user, args.k, not args.include_seen)
+    predictor = Predictor(args.run, gen, cold_start=args.cold_start)
+    if args.all_users:
+        from recreason.jobs import recommend_all
+
+        if not args.out:
+            raise ConfigError("--all-users writes a file: give --out FILE (.jsonl, .csv or .parquet)")
+        stats = recommend_all(predictor, args.k, args.out, args.chunk_size, progress=not args.quiet)
+        print(f"wrote {stats['rows']} recommendations to {args.out} ({stats['resumed']} users were already done; "
+              f"{stats['reasons_per_second']:.2f} reasons/s)")
+        return 0
+    if not args.user:
+        raise ConfigError("give --user USER, or --all-users with --out FILE")
+    recs = predictor.recommend(args.user, args.k, not args.include_seen)
     if args.json:
         print(json.dumps({"user": args.user, "recommendations": [r.to_dict() for r in recs]}, indent=2))
         return 0
@@ -245,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="like --resume, but start from step 0 when OUT has no checkpoint yet")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("explain", parents=[common], help=cmd_explain.__doc__, description=cmd_explain.__doc__)
+    p.add_argument("--run", required=True, help="run directory from 'recreason train'")
+    p.add_argument("--pairs", required=True,
+                   help="CSV/JSONL/Parquet with user_id, item_id; optional history (texts) for unknown users and "
+                        "item_features for unknown items")
+    p.add_argument("--out", required=True, help="output file: .jsonl, .csv or .parquet; rerunning resumes it")
+    p.add_argument("--chunk-size", type=int, default=256, dest="chunk_size",
+                   help="pairs per chunk written to the journal; a killed job loses at most one (default 256)")
+    p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
+                   help="unknown user without history: item-only reason, or reject the row (default item-only)")
+    p.set_defaults(func=cmd_explain)
+
     p = sub.add_parser("rank", parents=[common], help=cmd_rank.__doc__, description=cmd_rank.__doc__)
     p.add_argument("dataset", help="prepared dataset directory")
     p.add_argument("--out", required=True, help="folder to write (RUN/ranker is where recommend and serve look)")
@@ -276,7 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recommend", parents=[common], help=cmd_recommend.__doc__, description=cmd_recommend.__doc__)
     p.add_argument("--run", required=True, help="run directory from 'recreason train'")
-    p.add_argument("--user", required=True, help="user id")
+    p.add_argument("--user", help="user id")
+    p.add_argument("--all-users", action="store_true", dest="all_users",
+                   help="every user the run knows, written to --out as a resumable batch job")
+    p.add_argument("--out", help="with --all-users: output file; the extension picks JSONL, CSV or Parquet")
+    p.add_argument("--chunk-size", type=int, default=32, dest="chunk_size",
+                   help="with --all-users: users per chunk written to the journal (default 32)")
     p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     p.add_argument("--include-seen", action="store_true", help="also rank items the user already interacted with")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
