@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 FULL ?= runs/full
 
-.PHONY: install demo full test test-fast clean postgres-server
+.PHONY: install demo full test test-fast clean postgres-server chromium
 
 # The store tests start a throwaway PostgreSQL server; install Debian's server programs when they are missing.
 postgres-server:
@@ -20,6 +20,15 @@ postgres-server:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else echo "PostgreSQL server programs (initdb, pg_ctl) are needed by the tests: install the 'postgresql' package"; exit 1; fi
+
+# The browser tests (HTML report, web page) drive Debian's Chromium headless through playwright; install it
+# when missing (playwright never downloads a browser of its own here).
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+		echo "could not install chromium: the browser tests will skip and say so"; \
+	else echo "chromium is not installed: the browser tests will skip and say so"; fi
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -47,11 +56,11 @@ full: install
 	$(RECREASON) evaluate --run $(FULL)/run --config $(CONFIG) --config configs/full.yaml && \
 	echo "full run finished in $$(( $$(date +%s) - start )) s; report: $(FULL)/run/eval/test.md"
 
-test: install postgres-server
+test: install postgres-server chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install postgres-server
+test-fast: install postgres-server chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 

@@ -171,3 +171,22 @@ def postgres_url(postgres_server, request) -> str:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         conn.execute(f'CREATE DATABASE "{name}"')
     return f"postgresql://recreason@/{name}?host={postgres_server}"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium driven by playwright (make test installs chromium when it can)."""
+    import shutil
+
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it with apt-get when run as root); "
+                    "browser test skipped")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()

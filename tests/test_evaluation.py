@@ -59,3 +59,24 @@ def test_evaluation_reuses_texts_only_from_the_same_model_and_settings(tiny_run,
     cfg.max_new_tokens = 7
     E.evaluate_run(tiny_run[0], gen_cfg=cfg, systems=systems, progress=False, out_dir=tiny_run[0] / "eval-cache")
     assert sorted(calls) == ["fine-tuned", "zero-shot"]
+
+
+def test_html_report_renders_in_a_real_browser(tiny_run, browser):
+    from recreason.config import GenerateConfig
+    from recreason.evaluation.evaluate import evaluate_run
+
+    out = tiny_run[0] / "eval-report"
+    report = evaluate_run(tiny_run[0], gen_cfg=GenerateConfig(max_new_tokens=6, max_records=25, precision="fp32"),
+                          progress=False, out_dir=out, bootstrap=100)
+    assert report["html"] == str(out / "report.html")
+    text = (out / "report.html").read_text()
+    assert "src=\"http" not in text and "data:image/png;base64," in text  # self-contained
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto((out / "report.html").as_uri())
+    images = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
+    assert len(images) >= 4 and all(images)  # metric bars (2), loss curves, histograms
+    assert page.locator("#samples tbody tr").count() == 20
+    assert page.locator("#samples thead th").all_inner_texts()[:2] == ["user / item", "reference"]
+    page.screenshot(path=str(out / "report.png"), full_page=False)
+    assert (out / "report.png").stat().st_size > 10_000
+    page.close()

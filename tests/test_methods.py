@@ -93,3 +93,33 @@ def test_adalora_orthogonality_penalty_is_the_one_peft_adds(tiny_model_dir):
     assert float(ours) == pytest.approx(float(with_reg - plain), rel=1e-4)
     lora = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainConfig(method="lora", lora_r=4))
     assert orthogonality_penalty(lora) is None
+
+
+def test_gguf_export_loads_in_transformers_with_the_merged_models_logits(tiny_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from recreason.cli import main
+    from recreason.models.registry import ALIASES
+    from recreason.rundir import Run
+
+    reference = ALIASES["smollm2-135m"].locate()  # the tiny model uses the embedded model's tokenizer
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(tiny_run[0]), "--format", "gguf", "--out", str(out), "--type", "f16",
+                 "--tokenizer-gguf", str(reference)]) == 0
+    assert "llama-cli -m" in capsys.readouterr().out
+    merged, tokenizer = Run(tiny_run[0]).load_model(dtype="fp32", merge=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32)
+    ids = tokenizer("The tone of these strings is bright.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours = merged.lm(input_ids=ids).logits
+        theirs = loaded(input_ids=ids).logits
+    assert theirs.shape == ours.shape
+    assert torch.allclose(theirs, ours, atol=2e-2, rtol=1e-2), (theirs - ours).abs().max()
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(out)).fields
+    assert fields["general.architecture"].contents() == "llama" and "tokenizer.chat_template" in fields
+    q8 = tmp_path / "model-q8.gguf"
+    assert main(["export", str(tiny_run[0]), "--format", "gguf", "--out", str(q8), "--type", "q8_0",
+                 "--tokenizer-gguf", str(reference)]) == 0
+    assert q8.stat().st_size < out.stat().st_size

@@ -50,12 +50,34 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Export a prepared dataset as NETE/PETER reviews.pickle, or a run as one merged model (--merged)."""
+    """Export a prepared dataset as NETE/PETER reviews.pickle, or a run as a merged model or a GGUF file."""
     if args.merged or args.format == "merged":
         from recreason.rundir import Run
 
         out = Run(args.source).export_merged(args.out)
         print(f"wrote the merged model to {out} (loads with transformers' from_pretrained)")
+        return 0
+    if args.format == "gguf":
+        from recreason.errors import ConfigError
+        from recreason.models.export import export_gguf
+        from recreason.models.registry import ALIASES
+        from recreason.rundir import Run
+
+        run = Run(args.source)
+        if run.prompt_mode != "discrete":
+            raise ConfigError(f"a {run.prompt_mode!r}-prompt run needs its learned user/item vectors, which GGUF "
+                              "cannot hold; export discrete-prompt runs")
+        reference = args.tokenizer_gguf
+        if reference is None and run.info["model"] in ALIASES:
+            reference = ALIASES[run.info["model"]].locate()
+        elif reference is None and str(run.info["model"]).endswith(".gguf"):
+            reference = run.info["model"]
+        if reference is None:
+            raise ConfigError("GGUF export copies the tokenizer from a GGUF of the base model: pass --tokenizer-gguf")
+        model, _ = run.load_model(dtype="fp32", merge=True)
+        out = export_gguf(model.lm, args.out, reference, args.type, name=Path(args.source).name)
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB, {args.type}); run it with llama.cpp: "
+              f"llama-cli -m {out} -p '...'")
         return 0
     from recreason.data.dataset import Dataset
     from recreason.data.nete import export_nete
@@ -158,7 +180,7 @@ def cmd_evaluate(args) -> int:
     if report["differences_table"]:
         print("\nPaired bootstrap difference to the best text baseline (95% interval):\n")
         print(report["differences_table"])
-    print(f"\nreport written to {args.out or Path(args.run[0]) / 'eval'}")
+    print(f"\nreport written to {args.out or Path(args.run[0]) / 'eval'} (open {report['html']} in a browser)")
     if args.json:
         print(json.dumps(report["results"], indent=2))
     return 0
@@ -211,7 +233,7 @@ def cmd_serve(args) -> int:
     Run(args.run)  # fail here, before workers start, when the run is missing
     # Each worker process builds its own service (one model per worker) from these settings.
     os.environ["RECREASON_SERVE"] = json.dumps({
-        "run": args.run, "store": args.store, "api_key_file": args.api_key_file,
+        "run": args.run, "store": args.store, "api_key_file": args.api_key_file, "private_metrics": args.private_metrics,
         "generate": to_dict(_config(args))["generate"],
         "serve": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                   "cold_start": args.cold_start},
@@ -247,9 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common], help=cmd_export.__doc__, description=cmd_export.__doc__)
     p.add_argument("source", help="prepared dataset directory (nete) or run directory (merged)")
-    p.add_argument("--format", choices=["nete", "merged"], default="nete", help="output format (default: nete)")
+    p.add_argument("--format", choices=["nete", "merged", "gguf"], default="nete",
+                   help="nete (dataset for PETER/PEPLER), merged (Hugging Face model dir) or gguf (one file for "
+                        "llama.cpp/Ollama/LM Studio); default nete")
+    p.add_argument("--type", choices=["f16", "q8_0", "f32"], default="f16", help="with --format gguf: weight type")
+    p.add_argument("--tokenizer-gguf", dest="tokenizer_gguf",
+                   help="with --format gguf: a GGUF of the base model to copy the tokenizer from (default: the "
+                        "embedded model's file)")
     p.add_argument("--merged", action="store_true", help="same as --format merged: LoRA/AdaLoRA/IA3 merged into the base")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (a .gguf file with --format gguf)")
     p.add_argument("--seeds", type=int, nargs="+", help="splits to export as folds 1..n (default: all)")
     p.set_defaults(func=cmd_export)
 
@@ -335,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="store URL: sqlite:///PATH or postgresql://USER@HOST/DB (needs recreason[postgres]); "
                                  "default: the SQLite file RUN/serving.db, seeded from the dataset on first start")
     p.add_argument("--api-key-file", help="file with one accepted API key per line (default: no keys)")
+    p.add_argument("--private-metrics", action="store_true", dest="private_metrics",
+                   help="/metrics needs an API key too (default: open, for a Prometheus scraper)")
     p.add_argument("--max-batch-size", type=int, default=16, help="generations batched together (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=50.0,
                    help="how long the first queued request waits for others to join its batch (default 50)")

@@ -37,6 +37,13 @@ class PrepareConfig:
     seeds: Sequence[int] = field(default_factory=lambda: [1])
     n_process: int = 1
     max_records: int | None = None  # read only the first N valid reviews (for quick trials)
+    # Limits that protect the pipeline: a record past one of them is rejected with its line and reason.
+    max_record_bytes: int = 1_000_000  # one JSON line or CSV row
+    max_review_chars: int = 20_000  # review text, summary or title
+    max_id_chars: int = 200  # user and item ids
+    min_timestamp: int = 0  # seconds since the epoch (1970-01-01)
+    max_timestamp: int = 4_102_444_800  # 2100-01-01
+    max_row_lines: int = 20  # physical lines one quoted CSV row may span
 
 
 @dataclass
@@ -154,13 +161,14 @@ class GenerateConfig:
 
 @dataclass
 class RankConfig:
+    # Defaults: the grid point benchmarks/ranking.py chose on the validation split of each of seeds 1-3.
     model: str = "als"  # als | bpr (the implicit library) | popularity
-    factors: int = 64
-    regularization: float = 0.01
+    factors: int = 128
+    regularization: float = 10.0
     iterations: int = 15
-    alpha: float = 1.0  # ALS: confidence weight of an interaction
+    alpha: float = 10.0  # ALS: confidence weight of an interaction
     learning_rate: float = 0.01  # BPR
-    popularity_weight: float = 0.0  # score = model score + this x log(1 + training interactions of the item)
+    popularity_weight: float = 0.1  # score = model score + this x log(1 + training interactions of the item)
     use_gpu: bool = False  # implicit's CUDA kernels (needs implicit built with CUDA)
     seed: int = 0
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from recreason.config import PrepareConfig
 from recreason.data.extract import ExtractConfig, extract
-from recreason.data.readers import read_reviews
+from recreason.data.readers import Limits, read_reviews
 from recreason.data.records import DataError, Explained
 from recreason.data.split import split_indices
 
@@ -76,15 +78,41 @@ class Dataset:
 def prepare(source: str | Path, out_dir: str | Path, config: PrepareConfig | None = None, progress: bool = True) -> dict:
     """Read, validate, extract and split ``source`` into ``out_dir``; return the stats."""
     config = config or PrepareConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rating_range = (config.rating_min, config.rating_max)
+    final = Path(out_dir)
+    if final.exists() and not final.is_dir():
+        raise DataError(f"--out {final} is a file; give a directory for the dataset")
+    # Everything is written to a temporary directory beside the target and renamed into place at the end,
+    # so a failed run never leaves a mix of new and old files.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        result = read_reviews(source, config.schema, rating_range, config.max_reject_fraction)
+        stats = _prepare_into(source, out, config, progress)
+    except BaseException as exc:
+        rejects = out / "rejects.jsonl"
+        if isinstance(exc, DataError) and rejects.exists():  # keep the rejects of a refused file to look at
+            kept = final.with_name(final.name + ".rejects.jsonl")
+            os.replace(rejects, kept)
+            shutil.rmtree(out, ignore_errors=True)
+            raise DataError(f"{exc} (all rejects written to {kept})") from None
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}-old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(out, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return stats
+
+
+def _prepare_into(source: str | Path, out: Path, config: PrepareConfig, progress: bool) -> dict:
+    rating_range = (config.rating_min, config.rating_max)
+    limits = Limits(config.max_record_bytes, config.max_review_chars, config.max_id_chars, config.min_timestamp,
+                    config.max_timestamp, config.max_row_lines)
+    try:
+        result = read_reviews(source, config.schema, rating_range, config.max_reject_fraction, limits)
     except DataError as exc:
         if hasattr(exc, "result"):
             _write_jsonl(out / "rejects.jsonl", (r.to_dict() for r in exc.result.rejects))
-            raise DataError(f"{exc} (all rejects written to {out / 'rejects.jsonl'})") from None
         raise
     _write_jsonl(out / "rejects.jsonl", (r.to_dict() for r in result.rejects))
     reviews = result.reviews[: config.max_records] if config.max_records else result.reviews
@@ -121,6 +149,7 @@ def prepare(source: str | Path, out_dir: str | Path, config: PrepareConfig | Non
         "rejected": len(result.rejects),
         "valid": len(result.reviews),
         "used": len(reviews),
+        "unused": len(result.reviews) - len(reviews),  # past prepare.max_records
         "skipped_no_explanation": len(skipped),
         "explained": len(explained),
         "users": len(set(users)),

@@ -20,6 +20,7 @@ import gzip
 import io
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -58,10 +59,13 @@ class ReadResult:
     schema: str
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+class Limits:
+    """What one record may be before it is rejected (``prepare.*`` keys; they protect the pipeline)."""
+
+    def __init__(self, max_record_bytes: int = 1_000_000, max_review_chars: int = 20_000, max_id_chars: int = 200,
+                 min_timestamp: int = 0, max_timestamp: int = 4_102_444_800, max_row_lines: int = 20):
+        self.max_record_bytes, self.max_review_chars, self.max_id_chars = max_record_bytes, max_review_chars, max_id_chars
+        self.min_timestamp, self.max_timestamp, self.max_row_lines = min_timestamp, max_timestamp, max_row_lines
 
 
 def _base_suffix(path: Path) -> str:
@@ -69,39 +73,154 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1].lower() if suffixes else ""
 
 
-def _iter_raw(path: Path) -> Iterator[tuple[int, str, dict[str, Any] | None, str | None]]:
-    """Yield (line, raw text, parsed row or None, parse error or None)."""
+def _physical_lines(path: Path) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(line number, bytes, None) per line split on \\n only (a bare CR stays inside its record), or
+    (line, None, reason) once when the file ends early. Opening problems are whole-file errors."""
+    try:
+        fh = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+        if path.suffix == ".gz":
+            fh.peek(1)  # a file named .gz that is not gzip fails here, before any record
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    lineno = 0
+    with fh:
+        while True:
+            try:
+                line = fh.readline()
+            except (EOFError, OSError, zlib.error) as exc:
+                yield lineno + 1, None, f"the file ends early or is damaged from here on ({exc}); earlier records were read"
+                return
+            if not line:
+                return
+            lineno += 1
+            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte order mark
+            yield lineno, line, None
+
+
+def _decode(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
+
+
+def _iter_jsonl(path: Path, limits: Limits):
+    for lineno, line, error in _physical_lines(path):
+        if error is not None:
+            yield lineno, "", None, error
+            return
+        raw = line.decode("utf-8", errors="replace")
+        if not line.strip():
+            continue
+        if len(line) > limits.max_record_bytes:
+            yield lineno, raw[:2000], None, f"record is {len(line)} bytes, more than prepare.max_record_bytes " \
+                                            f"({limits.max_record_bytes})"
+            continue
+        try:
+            row = json.loads(_decode(line), strict=False)  # control characters (a bare CR) inside strings are text
+        except json.JSONDecodeError as exc:
+            yield lineno, raw, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
+            continue
+        except RecursionError:
+            yield lineno, raw[:2000], None, "malformed record: JSON nested too deeply"
+            continue
+        except ValueError as exc:  # invalid UTF-8, or an integer with thousands of digits
+            yield lineno, raw[:2000], None, f"malformed record: {exc}"
+            continue
+        if not isinstance(row, dict):
+            yield lineno, raw, None, "malformed record: expected a JSON object"
+            continue
+        yield lineno, raw, row, None
+
+
+def _iter_csv(path: Path, kind: str, limits: Limits):
+    """CSV rows with the line each starts on. A quoted field may span lines, but a row that does not close
+    within ``max_row_lines`` lines, or parses to the wrong number of fields, is rejected on its first line
+    and reading restarts at the next line, so one unclosed quote never swallows the rows after it."""
+    delimiter = "\t" if kind == ".tsv" else ","
+    csv.field_size_limit(max(limits.max_record_bytes, 131072))
+    lines: list[tuple[int, str]] = []
+    for lineno, line, error in _physical_lines(path):
+        if error is not None:
+            lines.append((lineno, None))
+            ended = error
+            break
+        try:
+            lines.append((lineno, _decode(line)))
+        except ValueError as exc:
+            lines.append((lineno, exc))
+    else:
+        ended = None
+    header = None
+    i = 0
+    while i < len(lines):
+        start, text = lines[i]
+        if text is None:
+            break
+        if isinstance(text, Exception):
+            yield start, "", None, f"malformed record: {text}"
+            i += 1
+            continue
+        if header is None:
+            header = next(csv.reader([text], delimiter=delimiter), [])
+            i += 1
+            continue
+        if not text.strip():
+            i += 1
+            continue
+        buf, j, outcome = text, i, None
+        while True:
+            if len(buf) > limits.max_record_bytes:
+                outcome = f"row is longer than prepare.max_record_bytes ({limits.max_record_bytes})"
+                break
+            if buf.count('"') % 2 == 0:
+                try:
+                    rows = list(csv.reader(io.StringIO(buf, newline=""), delimiter=delimiter, strict=True))
+                except csv.Error as exc:
+                    outcome = f"malformed CSV row: {exc}" + (" (a quote is never closed on its line)" if j > i else "")
+                    break
+                rows = [r for r in rows if r]
+                if len(rows) == 1 and len(rows[0]) == len(header):
+                    outcome = dict(zip(header, rows[0]))
+                else:
+                    outcome = (f"malformed CSV row: {len(rows[0]) if rows else 0} fields, the header has "
+                               f"{len(header)}" + (" (a quote is never closed on its line)" if j > i else ""))
+                break
+            nxt = lines[j + 1][1] if j + 1 < len(lines) else None
+            if j - i + 1 >= limits.max_row_lines or not isinstance(nxt, str):
+                outcome = "malformed CSV row: a quote is never closed"
+                break
+            j += 1
+            buf += nxt
+        if isinstance(outcome, dict):
+            yield start, json.dumps(outcome, ensure_ascii=False)[:2000], outcome, None
+            i = j + 1
+        else:
+            yield start, text[:2000], None, outcome
+            i += 1  # restart right after the bad row's first line
+    if ended is not None:
+        yield lines[-1][0], "", None, ended
+
+
+def _iter_raw(path: Path, limits: Limits | None = None) -> Iterator[tuple[int, str, dict[str, Any] | None, str | None]]:
+    """Yield (line, raw text, parsed row or None, problem or None); a problem is a reject, never an exception."""
+    limits = limits or Limits()
     kind = _base_suffix(path)
     if kind in (".jsonl", ".json", ".ndjson", ""):
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield lineno, line, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
-                    continue
-                if not isinstance(row, dict):
-                    yield lineno, line, None, "malformed record: expected a JSON object"
-                    continue
-                yield lineno, line, row, None
+        yield from _iter_jsonl(path, limits)
     elif kind in (".csv", ".tsv"):
-        with _open_text(path) as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if kind == ".tsv" else ",")
-            for row in reader:
-                # DictReader's line_num is the physical line the row ended on; header is line 1.
-                raw = json.dumps(row, ensure_ascii=False)
-                if None in row:
-                    yield reader.line_num, raw, None, "malformed CSV row: more fields than the header"
-                    continue
-                yield reader.line_num, raw, row, None
+        yield from _iter_csv(path, kind, limits)
     elif kind == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:  # pragma: no cover - depends on the extra
             raise DataError("reading Parquet needs pyarrow: pip install 'recreason[parquet]'") from exc
-        for lineno, row in enumerate(pq.read_table(path).to_pylist(), 1):
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises its own types for damaged files
+            raise DataError(f"{path}: cannot be read as Parquet ({exc})") from None
+        for lineno, row in enumerate(table.to_pylist(), 1):
             yield lineno, json.dumps(row, ensure_ascii=False, default=str), row, None
     else:
         raise DataError(f"{path}: unknown file type {kind!r}; use .jsonl, .csv, .tsv or .parquet (optionally .gz)")
@@ -116,21 +235,30 @@ def detect_schema(row: dict[str, Any]) -> str:
 def _parse_timestamp(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("a boolean is not a time")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
     if isinstance(value, (int, float)):
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("not a finite number")
         return int(value)
-    if isinstance(value, str):
-        value = value.strip()
-        try:
-            return int(float(value))
-        except ValueError:
-            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
     raise ValueError(f"expected seconds since the epoch or an ISO date, got {type(value).__name__}")
 
 
-def validate(row: dict[str, Any], schema: str, lineno: int, rating_range: tuple[float, float]) -> Review:
+def _text_ok(value: str, field: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"field {field!r} holds a lone surrogate (not valid Unicode text)") from None
+
+
+def validate(row: dict[str, Any], schema: str, lineno: int, rating_range: tuple[float, float],
+             limits: Limits | None = None) -> Review:
     """Turn a raw row into a :class:`Review` or raise ``DataError`` naming the field."""
+    limits = limits or Limits()
     names = AMAZON_FIELDS if schema == "amazon" else GENERIC_FIELDS
     values: dict[str, Any] = {}
     for key in REQUIRED:
@@ -144,6 +272,10 @@ def validate(row: dict[str, Any], schema: str, lineno: int, rating_range: tuple[
         if not isinstance(values[key], (str, int)) or isinstance(values[key], bool):
             raise DataError(f"field {names[key]!r} must be a string or integer id, got {type(values[key]).__name__}")
         values[key] = str(values[key]).strip()
+        _text_ok(values[key], names[key])
+        if len(values[key]) > limits.max_id_chars:
+            raise DataError(f"field {names[key]!r} is {len(values[key])} characters, more than "
+                            f"prepare.max_id_chars ({limits.max_id_chars})")
     rating = values["rating"]
     try:
         if isinstance(rating, bool):
@@ -156,15 +288,26 @@ def validate(row: dict[str, Any], schema: str, lineno: int, rating_range: tuple[
         raise DataError(f"field {names['rating']!r} is {rating:g}, outside the rating range {low:g}..{high:g}")
     if not isinstance(values["text"], str):
         raise DataError(f"field {names['text']!r} must be text, got {type(values['text']).__name__}")
+    _text_ok(values["text"], names["text"])
+    if len(values["text"]) > limits.max_review_chars:
+        raise DataError(f"field {names['text']!r} is {len(values['text'])} characters, more than "
+                        f"prepare.max_review_chars ({limits.max_review_chars})")
     try:
         timestamp = _parse_timestamp(values["timestamp"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise DataError(f"field {names['timestamp']!r} is not a time: {exc}") from None
+    if not limits.min_timestamp <= timestamp <= limits.max_timestamp:
+        raise DataError(f"field {names['timestamp']!r} is {timestamp}, outside prepare.min_timestamp.."
+                        f"prepare.max_timestamp ({limits.min_timestamp}..{limits.max_timestamp})")
     optional = {}
     for key in ("summary", "title"):
         value = row.get(names[key])
         if value is not None and not isinstance(value, str):
             raise DataError(f"field {names[key]!r} must be text, got {type(value).__name__}")
+        if value:
+            _text_ok(value, names[key])
+            if len(value) > limits.max_review_chars:
+                raise DataError(f"field {names[key]!r} is longer than prepare.max_review_chars")
         optional[key] = (value or "").strip()
     attributes = row.get("attributes") or {}
     if isinstance(attributes, str):
@@ -174,6 +317,10 @@ def validate(row: dict[str, Any], schema: str, lineno: int, rating_range: tuple[
             raise DataError("field 'attributes' must be a JSON object") from None
     if not isinstance(attributes, dict):
         raise DataError(f"field 'attributes' must be an object, got {type(attributes).__name__}")
+    try:
+        json.dumps(attributes, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, TypeError, RecursionError):
+        raise DataError("field 'attributes' must be a plain JSON object of text and numbers") from None
     return Review(
         user_id=values["user_id"],
         item_id=values["item_id"],
@@ -191,6 +338,7 @@ def read_reviews(
     schema: str = "auto",
     rating_range: tuple[float, float] = (1.0, 5.0),
     max_reject_fraction: float = 0.5,
+    limits: Limits | None = None,
 ) -> ReadResult:
     """Read and validate a behaviour log.
 
@@ -201,6 +349,9 @@ def read_reviews(
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give the review log file")
+    limits = limits or Limits()
     if schema not in ("auto", "amazon", "generic"):
         raise DataError(f"unknown schema {schema!r}; use auto, amazon or generic")
     reviews: list[Review] = []
@@ -208,7 +359,7 @@ def read_reviews(
     seen: dict[tuple[str, str, int], int] = {}
     total = 0
     detected = None if schema == "auto" else schema
-    for lineno, raw, row, error in _iter_raw(path):
+    for lineno, raw, row, error in _iter_raw(path, limits):
         total += 1
         if error is not None:
             rejects.append(Reject(lineno, error, raw))
@@ -216,7 +367,7 @@ def read_reviews(
         if detected is None:
             detected = detect_schema(row)
         try:
-            review = validate(row, detected, lineno, rating_range)
+            review = validate(row, detected, lineno, rating_range, limits)
         except DataError as exc:
             rejects.append(Reject(lineno, str(exc), raw))
             continue

@@ -280,6 +280,7 @@ def evaluate_runs(
     negatives = ranking.sample_negatives(dataset.records, records, n_negatives, seed=0)
     scorer = TextScorer(records, references, train, dataset.features, max_len, bootstrap, semantic)
     results: dict[str, dict[str, float]] = {}
+    texts_by_system: dict[str, list[str]] = {}
     timings: dict[str, float] = {}
     for system in systems:
         if system not in SYSTEMS:
@@ -298,6 +299,7 @@ def evaluate_runs(
                 texts = generate_for_run(first, records, system, gen_cfg, progress, dataset)
         write_generated(path, records, texts, references, dataset.features, fingerprint)
         results[system] = scorer.score(system, texts)
+        texts_by_system[system] = texts
         timings[system] = time.time() - start
     if "fine-tuned" in systems:
         start = time.time()
@@ -324,6 +326,7 @@ def evaluate_runs(
                 texts = generate_for_run(run, records, "fine-tuned", gen_cfg, progress, dataset, predictor)
             write_generated(path, records, texts, references, dataset.features, fingerprint)
             row = scorer.score(name, texts)
+            texts_by_system[name] = texts
             if predictor is not None:
                 row.update(rating_and_ranking(predictor, records, negatives, low, high, texts))
                 if "HR@10" in row:
@@ -376,6 +379,11 @@ def evaluate_runs(
     )
     report["table"] = table
     report["differences_table"] = format_differences(differences)
+    from recreason.evaluation.report import write_report
+
+    name = "report.html" if split == "test" else f"report-{split}.html"
+    report["html"] = str(write_report(out / name, report, first.dir, records, references, texts_by_system,
+                                      scorer.item_features, dataset.features))
     return report
 
 

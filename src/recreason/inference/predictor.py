@@ -150,24 +150,29 @@ class Predictor:
             raise UnknownId(f"items[{position}].item_id: unknown item {item!r}; send item_features for new items")
         if self.known_item(item):
             item_feats = self.prompter.features(user, item, request.record)[1]
-        else:
+            shown = item_feats
+        else:  # a caller's words enter the prompt as quoted data, never as instructions
             item_feats = list(request.item_features)
+            shown = [json.dumps(f, ensure_ascii=False) for f in item_feats]
         known_feats = sorted(set(self.prompter.item_profiles.get(item, {})) | set(request.item_features))
         user_features: set[str] = set()
         if self.known_user(user):
-            messages = self.prompter.messages(user, item, request.record)
             user_features = self.prompter.user_features(user, request.record)
+            if self.known_item(item):
+                messages = self.prompter.messages(user, item, request.record)
+            else:  # a new item described by the caller
+                messages = self.prompter.compose(self.prompter.features(user, item, request.record)[0], shown, item)
         elif request.history:
             counts = collections.Counter(f for text in request.history for f in self.matcher.find(tokenize(text)))
             user_feats = [f for f, _ in counts.most_common(self.prompter.config.user_features)]
             user_features = set(counts)
-            messages = self.prompter.compose(user_feats, item_feats, item,
+            messages = self.prompter.compose(user_feats, shown, item,
                                              evidence=self.prompter.evidence(item, user_feats, user=user))
             flags.append("cold_start_history")
         elif self.cold_start == "error":
             raise UnknownId(f"items[{position}].user_id: unknown user {user!r}; send its history")
         else:
-            messages = self.prompter.compose([], item_feats, item, evidence=self.prompter.evidence(item, [], user=user))
+            messages = self.prompter.compose([], shown, item, evidence=self.prompter.evidence(item, [], user=user))
             flags.append("cold_start_item_only")
         soft = self.system == "fine-tuned" and uses_soft_prompt(
             self.run.prompt_mode, user in getattr(self.model, "user_index", {}))

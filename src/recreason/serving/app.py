@@ -5,18 +5,24 @@ from __future__ import annotations
 import hmac
 import time
 from pathlib import Path
-from typing import Literal
+import logging
+import uuid
+from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from recreason.errors import UnknownId
 from recreason.serving.service import ExplanationService
 
+log = logging.getLogger("recreason.serving")
+
 MAX_ID = 200
 MAX_TEXT = 4000
+MAX_FEATURE = 60  # characters of one caller-given item feature
+MAX_FEATURES = 20
 
 
 class Strict(BaseModel):
@@ -35,7 +41,8 @@ class ExplainItem(Strict):
     user_id: str = Field(min_length=1, max_length=MAX_ID)
     item_id: str = Field(min_length=1, max_length=MAX_ID)
     history: list[HistoryEntry] | None = Field(None, max_length=50, description="for users unknown to the model")
-    item_features: list[str] | None = Field(None, max_length=50, description="for items unknown to the model")
+    item_features: list[Annotated[str, Field(min_length=1, max_length=MAX_FEATURE)]] | None = Field(
+        None, max_length=MAX_FEATURES, description="for items unknown to the model (quoted in the prompt as data)")
 
 
 class Options(Strict):
@@ -105,6 +112,22 @@ class InteractionResponse(BaseModel):
     history_version: int
 
 
+class HistoryItem(BaseModel):
+    item_id: str
+    rating: float
+    text: str
+    timestamp: int
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    history: list[HistoryItem]
+
+
+class UsersResponse(BaseModel):
+    users: list[str]
+
+
 class Metrics:
     """Prometheus counters and histograms in the service's own registry."""
 
@@ -129,9 +152,45 @@ ERRORS = {401: {"model": Problem, "description": "missing or invalid API key"},
           413: {"model": Problem, "description": "request body too large"}}
 
 
-def create_app(service: ExplanationService, api_keys: set[str] | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: reads the request body up to ``max_bytes`` before the app sees it, so a chunked upload
+    without Content-Length gets the same 413 as one that announces its size."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413)
+                return await response(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(service: ExplanationService, api_keys: set[str] | None = None, max_body_bytes: int = 1_000_000,
+               public_metrics: bool = True) -> FastAPI:
+    """``public_metrics``: /metrics answers without an API key (for a Prometheus scraper inside the network);
+    False puts it behind the keys like every other endpoint."""
     app = FastAPI(title="recreason", version="0.1.0",
                   description="Personalized, grounded reasons for recommendations.")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     metrics = Metrics()
     seen_batches = [0]
     seen_tokens = [0]
@@ -141,24 +200,38 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
             return
         header = request.headers.get("authorization", "")
         key = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not any(hmac.compare_digest(key, k) for k in api_keys):
+        given = key.encode("utf-8", "surrogateescape")  # bytes: any header value compares, none raises
+        if not any(hmac.compare_digest(given, k.encode("utf-8")) for k in api_keys):
             raise HTTPException(status_code=401, detail="missing or invalid API key")
 
     @app.middleware("http")
     async def limits_and_metrics(request: Request, call_next):
         start = time.perf_counter()
+        given = request.headers.get("x-request-id", "")
+        request_id = given if given.isascii() and given.replace("-", "").isalnum() and len(given) <= 64 \
+            else uuid.uuid4().hex
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
             response = JSONResponse({"detail": f"request body larger than {max_body_bytes} bytes"}, status_code=413)
         else:
             try:
                 response = await call_next(request)
-            except Exception:  # noqa: BLE001 - never leak a stack trace
-                response = JSONResponse({"detail": "internal error"}, status_code=500)
+            except Exception:  # noqa: BLE001 - never leak a stack trace; log it with the request id
+                log.exception("request %s %s failed (request id %s)", request.method, request.url.path, request_id)
+                response = JSONResponse({"detail": f"internal error (request id {request_id})"}, status_code=500)
+        if response.status_code >= 500:
+            log.error("%s %s answered %d (request id %s)", request.method, request.url.path, response.status_code,
+                      request_id)
+        response.headers["X-Request-ID"] = request_id
         path = request.scope.get("route").path if request.scope.get("route") else "other"
         metrics.requests.labels(path, str(response.status_code)).inc()
         metrics.latency.labels(path).observe(time.perf_counter() - start)
         return response
+
+    @app.exception_handler(TimeoutError)
+    async def timed_out(request: Request, exc: TimeoutError):
+        return JSONResponse({"detail": "the reasons took longer than the request timeout; retry later"},
+                            status_code=504)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -199,11 +272,30 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
     def interactions(body: InteractionRequest):
         return service.record(body.user_id, body.item_id, body.rating, body.text, body.timestamp, body.summary)
 
+    @app.get("/v1/users/{user_id}/history", response_model=HistoryResponse, dependencies=[Depends(authorize)],
+             responses=ERRORS)
+    def history(user_id: str, limit: int = Query(10, ge=1, le=100)):
+        """The user's latest interactions, newest first (training history and what was recorded since)."""
+        if len(user_id) > MAX_ID:
+            raise HTTPException(status_code=422, detail=f"user_id: longer than {MAX_ID} characters")
+        return {"user_id": user_id, "history": service.history(user_id, limit)}
+
+    @app.get("/v1/users", response_model=UsersResponse, dependencies=[Depends(authorize)], responses=ERRORS)
+    def users(limit: int = Query(100, ge=1, le=1000)):
+        """Known user ids, most active first (for pickers)."""
+        return {"users": service.active_users(limit)}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        """The demo page: pick a user, see history and top-K with reasons, record an interaction."""
+        return HTMLResponse((Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8"))
+
     @app.get("/healthz")
     def healthz():
         return {"status": "ok", "model": str(Path(service.run.dir).name)}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse,
+             dependencies=[] if public_metrics else [Depends(authorize)])
     def prometheus():
         from prometheus_client import generate_latest
 
@@ -230,4 +322,4 @@ def app_from_environment() -> FastAPI:
         keys = {x.strip() for x in Path(settings["api_key_file"]).read_text().splitlines() if x.strip()}
     service = ExplanationService(settings["run"], settings.get("store"), GenerateConfig(**settings["generate"]),
                                  ServeConfig(**settings["serve"]))
-    return create_app(service, keys)
+    return create_app(service, keys, public_metrics=not settings.get("private_metrics", False))

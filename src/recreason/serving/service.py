@@ -72,6 +72,20 @@ class ExplanationService:
         self.sync()
         return {"user_id": user, "item_id": item, "features": features, "history_version": version}
 
+    def history(self, user: str, limit: int = 10) -> list[dict]:
+        """The user's latest interactions, newest first."""
+        self.sync()
+        with self._lock:
+            past = list(self.predictor.prompter.user_history.get(user, ()))
+        past.sort(key=lambda r: (-r.timestamp, r.index))
+        return [{"item_id": r.item, "rating": r.rating, "text": r.sentence, "timestamp": r.timestamp}
+                for r in past[:limit]]
+
+    def active_users(self, limit: int = 100) -> list[str]:
+        with self._lock:
+            counts = [(len(h), u) for u, h in self.predictor.prompter.user_history.items()]
+        return [u for _, u in sorted(counts, key=lambda x: (-x[0], x[1]))[:limit]]
+
     # ----- generation --------------------------------------------------------------------------
     def _generate_batch(self, key, prompted: list[Prompted]) -> list[str]:
         texts = self.predictor.generate(prompted, dict(key))
