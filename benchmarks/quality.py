@@ -4,7 +4,8 @@
 
 1. ``--tune``: on the validation split only, generates the candidates of the full run once, then scores a
    small grid of selection weights offline and keeps the weights with the best mean relative gain over
-   greedy decoding on BLEU-1, BLEU-4, ROUGE-L, USR, FMR and FCR (the metrics PETER is compared on).
+   greedy decoding on BLEU-1, BLEU-4, ROUGE-L, USR, FMR and FCR (the metrics PETER is compared on; see
+   ``relative_gain``).
    Writes benchmarks/results/quality/tuning.json; the chosen weights are used below.
 2. Scores on every test record of the split: the zero-shot base model, the retrieval baseline, the demo run,
    the full run decoded greedily and the full run with candidate selection, each with 95% bootstrap
@@ -44,6 +45,15 @@ def _scorer(records, references, dataset, bootstrap):
     return TextScorer(records, references, train, dataset.features, 20, bootstrap, semantic=True)
 
 
+FLOORS = {"BLEU-1": 1.0, "BLEU-4": 0.5, "ROUGE-L": 1.0, "USR": 0.05, "FMR": 0.02, "FCR": 0.01}
+
+
+def relative_gain(row: dict, greedy: dict) -> float:
+    """Mean over the PETER metrics of (trial - greedy) / max(greedy, floor): the floor keeps a metric that is
+    near zero on a few hundred records (BLEU-4) from dominating the mean."""
+    return sum((row[m] - greedy[m]) / max(abs(greedy[m]), FLOORS[m]) for m in TARGETS) / len(TARGETS)
+
+
 def tune(full_run: str, gen, n_records: int) -> dict:
     """Selection weights chosen on validation records, from one set of candidates scored offline."""
     from recreason.data.records import target_text
@@ -70,7 +80,7 @@ def tune(full_run: str, gen, n_records: int) -> dict:
         texts = [choose(c, set(p.known_features), p.user_features, generic, cfg, predictor.matcher).text
                  for p, c in zip(prompted, candidates)]
         row = scorer.score("trial", texts)
-        gain = sum((row[m] - greedy[m]) / max(abs(greedy[m]), 1e-9) for m in TARGETS) / len(TARGETS)
+        gain = relative_gain(row, greedy)
         trials.append({"weights": dict(zip(GRID, values)), "gain": gain, **{m: row[m] for m in TARGETS}})
     trials.sort(key=lambda t: -t["gain"])
     result = {"split": "validation", "records": len(records), "candidates": gen.candidates,
@@ -93,8 +103,8 @@ def evaluate(runs: list[tuple[str, str, object, list[str]]], bootstrap: int) -> 
         report = evaluate_runs([run], "test", gen, systems, 20, progress=True, bootstrap=bootstrap,
                                out_dir=Path(run) / "eval" / ("quality-" + "-".join(name.replace(",", "").split())))
         for system, row in report["results"].items():
-            if system in ("popularity", "matrix factorization"):
-                continue
+            if system in ("popularity", "matrix factorization") or system.startswith("ranker"):
+                continue  # ranking rows: see benchmarks/ranking.py
             label = name if system == "fine-tuned" else system
             rows[label] = {"records": report["records"], **{k: v for k, v in row.items() if isinstance(v, float)}}
             intervals[label] = report["intervals"].get(system, {})

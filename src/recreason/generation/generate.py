@@ -115,17 +115,18 @@ class SeededSampler:
         self.temperature, self.top_p = temperature, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = [n for n, gen in enumerate(self.generators) if gen is not None]
+        if not rows:
+            return scores
         out = scores.clone()
-        for row, gen in enumerate(self.generators):
-            if gen is None:
-                continue
-            logits = scores[row].float() / max(self.temperature, 1e-5)
-            if self.top_p < 1.0:
-                probs, order = torch.softmax(logits, -1).sort(descending=True)
-                drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest set reaching top_p
-                logits[order[drop]] = float("-inf")
-            uniform = torch.rand(logits.shape, generator=gen).clamp_(1e-10, 1 - 1e-10)
-            out[row] = (logits - torch.log(-torch.log(uniform))).to(out.dtype)
+        logits = scores[rows].float() / max(self.temperature, 1e-5)
+        if self.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p, per row
+            probs, order = torch.softmax(logits, -1).sort(-1, descending=True)
+            drop = probs.cumsum(-1) - probs > self.top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+        uniform = torch.stack([torch.rand(logits.shape[-1], generator=self.generators[n]) for n in rows])
+        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-10, 1 - 1e-10)))
+        out[rows] = (logits + gumbel.to(logits.device)).to(out.dtype)
         return out
 
 
