@@ -296,3 +296,34 @@ def test_metrics_can_be_put_behind_the_api_keys(served):
     closed = TestClient(create_app(service, api_keys={"secret"}, public_metrics=False), raise_server_exceptions=False)
     assert closed.get("/metrics").status_code == 401
     assert closed.get("/metrics", headers={"X-API-Key": "secret"}).status_code == 200
+
+
+def test_overload_and_timeout_are_503_and_504_with_a_request_id(served, monkeypatch):
+    import threading
+
+    from recreason.serving.batching import MicroBatcher, Overloaded
+
+    release = threading.Event()
+    batcher = MicroBatcher(lambda key, items: (release.wait(10), items)[1], max_batch=1, max_wait_s=0, max_queue=1)
+    try:
+        first = batcher.submit("k", 1)  # taken by the worker, which now waits
+        import time
+
+        time.sleep(0.2)
+        batcher.submit("k", 2)  # waits in the queue
+        with pytest.raises(Overloaded):
+            batcher.submit("k", 3)
+        release.set()
+        assert first.result(timeout=10) == 1
+    finally:
+        release.set()
+        batcher.close()
+    client, service, _ = served
+    user, item = _known_pair(service)
+    body = {"items": [{"user_id": user, "item_id": item}]}
+    for error, status in ((Overloaded("busy"), 503), (TimeoutError(), 504)):
+        def fail(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(service, "explain", fail)
+        r = client.post("/v1/explanations", json=body)
+        assert r.status_code == status and r.headers["x-request-id"]

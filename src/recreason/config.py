@@ -189,7 +189,8 @@ class ServeConfig:
     max_new_tokens_limit: int = 64  # upper bound on a request's max_new_tokens
     max_beams: int = 4
     cache_size: int = 10000  # cached reasons (model, user, item, options, history version)
-    request_timeout_s: float = 60.0
+    request_timeout_s: float = 60.0  # a request still waiting after this gets 504
+    max_queue: int = 256  # generations waiting beyond this: new requests get 503
     cold_start: str = "item-only"  # unknown user without history: item-only reason, or "error"
 
 

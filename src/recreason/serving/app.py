@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from recreason.errors import UnknownId
+from recreason.serving.batching import Overloaded
 from recreason.serving.service import ExplanationService
 
 log = logging.getLogger("recreason.serving")
@@ -149,7 +150,9 @@ class Problem(BaseModel):
 
 ERRORS = {401: {"model": Problem, "description": "missing or invalid API key"},
           404: {"model": Problem, "description": "unknown user or item id (the message names the field)"},
-          413: {"model": Problem, "description": "request body too large"}}
+          413: {"model": Problem, "description": "request body too large"},
+          503: {"model": Problem, "description": "too many generations waiting; retry after Retry-After seconds"},
+          504: {"model": Problem, "description": "the reasons took longer than the request timeout"}}
 
 
 class BodyLimit:
@@ -227,6 +230,10 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
         metrics.requests.labels(path, str(response.status_code)).inc()
         metrics.latency.labels(path).observe(time.perf_counter() - start)
         return response
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        return JSONResponse({"detail": f"the server is busy: {exc}"}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(TimeoutError)
     async def timed_out(request: Request, exc: TimeoutError):

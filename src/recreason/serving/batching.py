@@ -9,6 +9,10 @@ from concurrent.futures import Future
 from typing import Any, Callable, Hashable, Sequence
 
 
+class Overloaded(RuntimeError):
+    """More generations are waiting than ``max_queue``: the server answers 503 instead of queueing forever."""
+
+
 class MicroBatcher:
     """Collects submitted jobs for up to ``max_wait_s`` (or ``max_batch`` jobs) and runs them in one call.
 
@@ -17,8 +21,9 @@ class MicroBatcher:
     """
 
     def __init__(self, fn: Callable[[Hashable, Sequence[Any]], Sequence[Any]], max_batch: int = 16,
-                 max_wait_s: float = 0.01, on_batch: Callable[[int], None] | None = None):
+                 max_wait_s: float = 0.01, on_batch: Callable[[int], None] | None = None, max_queue: int = 1024):
         self.fn = fn
+        self.max_queue = max_queue
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
@@ -28,6 +33,8 @@ class MicroBatcher:
         self._thread.start()
 
     def submit(self, key: Hashable, payload: Any) -> Future:
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded(f"{self._queue.qsize()} generations are already waiting; retry later")
         future: Future = Future()
         self._queue.put((key, payload, future))
         return future

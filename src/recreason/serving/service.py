@@ -36,7 +36,7 @@ class ExplanationService:
         self.stats = collections.Counter()
         self.batch_sizes: list[int] = []
         self.batcher = MicroBatcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.max_wait_ms / 1000,
-                                    on_batch=self.batch_sizes.append)
+                                    on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue)
         self.model_id = f"{self.run.dir.resolve()}"
 
     # ----- data --------------------------------------------------------------------------------
