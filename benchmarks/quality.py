@@ -122,22 +122,9 @@ def peter_row() -> dict:
 
 
 def table(rows: dict, intervals: dict) -> str:
-    cols = [c for c in COLUMNS if any(c in r for r in rows.values())]
-    lines = ["| system | records | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for name, row in rows.items():
-        cells = []
-        for c in cols:
-            v = row.get(c)
-            if v is None:
-                cells.append("")
-                continue
-            cell = f"{v:.2f}" if c.startswith(("BLEU", "ROUGE", "SemSim")) else f"{v:.3f}"
-            ci = intervals.get(name, {}).get(c)
-            if ci and c in ("BLEU-1", "BLEU-4", "ROUGE-L"):
-                cell += f" ({ci[0]:.2f}-{ci[1]:.2f})"
-            cells.append(cell)
-        lines.append(f"| {name} | {row['records']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from recreason.evaluation.evaluate import format_table
+
+    return format_table(rows, intervals, ("records", *COLUMNS))
 
 
 def against_peter(rows: dict, intervals: dict, name: str) -> dict:

@@ -98,11 +98,15 @@ def read_generated(path: Path) -> list[dict]:
 
 
 def _fmt(metric: str, value: float) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     return f"{value:.4f}" if metric in FRACTIONS else f"{value:.2f}"
 
 
-def format_table(results: dict[str, dict[str, float]], intervals: dict | None = None) -> str:
-    cols = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
+def format_table(results: dict[str, dict[str, float]], intervals: dict | None = None,
+                 columns: Sequence[str] = tuple(METRIC_ORDER)) -> str:
+    """A Markdown table of ``columns`` (those any row has), BLEU-1/BLEU-4/ROUGE-L with their intervals."""
+    cols = [m for m in columns if any(m in r for r in results.values())]
     lines = ["| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, res in results.items():
         cells = []
