@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from recreason.generation.generate import GenerateConfig, generate_texts
-    from recreason.prompts.discrete import render
-    from recreason.rundir import Run
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import generate_texts
+    from recreason.inference import Predictor, Request
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
@@ -35,11 +35,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/generation_speed.json"))
     args = parser.parse_args()
 
-    run = Run(args.run)
-    model, tok = run.load_model(dtype="bf16")
-    prompter = run.prompter(run.dataset())
-    records = run.dataset().subset(run.info["split_seed"], "test")[: args.prompts]
-    prompts = [render(tok, prompter.messages(r.user, r.item)) for r in records]
+    predictor = Predictor(args.run, GenerateConfig(precision="bf16"))
+    model, tok, run = predictor.model, predictor.tokenizer, predictor.run
+    records = predictor.dataset.subset(run.split_seed, "test")[: args.prompts]
+    prompts = [predictor.prompt(Request(r.user, r.item)).prompt for r in records]
     head = model.lm.get_output_embeddings()
     hooks = dict(head._forward_pre_hooks)
 

@@ -89,46 +89,59 @@ def load_server(args, pairs) -> dict:
 def plain_generate(args, pairs) -> dict:
     import torch
 
-    from recreason.prompts.discrete import render
-    from recreason.rundir import Run
-
-    run = Run(args.run)
-    model, tok = run.load_model(dtype="fp32")
-    prompter = run.prompter(run.dataset())
-    lm = model.lm  # the run's LoRA merged into the base weights
+    predictor = _predictor(args)
+    tok = predictor.tokenizer
+    lm = predictor.model.lm  # the run's LoRA merged into the base weights
     lm.set_attn_implementation("sdpa")  # transformers' default, not the eager attention recreason picks on CPU
     done, start = 0, time.monotonic()
     with torch.no_grad():
         for user, item in pairs:
             if time.monotonic() - start > args.seconds:
                 break
-            ids = tok(render(tok, prompter.messages(user, item)), return_tensors="pt", add_special_tokens=False)
+            ids = tok(_prompt(predictor, user, item), return_tensors="pt", add_special_tokens=False)
             lm.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             done += 1
     return {"reasons_per_s": done / (time.monotonic() - start), "requests": done}
 
 
+def _predictor(args):
+    from recreason.config import GenerateConfig
+    from recreason.inference import Predictor
+
+    return Predictor(args.run, GenerateConfig(precision="fp32", max_new_tokens=args.max_new_tokens))
+
+
+def _prompt(predictor, user: str, item: str) -> str:
+    from recreason.inference import Request
+
+    return predictor.prompt(Request(user, item)).prompt
+
+
 def llama_cpp(args, pairs) -> dict | None:
+    """llama.cpp on the run's own fine-tuned weights, exported with `recreason export --format gguf` (f16),
+    single stream; also how many of its greedy reasons equal the Predictor's greedy reasons."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
+    from recreason.models.export import export_gguf
     from recreason.models.registry import ALIASES
-    from recreason.prompts.discrete import render
-    from recreason.rundir import Run
 
-    run = Run(args.run)
-    model, tok = run.load_model(dtype="fp32")
-    prompter = run.prompter(run.dataset())
-    llm = Llama(model_path=str(ALIASES["smollm2-135m"].locate()), n_ctx=512, verbose=False)
-    done, start = 0, time.monotonic()
+    predictor = _predictor(args)
+    gguf = Path(args.tmp) / "fine-tuned.gguf"
+    export_gguf(predictor.model.lm, gguf, ALIASES["smollm2-135m"].locate(), "f16")
+    llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
+    texts, start = [], time.monotonic()
     for user, item in pairs:
         if time.monotonic() - start > args.seconds:
             break
-        llm(render(tok, prompter.messages(user, item)), max_tokens=args.max_new_tokens, temperature=0.0)
-        done += 1
-    return {"reasons_per_s": done / (time.monotonic() - start), "requests": done,
-            "note": "base GGUF weights (llama.cpp cannot load our adapter): a speed reference only"}
+        out = llm(_prompt(predictor, user, item), max_tokens=args.max_new_tokens, temperature=0.0)
+        texts.append(out["choices"][0]["text"].strip().split("\n", 1)[0].strip())
+    seconds = time.monotonic() - start
+    ours = [e.generated for e in predictor.explain(pairs[: len(texts)])]
+    same = sum(a == b for a, b in zip(texts, ours))
+    return {"reasons_per_s": len(texts) / seconds, "requests": len(texts), "same_as_ours": same,
+            "note": "the run's fine-tuned weights exported as f16 GGUF; same-as-ours compares greedy texts"}
 
 
 def main() -> None:
@@ -141,8 +154,19 @@ def main() -> None:
     parser.add_argument("--skip-references", action="store_true", help="measure the server only")
     parser.add_argument("--tmp", default="/tmp/recreason-load")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_load.json"))
+    parser.add_argument("--only-llama-cpp", action="store_true", dest="only_llama_cpp",
+                        help="measure llama.cpp on the exported fine-tuned model only (to serve_load_llama_cpp.json)")
     args = parser.parse_args()
     pairs = pairs_for(args.run, 2000)
+    if args.only_llama_cpp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
+        result = llama_cpp(args, pairs)
+        if result is None:
+            raise SystemExit("llama-cpp-python is not installed: pip install llama-cpp-python")
+        out = Path(args.out).with_name("serve_load_llama_cpp.json")
+        out.write_text(json.dumps({"args": vars(args), "llama_cpp_fine_tuned": result}, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     results = {"server": load_server(args, pairs)}
     s = results["server"]
     print(f"server with {args.clients} clients: {s['reasons_per_s']:.2f} reasons/s, p50 {s['p50_s']:.2f} s, "
