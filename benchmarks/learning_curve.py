@@ -90,7 +90,7 @@ def _plot(rows, log, peter, path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     axes[0].plot([e["step"] for e in log], [e["validation_loss"] for e in log], marker="o")
     axes[0].set_title("validation loss")
-    shown = [r for r in rows if r["checkpoint"] != "best"]
+    shown = sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])  # best is the last step
     for ax, metrics in zip(axes[1:], (("BLEU-1", "ROUGE-L"), ("BLEU-4",), ("USR", "FMR", "FCR"))):
         for m in metrics:
             line, = ax.plot([r["step"] for r in shown], [r[m] for r in shown], marker="o", label=m)
