@@ -226,8 +226,9 @@ def explain_pairs(predictor: Predictor, pairs_file: str | Path, out: str | Path,
             except UnknownId as exc:  # journaled like a result, so a resumed job still reports it
                 rows.append({"line": p.line, "rejected": str(exc).split(": ", 1)[-1], "raw": f"{p.user},{p.item}"})
         texts = predictor.generate([pr for _, pr in runnable], options)
-        for (p, prompted), text in zip(runnable, texts):
-            rows.append(_row(predictor.finish(prompted, text), line=p.line))
+        ratings = predictor.rate([(p.user, p.item) for p, _ in runnable])
+        for (p, prompted), text, rating in zip(runnable, texts, ratings):
+            rows.append(_row(predictor.finish(prompted, text, rating), line=p.line))
         return rows
 
     stats = _run_chunks(pairs, out, chunk_size, work, key=lambda x: x["line"] if isinstance(x, dict) else x.line,

@@ -109,6 +109,8 @@ class Predictor:
         self.item_ratings: dict[str, list[float]] = collections.defaultdict(list)
         for r in self.train:
             self.item_ratings[r.item].append(r.rating)
+        self._rating_sum = sum(r.rating for r in self.train)
+        self._rating_count = len(self.train)
 
     def _load(self):
         if self.system == "fine-tuned":
@@ -132,11 +134,14 @@ class Predictor:
                       self.prompter.item_records, self.item_ratings):
             table.clear()
         self.prompter.train_indices.clear()
+        self._rating_sum, self._rating_count = 0.0, 0
 
     def add(self, record: Explained) -> None:
         """Fold a new interaction into the profiles and rating statistics (a cold user becomes warm)."""
         self.prompter.add(record)
         self.item_ratings[record.item].append(record.rating)
+        self._rating_sum += record.rating
+        self._rating_count += 1
 
     def seen(self, user: str) -> set[str]:
         return {r.item for r in self.prompter.user_history.get(user, ())}
@@ -228,12 +233,13 @@ class Predictor:
         self._generic = (key, table)
         return table
 
-    def finish(self, prompted: Prompted, text: str) -> Explanation:
-        """Run the safety and grounding checks on a generated text and attach the predicted rating."""
+    def finish(self, prompted: Prompted, text: str, rating: tuple[float, str, list[str]] | None = None) -> Explanation:
+        """Run the safety and grounding checks on a generated text and attach the predicted rating
+        (``rating``: this pair's entry of :meth:`rate`, when the caller rated a whole batch at once)."""
         checked = self.checker.check(text, prompted.known_features, prompted.prompt, highlight=prompted.item_features)
         req = prompted.request
-        (rating, level, rating_flags), = self.rate([(req.user, req.item)])
-        return Explanation(req.user, req.item, checked.text, text, rating, level, checked.features,
+        rating_value, level, rating_flags = rating or self.rate([(req.user, req.item)])[0]
+        return Explanation(req.user, req.item, checked.text, text, rating_value, level, checked.features,
                            prompted.flags + rating_flags + checked.flags)
 
     def explain(self, requests: Iterable[Request | tuple[str, str]], options: dict | None = None,
@@ -242,7 +248,8 @@ class Predictor:
         reqs = [r if isinstance(r, Request) else Request(*r) for r in requests]
         prompted = [self.prompt(r, n) for n, r in enumerate(reqs)]
         texts = self.generate(prompted, options, progress)
-        return [self.finish(p, t) for p, t in zip(prompted, texts)]
+        ratings = self.rate([(r.user, r.item) for r in reqs])  # one head pass for the batch
+        return [self.finish(p, t, r) for p, t, r in zip(prompted, texts, ratings)]
 
     def explain_records(self, records: Sequence[Explained], options: dict | None = None,
                         progress: bool = False) -> list[str]:
@@ -281,8 +288,7 @@ class Predictor:
         return out
 
     def _mean_rating(self) -> float:
-        total = sum(sum(v) for v in self.item_ratings.values())
-        return total / max(1, sum(len(v) for v in self.item_ratings.values()))
+        return self._rating_sum / max(1, self._rating_count)
 
     def rank(self, user: str, k: int, exclude_seen: bool = True) -> list[tuple[str, float]]:
         """The top ``k`` items for ``user``: by the run's ranker (RUN/ranker, an implicit-feedback model fitted

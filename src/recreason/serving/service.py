@@ -128,15 +128,16 @@ class ExplanationService:
             else:
                 futures.append(self.batcher.submit(key, prompted))
         out = []
+        ratings = self.predictor.rate([(p.request.user, p.request.item) for p, _ in jobs])  # one head pass
         deadline = time.monotonic() + self.cfg.request_timeout_s
-        for (prompted, cache_key), fut in zip(jobs, futures):
+        for (prompted, cache_key), fut, rating in zip(jobs, futures, ratings):
             text = fut if isinstance(fut, str) else fut.result(timeout=max(0.0, deadline - time.monotonic()))
             if not isinstance(fut, str):
                 with self._lock:
                     self._cache[cache_key] = text
                     if len(self._cache) > self.cfg.cache_size:
                         self._cache.popitem(last=False)
-            explanation = self.predictor.finish(prompted, text)
+            explanation = self.predictor.finish(prompted, text, rating)
             self.stats["reasons"] += 1
             self.stats["filtered"] += int(explanation.reason != text)
             self.stats["ungrounded"] += int("ungrounded" in explanation.flags)
