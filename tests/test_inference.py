@@ -83,6 +83,29 @@ def test_selection_score_is_the_documented_sum():
     assert choose([Candidate("", 0.0, True), plain], item, user, generic, cfg, matcher) is plain
 
 
+def test_consensus_is_the_mean_rouge_l_f1_against_the_other_draws():
+    import collections
+
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import Candidate
+    from recreason.inference.selection import choose, consensus
+    from recreason.text import FeatureMatcher
+
+    a = Candidate("The tone is great.", -1.0, True, count=2)  # drawn twice
+    b = Candidate("The tone is bright.", -0.8, False)
+    c = Candidate("Great price.", -0.5, False)
+    # tokens keep the full stop: a = the tone is great . (5), b = the tone is bright . (5), c = great price . (3)
+    # LCS F1 (beta 1): a-b 2*4/10 = 0.8, a-c 2*2/8 = 0.5, b-c 2*1/8 = 0.25; 4 draws, so 3 others for each
+    assert consensus([a, b, c]) == pytest.approx([(1 + 0.8 + 0.5) / 3, (2 * 0.8 + 0.25) / 3, (2 * 0.5 + 0.25) / 3])
+    assert consensus([Candidate("Only one.", -1.0, True)]) == [0.0]
+    matcher, generic = FeatureMatcher(["tone", "price"]), collections.Counter()
+    plain = dict(weight_grounded=0, weight_ungrounded=0, weight_user=0, weight_generic=0)
+    assert choose([a, b, c], {"tone", "price"}, set(), generic, GenerateConfig(**plain), matcher) is c
+    # -1.0 + 2 * 0.767 = 0.533 beats -0.8 + 2 * 0.617 = 0.433 and -0.5 + 2 * 0.417 = 0.333
+    assert choose([a, b, c], {"tone", "price"}, set(), generic, GenerateConfig(**plain, weight_consensus=2.0),
+                  matcher) is a
+
+
 def test_candidates_do_not_depend_on_the_batch_and_start_with_the_greedy_text(tiny_run):
     from recreason.config import GenerateConfig
     from recreason.generation.generate import generate_candidates, generate_texts
@@ -101,6 +124,7 @@ def test_candidates_do_not_depend_on_the_batch_and_start_with_the_greedy_text(ti
     assert [c[0].text for c in together] == greedy and all(c[0].greedy for c in together)
     assert sum(len(c) for c in together) > len(prompts)  # the samples add texts the greedy pass did not write
     assert all(c.logprob <= 0 for cands in together for c in cands)
+    assert [sum(c.count for c in cands) for cands in together] == [4] * len(prompts)  # every draw counted once
 
 
 def test_candidate_selection_runs_in_every_path(tiny_run, tmp_path):

@@ -61,3 +61,23 @@ class FeatureMatcher:
                 if tuple(tokens[i : i + len(words)]) == words:
                     found.add(" ".join(words))
         return found
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def lcs_f1(a: Sequence[str], b: Sequence[str]) -> float:
+    """ROUGE-L F1 of two token lists (beta = 1), in [0, 1]; two empty lists are equal (1.0)."""
+    if not a and not b:
+        return 1.0
+    return 2.0 * lcs_length(a, b) / (len(a) + len(b))

@@ -201,7 +201,9 @@ def generate_for_run(run: Run, records, system: str, gen_cfg: GenerateConfig, pr
     return predictor.explain_records(records, progress=progress)
 
 
-def _select_records(run: Run, dataset, split: str, gen_cfg: GenerateConfig):
+def select_records(run: Run, dataset, split: str, gen_cfg: GenerateConfig):
+    """(records, references) that a split's text metrics score: the first ``generate.max_records`` (all when
+    unset) that have a reference."""
     records = dataset.subset(run.info["split_seed"], split)
     if gen_cfg.max_records:
         records = records[: gen_cfg.max_records]
@@ -278,7 +280,7 @@ def evaluate_runs(
         if (other.info["dataset"], other.info["split_seed"]) != (first.info["dataset"], first.info["split_seed"]):
             raise ConfigError(f"{other.dir} uses another dataset or split than {first.dir}; rows would not compare")
     dataset = first.dataset()
-    records, references = _select_records(first, dataset, split, gen_cfg)
+    records, references = select_records(first, dataset, split, gen_cfg)
     train = dataset.subset(first.info["split_seed"], "train")
     low, high = dataset.rating_range
     negatives = ranking.sample_negatives(dataset.records, records, n_negatives, seed=0)

@@ -10,7 +10,7 @@ import collections
 import math
 from typing import Iterable, Sequence
 
-from recreason.text import FeatureMatcher
+from recreason.text import FeatureMatcher, lcs_length
 
 Tokens = Sequence[str]
 
@@ -77,19 +77,6 @@ def rouge_n_scores(references: Sequence[Tokens], hypotheses: Sequence[Tokens], n
 def rouge_n(references: Sequence[Tokens], hypotheses: Sequence[Tokens], n: int) -> float:
     """Mean per-sentence ROUGE-N F-score with n-grams taken as sets, x100."""
     return sum(rouge_n_scores(references, hypotheses, n)) / len(hypotheses) if hypotheses else 0.0
-
-
-def lcs_length(a: Tokens, b: Tokens) -> int:
-    """Length of the longest common subsequence of two token lists."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
 
 
 def rouge_l_scores(references: Sequence[Tokens], hypotheses: Sequence[Tokens]) -> list[float]:

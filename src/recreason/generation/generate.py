@@ -24,6 +24,7 @@ class Candidate:
     text: str
     logprob: float  # mean log-probability of its tokens under the model (raw logits, no temperature)
     greedy: bool
+    count: int = 1  # how many of the prompt's draws (greedy + samples) produced this text
 
 
 def clean_output(text: str) -> str:
@@ -143,7 +144,7 @@ def generate_candidates(
     (``cfg.sample_temperature``, ``cfg.sample_top_p``), each with its mean token log-likelihood under the
     model. All of a batch's candidates decode in one pass. Each sample's random stream is seeded by
     ``cfg.seed``, the prompt and the sample number, so a prompt gets the same candidates in any batch.
-    Identical texts are kept once."""
+    Identical texts are kept once, with ``count`` saying how many draws produced them."""
     from transformers import LogitsProcessorList
 
     n = max(1, cfg.candidates)
@@ -163,6 +164,9 @@ def generate_candidates(
         for row, (text, lp) in enumerate(zip(texts, logprobs)):
             target = out[idx[row // n]]
             text = clean_output(text)
-            if all(c.text != text for c in target):
+            same = next((c for c in target if c.text == text), None)
+            if same is None:
                 target.append(Candidate(text, float(lp), greedy=row % n == 0))
+            else:
+                same.count += 1
     return out

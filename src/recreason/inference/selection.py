@@ -7,8 +7,14 @@ For a candidate c of pair (user u, item i)::
              - weight_ungrounded  * features c names that i lacks
              + weight_user        * [c names one of u's own features]
              - weight_generic     * log(1 + how often the run's greedy reason is c for other pairs)
+             + weight_consensus   * expected ROUGE-L F1 of c against the pair's other draws
 
-The last term uses a table of the run's own greedy reasons on validation records (what it says for
+The consensus term is minimum-Bayes-risk selection (Kumar & Byrne 2004; Freitag et al. 2022): the
+draws (greedy + samples, with their multiplicity) stand in for what the model believes a reason for
+this pair looks like, and the candidate that agrees most with the others is the one expected to score
+best against an unseen reference under the same similarity. It needs no reference and no training.
+
+The generic term uses a table of the run's own greedy reasons on validation records (what it says for
 "everyone"), so a sentence the run produces for many pairs loses to a specific one unless it is much
 more likely. The weights are ``generate.weight_*`` keys, tuned on the validation split.
 """
@@ -21,7 +27,7 @@ from typing import Iterable, Sequence
 
 from recreason.config import GenerateConfig
 from recreason.generation.generate import Candidate
-from recreason.text import FeatureMatcher, normalize, tokenize
+from recreason.text import FeatureMatcher, lcs_f1, normalize, tokenize
 
 
 def sentence_key(text: str) -> str:
@@ -33,8 +39,25 @@ def generic_table(texts: Iterable[str]) -> collections.Counter:
     return collections.Counter(sentence_key(t) for t in texts if t.strip())
 
 
+def consensus(candidates: Sequence[Candidate]) -> list[float]:
+    """For each candidate, its mean ROUGE-L F1 (beta = 1) against every *other* draw of the pair, each text
+    counted as often as it was drawn (a text drawn twice agrees fully with its second copy). With a
+    single draw there is nothing to agree with: 0 for all."""
+    tokens = [tokenize(c.text) for c in candidates]
+    draws = sum(c.count for c in candidates)
+    if draws <= 1:
+        return [0.0] * len(candidates)
+    out = []
+    for i, c in enumerate(candidates):
+        agree = (c.count - 1) * 1.0 + sum(o.count * lcs_f1(tokens[i], tokens[j])
+                                          for j, o in enumerate(candidates) if j != i)
+        out.append(agree / (draws - 1))
+    return out
+
+
 def candidate_score(candidate: Candidate, item_features: set[str], user_features: set[str], generic: collections.Counter,
-                    cfg: GenerateConfig, matcher: FeatureMatcher) -> float:
+                    cfg: GenerateConfig, matcher: FeatureMatcher, agreement: float = 0.0) -> float:
+    """The score above; ``agreement`` is the candidate's :func:`consensus` value."""
     named = matcher.find(tokenize(candidate.text))
     grounded = len(named & item_features)
     ungrounded = len(named - item_features)
@@ -42,12 +65,18 @@ def candidate_score(candidate: Candidate, item_features: set[str], user_features
             + cfg.weight_grounded * min(2, grounded)
             - cfg.weight_ungrounded * ungrounded
             + cfg.weight_user * bool(named & user_features)
-            - cfg.weight_generic * math.log1p(generic.get(sentence_key(candidate.text), 0)))
+            - cfg.weight_generic * math.log1p(generic.get(sentence_key(candidate.text), 0))
+            + cfg.weight_consensus * agreement)
 
 
 def choose(candidates: Sequence[Candidate], item_features: set[str], user_features: set[str],
-           generic: collections.Counter, cfg: GenerateConfig, matcher: FeatureMatcher) -> Candidate:
+           generic: collections.Counter, cfg: GenerateConfig, matcher: FeatureMatcher,
+           agreement: Sequence[float] | None = None) -> Candidate:
     """The best-scoring candidate; ties keep the earlier one (the greedy text comes first). Empty texts never
     win over a non-empty one."""
     usable = [c for c in candidates if c.text.strip()] or list(candidates)
-    return max(usable, key=lambda c: candidate_score(c, item_features, user_features, generic, cfg, matcher))
+    if agreement is None:  # a caller scoring many weight settings passes consensus(candidates) once
+        agreement = consensus(candidates) if cfg.weight_consensus else [0.0] * len(candidates)
+    by_id = {id(c): a for c, a in zip(candidates, agreement)}
+    return max(usable, key=lambda c: candidate_score(c, item_features, user_features, generic, cfg, matcher,
+                                                     by_id[id(c)]))
