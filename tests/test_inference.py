@@ -81,6 +81,10 @@ def test_selection_score_is_the_documented_sum():
     only_likelihood = GenerateConfig(weight_grounded=0, weight_ungrounded=0, weight_user=0, weight_generic=0)
     assert choose([plain, specific, wrong], item, user, generic, only_likelihood, matcher) is wrong
     assert choose([Candidate("", 0.0, True), plain], item, user, generic, cfg, matcher) is plain
+    # a vocabulary entry made only of function words ("to", by tagging error) counts neither way
+    tagged = FeatureMatcher(["tone", "to"])
+    easy = Candidate("Easy to play, good tone.", -1.0, False)
+    assert candidate_score(easy, {"tone"}, set(), generic, cfg, tagged) == pytest.approx(-1.0 + 0.5 * 1)
 
 
 def test_consensus_is_the_mean_rouge_l_f1_against_the_other_draws():

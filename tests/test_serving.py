@@ -15,6 +15,11 @@ def test_reason_checker_flags_and_replaces():
     assert ok.flags == [] and ok.features == ["price", "strings", "tone"] and not ok.replaced
     ungrounded = checker.check("The strings sound bright and clear.", ["tone"])
     assert ungrounded.flags == ["ungrounded"] and ungrounded.text.startswith("The strings")
+    # "to" and "on" entered a real vocabulary by tagging error: naming them grounds or ungrounds nothing
+    tagged = ReasonChecker(["tone", "to", "on", "pick up"])
+    easy = tagged.check("The tone is easy to dial in on stage.", ["tone"])
+    assert easy.flags == [] and easy.features == ["tone"]
+    assert tagged.check("Easy to pick up and play.", ["tone"]).flags == ["ungrounded"]  # "pick up" is content
     for bad, flag in [("Call me at +1 555 123 4567 for the tone", "personal_data"),
                       ("write to bob@example.com about it", "personal_data"),
                       ("see www.example.com for the tone", "personal_data"),

@@ -43,6 +43,27 @@ def tokenize(text: str) -> list[str]:
     return norm.split(" ") if norm else []
 
 
+# Closed-class words (prepositions, particles, pronouns, determiners, modals) and a few light verbs. The
+# feature vocabulary is built from tokens spaCy tagged as nouns at least ``min_df`` times, and tagging errors
+# let some of these in ("to", "on", "in", "out", "go" on the demo data). They describe no aspect of an item,
+# so the grounding check and candidate selection ignore them; FMR/FCR keep the vocabulary as PETER does.
+FUNCTION_WORDS = frozenset(
+    """a an the this that these those some any no none all both each every either neither
+    i me my mine you your yours he him his she her hers it its we us our ours they them their theirs
+    in on at to of for from by with without into onto out off up down over under about above below across
+    along around through between after before behind beyond near since until upon via per than as
+    and or but nor so yet if then
+    can could may might must shall should will would do does did be is are was were been being have has had
+    re ve ll go goes went take takes took give gives gave get gets got make makes made much many more most
+    less least few several such own same other another""".split()
+)
+
+
+def is_content_feature(feature: str) -> bool:
+    """False for a vocabulary entry made only of function words (a tagging error, not an aspect)."""
+    return not all(word in FUNCTION_WORDS for word in feature.split())
+
+
 class FeatureMatcher:
     """Finds vocabulary features in token lists; multi-word features match when their words appear in order."""
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from recreason.text import FeatureMatcher, tokenize
+from recreason.text import FeatureMatcher, is_content_feature, tokenize
 
 EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b")
 PHONE = re.compile(r"(?<!\w)(?:\+?\d[\d\s().-]{7,}\d)(?!\w)")
@@ -65,7 +65,7 @@ class ReasonChecker:
         if len(words) < 3 or (len(words) >= 6 and len(set(words)) <= len(words) // 3) or \
                 (prompt and len(text) > 20 and text.strip() in prompt):
             flags.append("not_a_reason")
-        mentioned = sorted(self.matcher.find(tokens))
+        mentioned = sorted(f for f in self.matcher.find(tokens) if is_content_feature(f))
         known = set(item_features)
         if any(f not in known for f in mentioned):
             flags.append("ungrounded")

@@ -14,6 +14,9 @@ draws (greedy + samples, with their multiplicity) stand in for what the model be
 this pair looks like, and the candidate that agrees most with the others is the one expected to score
 best against an unseen reference under the same similarity. It needs no reference and no training.
 
+Features are counted as :class:`~recreason.text.FeatureMatcher` finds them, less entries made only of
+function words (``recreason.text.FUNCTION_WORDS``: "to", "on" are in the demo vocabulary by tagging error).
+
 The generic term uses a table of the run's own greedy reasons on validation records (what it says for
 "everyone"), so a sentence the run produces for many pairs loses to a specific one unless it is much
 more likely. The weights are ``generate.weight_*`` keys, tuned on the validation split.
@@ -27,7 +30,7 @@ from typing import Iterable, Sequence
 
 from recreason.config import GenerateConfig
 from recreason.generation.generate import Candidate
-from recreason.text import FeatureMatcher, lcs_f1, normalize, tokenize
+from recreason.text import FeatureMatcher, is_content_feature, lcs_f1, normalize, tokenize
 
 
 def sentence_key(text: str) -> str:
@@ -58,7 +61,7 @@ def consensus(candidates: Sequence[Candidate]) -> list[float]:
 def candidate_score(candidate: Candidate, item_features: set[str], user_features: set[str], generic: collections.Counter,
                     cfg: GenerateConfig, matcher: FeatureMatcher, agreement: float = 0.0) -> float:
     """The score above; ``agreement`` is the candidate's :func:`consensus` value."""
-    named = matcher.find(tokenize(candidate.text))
+    named = {f for f in matcher.find(tokenize(candidate.text)) if is_content_feature(f)}
     grounded = len(named & item_features)
     ungrounded = len(named - item_features)
     return (cfg.weight_likelihood * candidate.logprob
