@@ -80,15 +80,17 @@ def candidate_file(predictor, split: str, records, gen) -> Path:
 
 
 def load_candidates(predictor, split: str, records, gen) -> tuple[list, list, float]:
-    """(prompted requests, candidates per record, seconds spent decoding; 0 when read from the file)."""
+    """(prompted requests, candidates per record, seconds the decode took when it was made)."""
     from recreason.generation.generate import Candidate, generate_candidates
     from recreason.inference import Request
 
     prompted = [predictor.prompt(Request(r.user, r.item, record=r), n) for n, r in enumerate(records)]
     path = candidate_file(predictor, split, records, gen)
+    meta = path.with_suffix(".meta.json")
     if path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        return prompted, [[Candidate(**c) for c in row["candidates"]] for row in rows], 0.0
+        seconds = json.loads(meta.read_text())["seconds"] if meta.exists() else float("nan")
+        return prompted, [[Candidate(**c) for c in row["candidates"]] for row in rows], seconds
     start = time.time()
     candidates = generate_candidates(predictor.model, predictor.tokenizer, [p.prompt for p in prompted], gen,
                                      users=[r.user for r in records], items=[r.item for r in records])
@@ -98,6 +100,7 @@ def load_candidates(predictor, split: str, records, gen) -> tuple[list, list, fl
     tmp.write_text("".join(json.dumps({"index": r.index, "candidates": [asdict(c) for c in cands]}) + "\n"
                            for r, cands in zip(records, candidates)))
     tmp.replace(path)
+    meta.write_text(json.dumps({"seconds": seconds, "records": len(records)}) + "\n")
     return prompted, candidates, seconds
 
 
