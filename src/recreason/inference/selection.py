@@ -77,9 +77,9 @@ def choose(candidates: Sequence[Candidate], item_features: set[str], user_featur
            agreement: Sequence[float] | None = None) -> Candidate:
     """The best-scoring candidate; ties keep the earlier one (the greedy text comes first). Empty texts never
     win over a non-empty one."""
-    usable = [c for c in candidates if c.text.strip()] or list(candidates)
     if agreement is None:  # a caller scoring many weight settings passes consensus(candidates) once
         agreement = consensus(candidates) if cfg.weight_consensus else [0.0] * len(candidates)
-    by_id = {id(c): a for c, a in zip(candidates, agreement)}
-    return max(usable, key=lambda c: candidate_score(c, item_features, user_features, generic, cfg, matcher,
-                                                     by_id[id(c)]))
+    pairs = list(zip(candidates, agreement))
+    usable = [(c, a) for c, a in pairs if c.text.strip()] or pairs
+    return max(usable, key=lambda ca: candidate_score(ca[0], item_features, user_features, generic, cfg, matcher,
+                                                      ca[1]))[0]
