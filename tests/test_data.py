@@ -4,7 +4,7 @@ import pickle
 import pytest
 
 from conftest import write_jsonl
-from recreason.data.dataset import Dataset
+from recreason.data.dataset import Dataset, prepare
 from recreason.data.nete import export_nete, read_nete
 from recreason.data.readers import read_reviews
 from recreason.data.records import DataError
@@ -78,6 +78,33 @@ def test_split_is_reproducible_and_keeps_users_items_in_train():
     assert {users[i] for i in a["train"]} == set(users)
     assert {items[i] for i in a["train"]} == set(items)
 
+
+
+def test_temporal_split_tests_on_the_latest_reviews_and_keeps_first_reviews_in_train():
+    # Ten records, one per day; u9 and i9 appear only on the last day, so that record must stay in training.
+    users = ["u0", "u1", "u0", "u1", "u0", "u1", "u0", "u1", "u0", "u9"]
+    items = ["i0", "i1", "i1", "i0", "i0", "i1", "i0", "i1", "i1", "i9"]
+    days = [86400 * d for d in (3, 0, 1, 2, 4, 5, 6, 7, 8, 9)]  # record 0 is the third day, record 1 the first
+    parts = split_indices(users, items, seed=1, ratios=(0.6, 0.2, 0.2), timestamps=days)
+    # In time order: 1 (u1,i1) 2 (u0,i1) 3 (u1,i0) 0 (u0,i0) 4 5 6 7 8 9 (u9,i9, first of both).
+    # First-of-user/item: 1, 2, 3, 9; filled in time order to 6: + 0, 4; validation 5, 6; test 7, 8.
+    assert parts == {"train": [0, 1, 2, 3, 4, 9], "validation": [5, 6], "test": [7, 8]}
+    # Equal timestamps: the seed decides the order among them, and the same seed the same split.
+    same_day = [0] * 10
+    a = split_indices(users, items, seed=1, ratios=(0.6, 0.2, 0.2), timestamps=same_day)
+    assert a == split_indices(users, items, seed=1, ratios=(0.6, 0.2, 0.2), timestamps=same_day)
+    assert a == split_indices(users, items, seed=1, ratios=(0.6, 0.2, 0.2))
+    with pytest.raises(ValueError, match="one value per record"):
+        split_indices(users, items, seed=1, timestamps=days[:3])
+
+
+def test_prepare_refuses_an_unknown_split_method(tmp_path):
+    from recreason.config import PrepareConfig
+    from recreason.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prepare.split must be one of random, temporal, got 'by-time'"):
+        prepare(tmp_path / "missing.jsonl", tmp_path / "ds", PrepareConfig(split="by-time"), progress=False)
+    assert not (tmp_path / "ds").exists()
 
 def test_prepare_real_reviews(prepared_dir):
     ds = Dataset(prepared_dir)

@@ -34,6 +34,8 @@ def cmd_prepare(args) -> int:
         cfg.schema = args.schema
     if args.seeds:
         cfg.seeds = args.seeds
+    if args.split:
+        cfg.split = args.split
     if args.max_records:
         cfg.max_records = args.max_records
     start = time.time()
@@ -43,8 +45,8 @@ def cmd_prepare(args) -> int:
         f"(see {Path(args.out) / 'rejects.jsonl'}), {stats['skipped_no_explanation']} without an explanation "
         f"sentence (see skipped.jsonl), {stats['explained']} explained"
     )
-    print(f"{stats['users']} users, {stats['items']} items, {stats['features']} features; splits for seeds "
-          f"{list(stats['splits'])}: {next(iter(stats['splits'].values()))}")
+    print(f"{stats['users']} users, {stats['items']} items, {stats['features']} features; {cfg.split} splits for "
+          f"seeds {list(stats['splits'])}: {next(iter(stats['splits'].values()))}")
     print(f"dataset written to {args.out} in {time.time() - start:.0f} s")
     return 0
 
@@ -264,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument("--schema", choices=["auto", "amazon", "generic"], help="input schema (default: auto)")
     p.add_argument("--seeds", type=int, nargs="+", help="split seeds (default: 1)")
+    p.add_argument("--split", choices=["random", "temporal"],
+                   help="random 8:1:1 (default) or temporal: test on the latest reviews, validate on the ones before")
     p.add_argument("--max-records", type=int, help="use only the first N valid reviews")
     p.set_defaults(func=cmd_prepare)
 

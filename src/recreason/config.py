@@ -35,6 +35,7 @@ class PrepareConfig:
     min_words: int = 4
     max_words: int = 30
     seeds: Sequence[int] = field(default_factory=lambda: [1])
+    split: str = "random"  # random | temporal (test = the latest reviews, validation just before them)
     n_process: int = 1
     max_records: int | None = None  # read only the first N valid reviews (for quick trials)
     # Limits that protect the pipeline: a record past one of them is rejected with its line and reason.

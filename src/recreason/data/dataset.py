@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from recreason.config import PrepareConfig
+from recreason.errors import ConfigError
 from recreason.data.extract import ExtractConfig, extract
 from recreason.data.readers import Limits, read_reviews
 from recreason.data.records import DataError, Explained
-from recreason.data.split import split_indices
+from recreason.data.split import SPLIT_METHODS, split_indices
 
 SPLITS = ("train", "validation", "test")
 
@@ -78,6 +79,8 @@ class Dataset:
 def prepare(source: str | Path, out_dir: str | Path, config: PrepareConfig | None = None, progress: bool = True) -> dict:
     """Read, validate, extract and split ``source`` into ``out_dir``; return the stats."""
     config = config or PrepareConfig()
+    if config.split not in SPLIT_METHODS:
+        raise ConfigError(f"prepare.split must be one of {', '.join(SPLIT_METHODS)}, got {config.split!r}")
     final = Path(out_dir)
     if final.exists() and not final.is_dir():
         raise DataError(f"--out {final} is a file; give a directory for the dataset")
@@ -135,7 +138,8 @@ def _prepare_into(source: str | Path, out: Path, config: PrepareConfig, progress
     items = [e.item for e in explained]
     split_sizes = {}
     for seed in config.seeds:
-        parts = split_indices(users, items, seed)
+        parts = split_indices(users, items, seed,
+                              timestamps=[e.timestamp for e in explained] if config.split == "temporal" else None)
         folder = out / "splits" / str(seed)
         folder.mkdir(parents=True, exist_ok=True)
         for name, idx in parts.items():
