@@ -7,8 +7,9 @@
    minimum-Bayes-risk consensus weight) and keeps the setting that gains most ROUGE-L + BLEU-4 points over
    greedy decoding (the two metrics where greedy is not yet clear of PETER) while keeping USR, FMR and FCR at
    least and the generic rate at most greedy's (see ``objective`` and ``feasible``).
-   The best setting whose generic and ungrounded rates are at most half the demo run's is kept too
-   (``grounding_first``). Writes benchmarks/results/quality/tuning.json; both settings are used below.
+   The best setting whose generic and ungrounded rates are at most half the demo run's, with 95% confidence
+   on the validation records (``within_bar``), is kept too (``grounding_first``). Writes
+   benchmarks/results/quality/tuning.json; both settings are used below.
 2. Scores on every test record of the split: the zero-shot base model, the retrieval baseline and the demo run
    (through ``recreason evaluate``'s code), and the full run decoded greedily and with both selection
    settings, all from one decode of its test candidates (RUN/eval/candidates-test-*.jsonl; the same texts
@@ -20,6 +21,13 @@
 
 Writes benchmarks/results/quality/seed1.json ({"systems": {NAME: {"records": N, metric: value, ...}}}) and
 seed1.md, the table the README shows.
+
+Later reviews (the issue's check that the weights do not only win on seed 1's test split): prepare the same
+log with ``--split temporal`` (test = the latest 833 reviews, Jan-Mar 2014), train the demo and the full
+configuration on it, and run with ``--name temporal1``: the weights tuned above are applied unchanged (no
+tuning on that split, no PETER row: PETER was measured on seed 1 only).
+
+    python benchmarks/quality.py --demo-run runs/temporal/demo --full-run runs/temporal/run --name temporal1
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, replace
@@ -39,7 +48,7 @@ TARGETS = ("BLEU-1", "BLEU-4", "ROUGE-L", "USR", "FMR", "FCR")
 COLUMNS = ("BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "SemSim", "USR", "FMR", "FCR", "DIV", "Distinct-2",
            "Generic", "UserFeat", "Ungrounded")
 GRID = {"weight_likelihood": [0.0, 1.0], "weight_grounded": [0.0, 0.5, 1.0], "weight_user": [0.0, 0.5], "weight_generic": [0.0, 0.5],
-        "weight_ungrounded": [0.0, 1.0], "weight_consensus": [0.0, 2.0, 8.0, 32.0]}
+        "weight_ungrounded": [0.0, 1.0, 3.0], "weight_consensus": [0.0, 2.0, 8.0, 32.0]}
 
 
 def _scorer(records, references, dataset, bootstrap):
@@ -111,10 +120,24 @@ def choose_all(predictor, prompted, candidates, agreements, generic, cfg) -> lis
             for p, c, a in zip(prompted, candidates, agreements)]
 
 
-def grounding_first(trials: list[dict]) -> dict | None:
-    """The best feasible setting among those within the issue's bar (generic and ungrounded rates at most half
-    the demo run's): what to run when a reason must not name features the item's reviews never mention."""
-    within = [t for t in trials if t["feasible"] and t["within_bar"]]
+def rate_upper_bound(rate: float, n: int, z: float = 1.645) -> float:
+    """One-sided 95% Wilson upper bound of a share ``rate`` measured on ``n`` records."""
+    centre = rate + z * z / (2 * n)
+    spread = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return (centre + spread) / (1 + z * z / n)
+
+
+def within_bar(trial: dict, bar: dict, n: int) -> bool:
+    """Whether a setting meets the issue's bar (generic and ungrounded rates at most half the demo run's) with
+    95% confidence on the ``n`` validation records: the rates' upper bounds, not their point values, must be
+    under it, so that the setting still meets it on records it was not chosen on."""
+    return all(rate_upper_bound(trial[m], n) <= bar[m] for m in bar)
+
+
+def grounding_first(trials: list[dict], bar: dict, n: int) -> dict | None:
+    """The best feasible setting among those within the issue's bar (:func:`within_bar`): what to run when a
+    reason must not name features the item's reviews never mention."""
+    within = [t for t in trials if t["feasible"] and within_bar(t, bar, n)]
     return max(within, key=lambda t: t["gain"]) if within else None
 
 
@@ -143,11 +166,12 @@ def tune(full_run: str, demo_run: str, gen, n_records: int) -> dict:
         cfg = replace(gen, **dict(zip(GRID, values)))
         row = scorer.score("trial", choose_all(predictor, prompted, candidates, agreements, generic, cfg))
         trials.append({"weights": dict(zip(GRID, values)), "gain": objective(row, greedy),
-                       "feasible": feasible(row, greedy), "within_bar": all(row[m] <= bar[m] for m in bar),
+                       "feasible": feasible(row, greedy),
                        **{m: row[m] for m in (*TARGETS, "Generic", "Ungrounded")}})
+        trials[-1]["within_bar"] = within_bar(trials[-1], bar, len(records))
     trials.sort(key=lambda t: (not t["feasible"], -t["gain"]))
     result = {"split": "validation", "records": len(records), "candidates": gen.candidates,
-              "best_within_bar": grounding_first(trials), "candidate_seconds": seconds,
+              "best_within_bar": grounding_first(trials, bar, len(records)), "candidate_seconds": seconds,
               "greedy": {m: greedy[m] for m in (*TARGETS, "Generic", "Ungrounded")},
               "demo_run": {m: demo[m] for m in (*TARGETS, "Generic", "Ungrounded")}, "bar": bar,
               "best": trials[0], "trials": trials}
@@ -234,6 +258,12 @@ def against_peter(rows: dict, intervals: dict, name: str) -> dict:
     return out
 
 
+def against_demo(rows: dict, demo: str = "make demo run") -> dict:
+    """The issue's bar for each row: its generic and ungrounded rates over the demo run's (at most 0.5 wanted)."""
+    return {name: {m: row[m] / rows[demo][m] if rows[demo][m] else None for m in ("Generic", "Ungrounded")}
+            for name, row in rows.items() if name != demo and all(m in row for m in ("Generic", "Ungrounded"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo-run", default="runs/demo/run")
@@ -242,7 +272,14 @@ def main() -> None:
     parser.add_argument("--tune-records", type=int, default=300)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--name", default="seed1",
+                        help="results file stem (default seed1: split seed 1, with PETER's row). Another name, e.g. "
+                             "temporal1 for runs trained on `prepare --split temporal`, checks seed 1's weights "
+                             "on another split: no tuning, no PETER row (PETER was measured on seed 1 only)")
     args = parser.parse_args()
+    if args.tune and args.name != "seed1":
+        parser.error("--tune chooses weights on seed 1's validation split only; other splits check those weights")
+    with_peter = args.name == "seed1"
     sys.path.insert(0, str(ROOT / "src"))
     from recreason.config import GenerateConfig
 
@@ -252,7 +289,7 @@ def main() -> None:
         tune(args.full_run, args.demo_run, chosen, args.tune_records)
     tuning = json.loads((OUT / "tuning.json").read_text())
     weights = tuning["best"]["weights"]
-    grounded = grounding_first(tuning["trials"])
+    grounded = grounding_first(tuning["trials"], tuning["bar"], tuning["records"])
     chosen = replace(chosen, **weights)
     rows, intervals, seconds = evaluate([
         ("make demo run", args.demo_run, greedy, ["zero-shot", "retrieval", "fine-tuned"]),
@@ -265,25 +302,32 @@ def main() -> None:
     rows.update(full_rows)
     intervals.update(full_intervals)
     seconds.update(full_seconds)
-    rows["PETER"], intervals["PETER"] = peter_row()
+    if with_peter:
+        rows["PETER"], intervals["PETER"] = peter_row()
     best = "full run, chosen among candidates"
     summary = json.loads((Path(args.full_run) / "summary.json").read_text())
-    result = {"split_seed": 1, "split": "test", "systems": rows, "intervals": intervals,
+    stats = json.loads((Path(json.loads((Path(args.full_run) / "run.json").read_text())["dataset"])
+                        / "stats.json").read_text())
+    result = {"split_seed": 1, "split_method": stats["settings"].get("split", "random"), "split": "test",
+              "systems": rows, "intervals": intervals,
               "generation": {"greedy": asdict(greedy), "chosen": asdict(chosen),
                              "grounding first": grounded and grounded["weights"]},
               "against_peter": {name: against_peter(rows, intervals, name) for name in rows if name != "PETER"
-                                and all(m in rows[name] for m in TARGETS)},
+                                and all(m in rows[name] for m in TARGETS)} if with_peter else {},
+              "against_demo_run": against_demo(rows),
               "full_run_training": {k: summary[k] for k in ("steps", "best_step", "best_validation_loss",
                                                           "stopped_early", "wall_seconds", "tokens_per_second")},
               "evaluation_seconds": seconds, "best": best}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "seed1.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = table(rows, intervals)
-    (OUT / "seed1.md").write_text(md + "\n")
+    (OUT / f"{args.name}.md").write_text(md + "\n")
     print(md)
-    for m, v in result["against_peter"][best].items():
+    for m, v in result["against_peter"].get(best, {}).items():
         print(f"{m}: ours {v['ours']:.4g} vs PETER {v['peter']:.4g} (x{v['ratio']:.2f}); ahead: {v['ahead']}; "
               f"our 95% lower bound ahead: {v['lower_bound_ahead']}")
+    for name, ratios in result["against_demo_run"].items():
+        print(f"{name}: generic {ratios['Generic']:.2f}x, ungrounded {ratios['Ungrounded']:.2f}x the demo run's")
 
 
 if __name__ == "__main__":
