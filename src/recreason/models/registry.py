@@ -77,9 +77,18 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """De-quantize ``gguf`` into a plain safetensors model directory (atomic)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a safetensors cache at %s (once)", gguf.name, out_dir)
+    # Building the plain model draws random initial weights; the caller's RNG must not see that, or the first run
+    # on a fresh machine (the one that converts) would initialise LoRA differently from every later run.
+    with torch.random.fork_rng(devices=[]):
+        return _convert(gguf, out_dir)
+
+
+def _convert(gguf: Path, out_dir: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = quantized.config
