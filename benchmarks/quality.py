@@ -306,9 +306,11 @@ def main() -> None:
         rows["PETER"], intervals["PETER"] = peter_row()
     best = "full run, chosen among candidates"
     summary = json.loads((Path(args.full_run) / "summary.json").read_text())
-    stats = json.loads((Path(json.loads((Path(args.full_run) / "run.json").read_text())["dataset"])
-                        / "stats.json").read_text())
-    result = {"split_seed": 1, "split_method": stats["settings"].get("split", "random"), "split": "test",
+    from recreason.rundir import Run
+
+    full_run = Run(args.full_run)
+    result = {"split_seed": full_run.split_seed,
+              "split_method": full_run.dataset().stats["settings"].get("split", "random"), "split": "test",
               "systems": rows, "intervals": intervals,
               "generation": {"greedy": asdict(greedy), "chosen": asdict(chosen),
                              "grounding first": grounded and grounded["weights"]},

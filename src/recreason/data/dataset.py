@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from recreason.config import PrepareConfig
-from recreason.errors import ConfigError
 from recreason.data.extract import ExtractConfig, extract
 from recreason.data.readers import Limits, read_reviews
 from recreason.data.records import DataError, Explained
 from recreason.data.split import SPLIT_METHODS, split_indices
+from recreason.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
 
@@ -136,10 +136,10 @@ def _prepare_into(source: str | Path, out: Path, config: PrepareConfig, progress
     _write_json(out / "features.json", vocabulary)
     users = [e.user for e in explained]
     items = [e.item for e in explained]
+    timestamps = [e.timestamp for e in explained] if config.split == "temporal" else None
     split_sizes = {}
     for seed in config.seeds:
-        parts = split_indices(users, items, seed,
-                              timestamps=[e.timestamp for e in explained] if config.split == "temporal" else None)
+        parts = split_indices(users, items, seed, timestamps=timestamps)
         folder = out / "splits" / str(seed)
         folder.mkdir(parents=True, exist_ok=True)
         for name, idx in parts.items():
