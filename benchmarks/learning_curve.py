@@ -1,13 +1,14 @@
 """What more training buys: validation loss and test metrics at several step counts, on one plot and one table.
 
-    python benchmarks/learning_curve.py --run runs/full/run [--records 833]
+    python benchmarks/learning_curve.py --run runs/full/run [--records 833] [--name learning_curve]
 
 The run must have been trained with ``train.snapshot_steps`` (configs/full.yaml keeps the weights at a
-quarter, half, one, one and a half and two epochs in RUN/snapshots/step-N). For each snapshot and for
+quarter, half and three quarters of its epoch in RUN/snapshots/step-N; a longer run can keep others with
+``--set "train.snapshot_steps=[417,625]"``). For each snapshot and for
 RUN/best it generates greedy reasons for the test records and scores them with the same scorer as
 ``recreason evaluate``; the validation loss at each step comes from RUN/train_log.jsonl. PETER's numbers on
 the same split (../shared/peers/peter-split1.json) are drawn as horizontal lines, so the plot shows when the
-model passes PETER. Writes benchmarks/results/quality/learning_curve.{json,md,png}.
+model passes PETER. Writes benchmarks/results/quality/NAME.{json,md,png} (NAME: ``--name``, default learning_curve).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/full/run")
     parser.add_argument("--records", type=int, default=None, help="first N test records (default: all)")
+    parser.add_argument("--name", default="learning_curve", help="results file stem in benchmarks/results/quality")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from recreason.config import GenerateConfig
@@ -62,7 +64,7 @@ def main() -> None:
     peter = json.loads(PETER.read_text())["metrics"] if PETER.exists() else {}
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run.dir), "records": len(records), "decoding": "greedy", "points": rows, "peter": peter}
-    (OUT / "learning_curve.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| step | epochs | train s | validation loss | " + " | ".join(SHOWN) + " |",
              "|---|---|---|---|" + "---|" * len(SHOWN)]
     for r in rows:
@@ -71,9 +73,9 @@ def main() -> None:
                      f"{loss} | " + " | ".join(f"{r[m]:.3f}" for m in SHOWN) + " |")
     if peter:
         lines.append("| PETER | | | | " + " | ".join(f"{peter[m]:.3f}" for m in SHOWN) + " |")
-    (OUT / "learning_curve.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _plot(rows, log, peter, OUT / "learning_curve.png")
+    _plot(rows, log, peter, OUT / f"{args.name}.png")
 
 
 def _seconds_at(log: list[dict], step: int):

@@ -273,15 +273,20 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--name", default="seed1",
-                        help="results file stem (default seed1: split seed 1, with PETER's row). Another name, e.g. "
-                             "temporal1 for runs trained on `prepare --split temporal`, checks seed 1's weights "
-                             "on another split: no tuning, no PETER row (PETER was measured on seed 1 only)")
+                        help="results file stem (default seed1). Another name checks the weights tuned by "
+                             "--tune on other runs without tuning again: temporal1 for runs trained on `prepare "
+                             "--split temporal`, seed1-2epochs for a longer training on seed 1. PETER's row is "
+                             "added when the full run is on seed 1's random split (PETER was measured there only)")
     args = parser.parse_args()
     if args.tune and args.name != "seed1":
-        parser.error("--tune chooses weights on seed 1's validation split only; other splits check those weights")
-    with_peter = args.name == "seed1"
+        parser.error("--tune chooses weights on seed 1's validation split only; other names check those weights")
     sys.path.insert(0, str(ROOT / "src"))
     from recreason.config import GenerateConfig
+    from recreason.rundir import Run
+
+    full_run = Run(args.full_run)
+    split_method = full_run.dataset().stats["settings"].get("split", "random")
+    with_peter = full_run.split_seed == 1 and split_method == "random"
 
     greedy = GenerateConfig(batch_size=50)
     chosen = replace(greedy, candidates=args.candidates, batch_size=16)
@@ -306,11 +311,7 @@ def main() -> None:
         rows["PETER"], intervals["PETER"] = peter_row()
     best = "full run, chosen among candidates"
     summary = json.loads((Path(args.full_run) / "summary.json").read_text())
-    from recreason.rundir import Run
-
-    full_run = Run(args.full_run)
-    result = {"split_seed": full_run.split_seed,
-              "split_method": full_run.dataset().stats["settings"].get("split", "random"), "split": "test",
+    result = {"split_seed": full_run.split_seed, "split_method": split_method, "split": "test",
               "systems": rows, "intervals": intervals,
               "generation": {"greedy": asdict(greedy), "chosen": asdict(chosen),
                              "grounding first": grounded and grounded["weights"]},
