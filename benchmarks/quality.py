@@ -291,7 +291,7 @@ def main() -> None:
     parser.add_argument("--name", default="seed1",
                         help="results file stem (default seed1). Another name checks the weights tuned by "
                              "--tune on other runs without tuning again: temporal1 for runs trained on `prepare "
-                             "--split temporal`, seed1-2epochs for a longer training on seed 1. PETER's row is "
+                             "--split temporal`, seed1-1epoch for a shorter training on seed 1. PETER's row is "
                              "added when the full run is on seed 1's random split (PETER was measured there only)")
     args = parser.parse_args()
     if args.tune and args.name != "seed1":
