@@ -2,9 +2,9 @@
 
     python benchmarks/learning_curve.py --run runs/full/run [--records 833] [--name learning_curve]
 
-The run must have been trained with ``train.snapshot_steps`` (configs/full.yaml keeps the weights at a
-quarter, half and three quarters of its epoch in RUN/snapshots/step-N; a longer run can keep others with
-``--set "train.snapshot_steps=[417,625]"``). For each snapshot and for
+The run must have been trained with ``train.snapshot_steps`` (configs/full.yaml keeps the weights at each
+validation pass, every quarter epoch, in RUN/snapshots/step-N; another run can choose its own with
+``--set "train.snapshot_steps=[...]"``). For each snapshot and for
 RUN/best it generates greedy reasons for the test records and scores them with the same scorer as
 ``recreason evaluate``; the validation loss at each step comes from RUN/train_log.jsonl. PETER's numbers on
 the same split (../shared/peers/peter-split1.json) are drawn as horizontal lines, so the plot shows when the

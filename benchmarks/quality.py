@@ -214,7 +214,7 @@ def score_candidates(full_run: str, gen, settings: dict, bootstrap: int) -> tupl
     on the same resamples so each row gets a paired difference to it. The texts are what
     ``recreason evaluate`` with these weights writes (same per-prompt seeds, same ``choose``)."""
     from recreason.evaluation.baselines import RetrievalBaseline
-    from recreason.evaluation.evaluate import TextScorer, select_records
+    from recreason.evaluation.evaluate import select_records
     from recreason.inference import Predictor
     from recreason.inference.selection import consensus
 
@@ -224,9 +224,8 @@ def score_candidates(full_run: str, gen, settings: dict, bootstrap: int) -> tupl
     prompted, candidates, seconds = load_candidates(predictor, "test", records, gen)
     agreements = [consensus(c) for c in candidates]
     generic = predictor.generic_table(gen)
-    train = dataset.subset(1, "train")
-    scorer = TextScorer(records, refs, train, dataset.features, 20, bootstrap, semantic=True)
-    baseline = RetrievalBaseline(train)
+    scorer = _scorer(records, refs, dataset, bootstrap)
+    baseline = RetrievalBaseline(dataset.subset(1, "train"))
     rows = {"retrieval": scorer.score("retrieval", [baseline.explain(r.user, r.item) for r in records])}
     for name, weights in settings.items():
         texts = ([c[0].text for c in candidates] if weights is None else

@@ -24,7 +24,6 @@ def test_cached_conversion_matches_gguf_logits():
         assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
 
 
-
 def test_conversion_leaves_the_callers_random_state_alone(tmp_path):
     # The process that converts the GGUF (the first run on a fresh machine) must initialise LoRA exactly as
     # every later run does: the plain model's random initial weights may not consume the caller's RNG.
@@ -36,6 +35,7 @@ def test_conversion_leaves_the_callers_random_state_alone(tmp_path):
     out = convert_gguf(ALIASES["smollm2-135m"].locate(), tmp_path / "converted")
     assert (out / "model.safetensors").exists()
     assert torch.equal(torch.rand(4), expected)
+
 
 @pytest.fixture(scope="module")
 def real_run(prepared_dir, tmp_path_factory):
