@@ -26,3 +26,20 @@ def test_rate_upper_bound_is_the_one_sided_wilson_bound():
     # 30 of 300 (0.1), z = 1.645: centre 0.1 + 0.0045100 = 0.1045100; spread 1.645 * sqrt(0.0003 + 0.0000075)
     # = 1.645 * 0.0175362 = 0.0288470; (0.1045100 + 0.0288470) / (1 + 0.0090201) = 0.13216
     assert math.isclose(quality.rate_upper_bound(0.1, 300), 0.13216, abs_tol=5e-5)
+
+
+def test_shipped_configs_carry_the_weights_the_tuning_chose():
+    # full.yaml and grounded.yaml copy the two settings benchmarks/quality.py --tune recorded; quality.py scores
+    # test with the recorded ones, so a config that drifted from them would not be the configuration measured.
+    import json
+
+    from recreason.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    tuning = json.loads((root / "benchmarks" / "results" / "quality" / "tuning.json").read_text())
+    full = load_config([root / "configs" / "demo.yaml", root / "configs" / "full.yaml"])["generate"]
+    grounded = load_config([root / "configs" / "demo.yaml", root / "configs" / "full.yaml",
+                            root / "configs" / "grounded.yaml"])["generate"]
+    for config, weights in ((full, tuning["best"]["weights"]), (grounded, tuning["best_within_bar"]["weights"])):
+        assert {k: getattr(config, k) for k in weights} == weights
+    assert full.candidates == tuning["candidates"]
