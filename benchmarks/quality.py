@@ -1,6 +1,6 @@
 """Reason quality on a whole test split, side by side with PETER (issue 10).
 
-    python benchmarks/quality.py --demo-run runs/demo/run --full-run runs/full/run [--tune]
+    python benchmarks/quality.py --demo-run runs/demo/run --full-run runs/full2/run [--tune]
 
 1. ``--tune``: on the validation split only, decodes the full run's candidates once (kept in
    RUN/eval/candidates-validation-*.jsonl), then scores a grid of selection weights offline (including the
@@ -23,8 +23,10 @@
 Writes benchmarks/results/quality/seed1.json ({"systems": {NAME: {"records": N, metric: value, ...}}}) and
 seed1.md, the table the README shows.
 
-Longer training, one setting apart: ``--name seed1-1epoch --full-run RUN1`` scores a run of full.yaml trained
-with ``--epochs 1`` the same way (PETER's row included: same split).
+Longer training, one setting apart: ``--name seed1-1epoch --full-run RUN1 --tuning
+benchmarks/results/quality/tuning-1epoch.json`` scores a run of full.yaml trained with ``--epochs 1`` the same
+way, with the weights tuned on that run (PETER's row included: same split). ``--tuning`` scores any recorded
+weights without tuning again (``seed1-weights1epoch``: the two-epoch run with the one-epoch weights).
 
 Later reviews (the issue's check that the weights do not only win on seed 1's test split): prepare the same
 log with ``--split temporal`` (test = the latest 833 reviews, Jan-Mar 2014), train the demo and the full
@@ -287,14 +289,18 @@ def main() -> None:
     parser.add_argument("--tune-records", type=int, default=300)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--tuning", type=Path, default=OUT / "tuning.json",
+                        help="the selection weights to score (default: the file --tune writes); "
+                             "tuning-1epoch.json holds those tuned on the one-epoch run")
     parser.add_argument("--name", default="seed1",
                         help="results file stem (default seed1). Another name checks the weights tuned by "
                              "--tune on other runs without tuning again: temporal1 for runs trained on `prepare "
                              "--split temporal`, seed1-1epoch for a shorter training on seed 1. PETER's row is "
                              "added when the full run is on seed 1's random split (PETER was measured there only)")
     args = parser.parse_args()
-    if args.tune and args.name != "seed1":
-        parser.error("--tune chooses weights on seed 1's validation split only; other names check those weights")
+    if args.tune and (args.name != "seed1" or args.tuning != OUT / "tuning.json"):
+        parser.error("--tune chooses weights on seed 1's validation split only (into tuning.json); other names "
+                     "and --tuning files check weights already chosen")
     sys.path.insert(0, str(ROOT / "src"))
     from recreason.config import GenerateConfig
     from recreason.rundir import Run
@@ -307,7 +313,7 @@ def main() -> None:
     chosen = replace(greedy, candidates=args.candidates, batch_size=16)
     if args.tune:
         tune(args.full_run, args.demo_run, chosen, args.tune_records)
-    tuning = json.loads((OUT / "tuning.json").read_text())
+    tuning = json.loads(args.tuning.read_text())
     weights = tuning["best"]["weights"]
     grounded = grounding_first(tuning["trials"], tuning["bar"], tuning["records"])
     chosen = replace(chosen, **weights)
