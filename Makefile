@@ -58,7 +58,8 @@ full: install
 	echo "full run finished in $$(( $$(date +%s) - start )) s; report: $(FULL)/run/eval/test.md"
 
 # Later reviews: the demo and the full configuration trained on a split by time (test = the latest reviews),
-# scored with the selection weights tuned on seed 1's random split (README "Reason quality"). About 2.5 hours.
+# scored with the selection weights tuned on seed 1's random split (README "Reason quality"). About 1.6 hours
+# alone on 2 cores (measured step by step).
 TEMPORAL ?= runs/temporal
 temporal: install
 	@start=$$(date +%s); \
