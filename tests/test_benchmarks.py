@@ -1,5 +1,6 @@
 """The comparison helpers of benchmarks/quality.py, checked against values worked by hand."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -31,8 +32,6 @@ def test_rate_upper_bound_is_the_one_sided_wilson_bound():
 def test_shipped_configs_carry_the_weights_the_tuning_chose():
     # full.yaml and grounded.yaml copy the two settings benchmarks/quality.py --tune recorded; quality.py scores
     # test with the recorded ones, so a config that drifted from them would not be the configuration measured.
-    import json
-
     from recreason.config import load_config
 
     root = Path(__file__).resolve().parents[1]
