@@ -2,14 +2,17 @@
 
     python benchmarks/quality.py --demo-run runs/demo/run --full-run runs/full2/run [--tune]
 
-1. ``--tune``: on the validation split only, decodes the full run's candidates once (kept in
+1. ``--tune``: on the validation split only (its records after the first ``generate.generic_records``, which
+   measure the generic table: 633 of seed 1's 833), decodes the full run's candidates once (kept per record in
    RUN/eval/candidates-validation-*.jsonl), then scores a grid of selection weights offline (including the
-   minimum-Bayes-risk consensus weight) and keeps the setting that gains most ROUGE-L + BLEU-4 points over
-   greedy decoding (the two metrics where greedy is not yet clear of PETER) while keeping USR, FMR and FCR at
-   least and the generic rate at most greedy's (see ``objective`` and ``feasible``).
-   The best setting whose generic and ungrounded rates are at most half the demo run's, with 95% confidence
-   on the validation records (``within_bar``), is kept too (``grounding_first``). Writes
-   benchmarks/results/quality/tuning.json; both settings are used below.
+   minimum-Bayes-risk consensus weight; each distinct selection is scored once) and ranks the settings by the
+   ROUGE-L + BLEU-4 points they gain over greedy decoding (the two metrics where greedy is not yet clear of
+   PETER), among those that keep USR, FMR and FCR at least and the generic rate at most greedy's (see
+   ``objective`` and ``feasible``). The chosen setting (``best_within_bar``, what configs/full.yaml carries)
+   is the best one whose generic and ungrounded rates are also at most half the demo run's with 95% confidence
+   on the validation records (``within_bar``): the issue asks one configuration to meet that bar and beat
+   PETER. The best setting without the bar (``best``) is kept to show what the bar costs. Writes
+   benchmarks/results/quality/tuning.json; both settings are scored below.
 2. Scores on every test record of the split: the zero-shot base model, the retrieval baseline and the demo run
    (through ``recreason evaluate``'s code), and the full run decoded greedily and with both selection
    settings, all from one decode of its test candidates (RUN/eval/candidates-test-*.jsonl; the same texts
@@ -21,7 +24,9 @@
    difference built from both systems' intervals (``unpaired_difference``).
 
 Writes benchmarks/results/quality/seed1.json ({"systems": {NAME: {"records": N, metric: value, ...}}}) and
-seed1.md, the table the README shows.
+seed1.md, the table the README shows. Earlier tunings are kept beside it: ``tuning-300.json`` (the last 300
+validation records, a smaller grid, the unconstrained best shipped; scored in ``seed1-tuned300.*`` and
+``temporal1-tuned300.*``) and ``tuning-1epoch.json``.
 
 Longer training, one setting apart: ``--name seed1-1epoch --full-run RUN1 --tuning
 benchmarks/results/quality/tuning-1epoch.json`` scores a run of full.yaml trained with ``--epochs 1`` the same
@@ -53,8 +58,9 @@ PETER = ROOT.parent / "shared" / "peers" / "peter-split1.json"
 TARGETS = ("BLEU-1", "BLEU-4", "ROUGE-L", "USR", "FMR", "FCR")
 COLUMNS = ("BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "SemSim", "USR", "FMR", "FCR", "DIV", "Distinct-2",
            "Generic", "UserFeat", "Ungrounded")
-GRID = {"weight_likelihood": [0.0, 1.0], "weight_grounded": [0.0, 0.5, 1.0], "weight_user": [0.0, 0.5], "weight_generic": [0.0, 0.5],
-        "weight_ungrounded": [0.0, 1.0, 3.0], "weight_consensus": [0.0, 2.0, 8.0, 32.0]}
+GRID = {"weight_likelihood": [0.0, 1.0], "weight_grounded": [0.0, 0.5, 1.0, 2.0], "weight_user": [0.0, 0.5, 1.0],
+        "weight_generic": [0.0, 0.5, 1.0], "weight_ungrounded": [0.0, 1.0, 3.0, 6.0],
+        "weight_consensus": [0.0, 2.0, 8.0, 16.0, 32.0, 64.0, 128.0]}
 
 
 def _scorer(records, references, dataset, bootstrap):
@@ -80,43 +86,57 @@ def feasible(row: dict, greedy: dict) -> bool:
     return all(row[m] >= greedy[m] for m in KEEP) and row["Generic"] <= greedy["Generic"]
 
 
-def candidate_file(predictor, split: str, records, gen) -> Path:
-    """Where the candidates of ``records`` are kept: they depend on the checkpoint, the records and the
-    decoding settings, never on the selection weights, so every weight setting is scored from one decode."""
+CHUNK = 96  # records decoded between two appends to the candidate file
+
+
+def candidate_file(predictor, split: str, gen) -> Path:
+    """Where a split's candidates are kept, one line per record (by its index): they depend on the checkpoint
+    and the decoding settings, never on the selection weights or on which other records were decoded with them
+    (each sample is seeded by its prompt), so every weight setting is scored from one decode and a larger
+    record set decodes only the records it adds."""
     import hashlib
 
     from recreason.rundir import checkpoint_stamp
 
     key = {k: getattr(gen, k) for k in ("candidates", "sample_temperature", "sample_top_p", "seed", "max_new_tokens",
                                           "precision")}
-    digest = hashlib.sha256(json.dumps([key, [r.index for r in records], checkpoint_stamp(predictor.run),
-                                        predictor.run.info], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([key, checkpoint_stamp(predictor.run), predictor.run.info],
+                                       sort_keys=True, default=str).encode()).hexdigest()[:16]
     return predictor.run.dir / "eval" / f"candidates-{split}-{digest}.jsonl"
 
 
 def load_candidates(predictor, split: str, records, gen) -> tuple[list, list, float]:
-    """(prompted requests, candidates per record, seconds the decode took when it was made)."""
+    """(prompted requests, candidates per record, seconds the decode of all of them took, measured or
+    extrapolated from the records decoded so far)."""
     from recreason.generation.generate import Candidate, generate_candidates
     from recreason.inference import Request
 
     prompted = [predictor.prompt(Request(r.user, r.item, record=r), n) for n, r in enumerate(records)]
-    path = candidate_file(predictor, split, records, gen)
+    path = candidate_file(predictor, split, gen)
     meta = path.with_suffix(".meta.json")
+    kept = {}
     if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        seconds = json.loads(meta.read_text())["seconds"] if meta.exists() else float("nan")
-        return prompted, [[Candidate(**c) for c in row["candidates"]] for row in rows], seconds
-    start = time.time()
-    candidates = generate_candidates(predictor.model, predictor.tokenizer, [p.prompt for p in prompted], gen,
-                                     users=[r.user for r in records], items=[r.item for r in records])
-    seconds = time.time() - start
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            kept[row["index"]] = [Candidate(**c) for c in row["candidates"]]
+    timing = json.loads(meta.read_text()) if meta.exists() else {"seconds": 0.0, "records": 0}
+    missing = [n for n, r in enumerate(records) if r.index not in kept]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"index": r.index, "candidates": [asdict(c) for c in cands]}) + "\n"
-                           for r, cands in zip(records, candidates)))
-    tmp.replace(path)
-    meta.write_text(json.dumps({"seconds": seconds, "records": len(records)}) + "\n")
-    return prompted, candidates, seconds
+    for chunk in range(0, len(missing), CHUNK):  # appended chunk by chunk: a stopped decode keeps what it finished
+        part = missing[chunk:chunk + CHUNK]
+        print(f"decoding {split} candidates: records {chunk + 1}-{chunk + len(part)} of {len(missing)} missing",
+              flush=True)
+        start = time.time()
+        decoded = generate_candidates(predictor.model, predictor.tokenizer, [prompted[n].prompt for n in part], gen,
+                                      users=[records[n].user for n in part], items=[records[n].item for n in part])
+        timing = {"seconds": timing["seconds"] + time.time() - start, "records": timing["records"] + len(part)}
+        with path.open("a") as out:
+            for n, cands in zip(part, decoded):
+                out.write(json.dumps({"index": records[n].index, "candidates": [asdict(c) for c in cands]}) + "\n")
+                kept[records[n].index] = cands
+        meta.write_text(json.dumps(timing) + "\n")
+    seconds = timing["seconds"] / timing["records"] * len(records) if timing["records"] else float("nan")
+    return prompted, [kept[r.index] for r in records], seconds
 
 
 def choose_all(predictor, prompted, candidates, agreements, generic, cfg) -> list[str]:
@@ -147,42 +167,73 @@ def grounding_first(trials: list[dict], bar: dict, n: int) -> dict | None:
     return max(within, key=lambda t: t["gain"]) if within else None
 
 
-def tune(full_run: str, demo_run: str, gen, n_records: int) -> dict:
+def write_tuning(path: Path, result: dict) -> None:
+    """The tuning record, one line per trial (thousands of them) so the file stays small and diffs stay short."""
+    head = json.dumps({**result, "trials": "TRIALS"}, indent=2)
+    short = ({k: round(v, 4) if isinstance(v, float) else v for k, v in t.items()} for t in result["trials"])
+    trials = "[\n" + ",\n".join("    " + json.dumps(t) for t in short) + "\n  ]"
+    path.write_text(head.replace('"TRIALS"', trials) + "\n")
+
+
+def selections(terms: list, texts: list, cfg) -> tuple[int, ...]:
+    """Which candidate :func:`~recreason.inference.selection.choose` keeps for each record under ``cfg``'s
+    weights, from terms computed once (:func:`~recreason.inference.selection.candidate_terms`)."""
+    from recreason.inference.selection import pick, weighted
+
+    return tuple(pick(t, [weighted(x, cfg) for x in rec]) for rec, t in zip(terms, texts))
+
+
+def tune(full_run: str, demo_run: str, gen, n_records: int | None) -> dict:
     """Selection weights chosen on validation records, from one set of candidates scored offline: the best
     :func:`objective` among :func:`feasible` settings. ``within_bar`` records whether a setting's generic and
-    ungrounded rates are at most half the demo run's on the same records (the issue's bar)."""
+    ungrounded rates are at most half the demo run's on the same records (the issue's bar). The records are the
+    validation records after the first ``generate.generic_records`` (those measure the generic table, so a
+    record's own greedy reason never counts against it), the last ``n_records`` of them when given."""
     from recreason.data.records import target_text
     from recreason.inference import Predictor
-    from recreason.inference.selection import consensus
+    from recreason.inference.selection import candidate_terms, consensus
 
     predictor = Predictor(full_run, gen)
-    records = predictor.dataset.subset(1, "validation")
-    records = records[-n_records:]  # the generic table is measured on the first validation records
+    validation = predictor.dataset.subset(1, "validation")
+    records = validation[gen.generic_records:]
+    if n_records:
+        records = records[-n_records:]
     refs = [target_text(r, "sentence") for r in records]
     prompted, candidates, seconds = load_candidates(predictor, "validation", records, gen)
-    agreements = [consensus(c) for c in candidates]
     generic = predictor.generic_table(gen)
+    terms = [[candidate_terms(c, set(p.known_features), p.user_features, generic, predictor.matcher, a)
+              for c, a in zip(cands, consensus(cands))] for p, cands in zip(prompted, candidates)]
+    texts = [[c.text for c in cands] for cands in candidates]
     scorer = _scorer(records, refs, predictor.dataset, bootstrap=0)
     scorer.semantic = False
     greedy = scorer.score("greedy", [c[0].text for c in candidates])
     demo = scorer.score("demo", Predictor(demo_run, replace(gen, candidates=1, batch_size=50)).explain_records(records))
     bar = {m: demo[m] / 2 for m in ("Generic", "Ungrounded")}
-    trials = []
-    for values in itertools.product(*GRID.values()):
-        cfg = replace(gen, **dict(zip(GRID, values)))
-        row = scorer.score("trial", choose_all(predictor, prompted, candidates, agreements, generic, cfg))
+    trials, scored = [], {}
+    settings = list(itertools.product(*GRID.values()))
+    start = time.time()
+    for n, values in enumerate(settings):
+        chosen = selections(terms, texts, replace(gen, **dict(zip(GRID, values))))
+        if chosen not in scored:  # many settings keep the same candidates: score each selection once
+            row = scorer.score("trial", [t[k] for t, k in zip(texts, chosen)])
+            scored[chosen] = {m: row[m] for m in (*TARGETS, "Generic", "Ungrounded")}
+        row = scored[chosen]
         trials.append({"weights": dict(zip(GRID, values)), "gain": objective(row, greedy),
-                       "feasible": feasible(row, greedy),
-                       **{m: row[m] for m in (*TARGETS, "Generic", "Ungrounded")}})
+                       "feasible": feasible(row, greedy), **row})
         trials[-1]["within_bar"] = within_bar(trials[-1], bar, len(records))
+        if (n + 1) % 50 == 0:
+            print(f"  {n + 1}/{len(settings)} settings, {len(scored)} distinct selections, "
+                  f"{time.time() - start:.0f} s", flush=True)
     trials.sort(key=lambda t: (not t["feasible"], -t["gain"]))
-    result = {"split": "validation", "records": len(records), "candidates": gen.candidates,
+    result = {"split": "validation", "records": len(records), "first_record": len(validation) - len(records),
+              "candidates": gen.candidates, "grid": GRID, "distinct_selections": len(scored),
               "best_within_bar": grounding_first(trials, bar, len(records)), "candidate_seconds": seconds,
+              "grid_seconds": time.time() - start,
               "greedy": {m: greedy[m] for m in (*TARGETS, "Generic", "Ungrounded")},
               "demo_run": {m: demo[m] for m in (*TARGETS, "Generic", "Ungrounded")}, "bar": bar,
               "best": trials[0], "trials": trials}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "tuning.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_tuning(OUT / "tuning.json", result)
     print(f"tuned on {len(records)} validation records: best weights {trials[0]['weights']} "
           f"(ROUGE-L + BLEU-4 {trials[0]['gain']:+.2f} points over greedy)")
     return trials[0]["weights"]
@@ -286,7 +337,9 @@ def main() -> None:
     parser.add_argument("--demo-run", default="runs/demo/run")
     parser.add_argument("--full-run", default="runs/full/run")
     parser.add_argument("--tune", action="store_true", help="choose selection weights on the validation split first")
-    parser.add_argument("--tune-records", type=int, default=300)
+    parser.add_argument("--tune-records", type=int, default=None,
+                        help="tune on the last N validation records only (default: all after the first "
+                             "generate.generic_records, which measure the generic table)")
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--tuning", type=Path, default=OUT / "tuning.json",
@@ -314,8 +367,10 @@ def main() -> None:
     if args.tune:
         tune(args.full_run, args.demo_run, chosen, args.tune_records)
     tuning = json.loads(args.tuning.read_text())
-    weights = tuning["best"]["weights"]
-    grounded = tuning["best_within_bar"]  # what grounded.yaml carries (tests/test_benchmarks.py holds it there)
+    # full.yaml carries the best setting within the issue's grounding bar (tests/test_benchmarks.py holds it
+    # there); the best without that constraint is scored beside it, to show what the bar costs
+    weights = (tuning["best_within_bar"] or tuning["best"])["weights"]
+    unbarred = tuning["best"]["weights"]
     chosen = replace(chosen, **weights)
     rows, intervals, seconds = evaluate([
         ("make demo run", args.demo_run, greedy, ["zero-shot", "retrieval", "fine-tuned"]),
@@ -323,7 +378,7 @@ def main() -> None:
     full_rows, full_intervals, full_seconds = score_candidates(args.full_run, chosen, {
         "full run, greedy": None,
         "full run, chosen among candidates": weights,
-        **({"full run, grounding first": grounded["weights"]} if grounded else {}),
+        **({"full run, chosen without the grounding bar": unbarred} if unbarred != weights else {}),
     }, args.bootstrap)
     rows.update(full_rows)
     intervals.update(full_intervals)
@@ -334,8 +389,7 @@ def main() -> None:
     summary = json.loads((Path(args.full_run) / "summary.json").read_text())
     result = {"split_seed": full_run.split_seed, "split_method": split_method, "split": "test",
               "systems": rows, "intervals": intervals,
-              "generation": {"greedy": asdict(greedy), "chosen": asdict(chosen),
-                             "grounding first": grounded and grounded["weights"]},
+              "generation": {"greedy": asdict(greedy), "chosen": asdict(chosen), "without the grounding bar": unbarred},
               "against_peter": {name: against_peter(rows, intervals, name) for name in rows if name != "PETER"
                                 and all(m in rows[name] for m in TARGETS)} if with_peter else {},
               "against_demo_run": against_demo(rows),

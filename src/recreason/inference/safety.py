@@ -12,6 +12,7 @@ A reason flagged by the first three is replaced by a template built from the ite
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -32,13 +33,23 @@ class Checked:
     replaced: bool = False
 
 
-def _profanity():
+def profanity_filter():
+    """``better-profanity``'s filter with its word list loaded (once)."""
     from better_profanity import profanity
 
-    if not getattr(_profanity, "loaded", False):
+    if not getattr(profanity_filter, "loaded", False):
         profanity.load_censor_words()
-        _profanity.loaded = True
+        profanity_filter.loaded = True
     return profanity
+
+
+@functools.lru_cache(maxsize=65536)
+def is_profane(text: str) -> bool:
+    """``better-profanity``'s check, remembered per text: it walks its whole list of variants for every word
+    (about 13 ms a sentence on this CPU, more than the rest of the evaluation together:
+    benchmarks/check_speed.py), and a run repeats many of its reasons, as do the weight settings a tuning
+    scores from one set of candidates."""
+    return profanity_filter().contains_profanity(text)
 
 
 def template(item_features: list[str]) -> str:
@@ -58,7 +69,7 @@ class ReasonChecker:
         flags = []
         tokens = tokenize(text)
         words = [t for t in tokens if t.isalnum()]
-        if _profanity().contains_profanity(text):
+        if is_profane(text):
             flags.append("profanity")
         if EMAIL.search(text) or PHONE.search(text) or URL.search(text):
             flags.append("personal_data")

@@ -58,28 +58,42 @@ def consensus(candidates: Sequence[Candidate]) -> list[float]:
     return out
 
 
+WEIGHTS = ("weight_likelihood", "weight_grounded", "weight_ungrounded", "weight_user", "weight_generic",
+           "weight_consensus")
+
+
+def candidate_terms(candidate: Candidate, item_features: set[str], user_features: set[str],
+                    generic: collections.Counter, matcher: FeatureMatcher, agreement: float = 0.0) -> tuple[float, ...]:
+    """The score's terms, signed, in the order of :data:`WEIGHTS`: they do not depend on the weights, so a
+    caller scoring many weight settings computes them once per candidate."""
+    named = {f for f in matcher.find(tokenize(candidate.text)) if is_content_feature(f)}
+    return (candidate.logprob, min(2, len(named & item_features)), -len(named - item_features),
+            float(bool(named & user_features)), -math.log1p(generic.get(sentence_key(candidate.text), 0)), agreement)
+
+
+def weighted(terms: Sequence[float], cfg: GenerateConfig) -> float:
+    return sum(getattr(cfg, w) * t for w, t in zip(WEIGHTS, terms))
+
+
 def candidate_score(candidate: Candidate, item_features: set[str], user_features: set[str], generic: collections.Counter,
                     cfg: GenerateConfig, matcher: FeatureMatcher, agreement: float = 0.0) -> float:
     """The score above; ``agreement`` is the candidate's :func:`consensus` value."""
-    named = {f for f in matcher.find(tokenize(candidate.text)) if is_content_feature(f)}
-    grounded = len(named & item_features)
-    ungrounded = len(named - item_features)
-    return (cfg.weight_likelihood * candidate.logprob
-            + cfg.weight_grounded * min(2, grounded)
-            - cfg.weight_ungrounded * ungrounded
-            + cfg.weight_user * bool(named & user_features)
-            - cfg.weight_generic * math.log1p(generic.get(sentence_key(candidate.text), 0))
-            + cfg.weight_consensus * agreement)
+    return weighted(candidate_terms(candidate, item_features, user_features, generic, matcher, agreement), cfg)
+
+
+def pick(texts: Sequence[str], scores: Sequence[float]) -> int:
+    """Index of the best score; ties keep the earlier one (the greedy text comes first). Empty texts never win
+    over a non-empty one."""
+    usable = [i for i, t in enumerate(texts) if t.strip()] or list(range(len(texts)))
+    return max(usable, key=lambda i: (scores[i], -i))
 
 
 def choose(candidates: Sequence[Candidate], item_features: set[str], user_features: set[str],
            generic: collections.Counter, cfg: GenerateConfig, matcher: FeatureMatcher,
            agreement: Sequence[float] | None = None) -> Candidate:
-    """The best-scoring candidate; ties keep the earlier one (the greedy text comes first). Empty texts never
-    win over a non-empty one."""
+    """The best-scoring candidate (:func:`pick`)."""
     if agreement is None:  # a caller scoring many weight settings passes consensus(candidates) once
         agreement = consensus(candidates) if cfg.weight_consensus else [0.0] * len(candidates)
-    pairs = list(zip(candidates, agreement))
-    usable = [(c, a) for c, a in pairs if c.text.strip()] or pairs
-    return max(usable, key=lambda ca: candidate_score(ca[0], item_features, user_features, generic, cfg, matcher,
-                                                      ca[1]))[0]
+    scores = [candidate_score(c, item_features, user_features, generic, cfg, matcher, a)
+              for c, a in zip(candidates, agreement)]
+    return candidates[pick([c.text for c in candidates], scores)]
