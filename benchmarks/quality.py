@@ -33,6 +33,11 @@ benchmarks/results/quality/tuning-1epoch.json`` scores a run of full.yaml traine
 way, with the weights tuned on that run (PETER's row included: same split). ``--tuning`` scores any recorded
 weights without tuning again (``seed1-weights1epoch``: the two-epoch run with the one-epoch weights).
 
+More candidates: ``--tune --candidates 16`` tuned on the same validation records (kept as ``tuning-16.json``;
+the 8-candidate caches supply draws 0-7, so only draws 8-15 are decoded), and ``--candidates 16 --tuning
+benchmarks/results/quality/tuning-16.json --name seed1-16candidates`` scores it on test
+(configs/experiments/candidates16.yaml carries those weights).
+
 Later reviews (the issue's check that the weights do not only win on seed 1's test split): prepare the same
 log with ``--split temporal`` (test = the latest 833 reviews, Jan-Mar 2014), train the demo and the full
 configuration on it, and run with ``--name temporal1``: the weights tuned above are applied unchanged (no
@@ -105,20 +110,31 @@ def candidate_file(predictor, split: str, gen) -> Path:
     return predictor.run.dir / "eval" / f"candidates-{split}-{digest}.jsonl"
 
 
+def _read_candidates(path: Path) -> dict:
+    from recreason.generation.generate import Candidate
+
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["index"]] = [Candidate(**c) for c in row["candidates"]]
+    return rows
+
+
 def load_candidates(predictor, split: str, records, gen) -> tuple[list, list, float]:
     """(prompted requests, candidates per record, seconds the decode of all of them took, measured or
-    extrapolated from the records decoded so far)."""
-    from recreason.generation.generate import Candidate, generate_candidates
+    extrapolated from the records decoded so far). Records that a cache with fewer candidates per record
+    holds (same settings otherwise) decode only the draws it lacks."""
+    from recreason.generation.generate import generate_candidates, merge_candidates
     from recreason.inference import Request
 
     prompted = [predictor.prompt(Request(r.user, r.item, record=r), n) for n, r in enumerate(records)]
     path = candidate_file(predictor, split, gen)
     meta = path.with_suffix(".meta.json")
-    kept = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            kept[row["index"]] = [Candidate(**c) for c in row["candidates"]]
+    kept = _read_candidates(path)
+    smaller = next((k for k in range(gen.candidates - 1, 1, -1)
+                    if candidate_file(predictor, split, replace(gen, candidates=k)).exists()), None)
+    fewer = _read_candidates(candidate_file(predictor, split, replace(gen, candidates=smaller))) if smaller else {}
     timing = json.loads(meta.read_text()) if meta.exists() else {"seconds": 0.0, "records": 0}
     missing = [n for n, r in enumerate(records) if r.index not in kept]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,13 +143,22 @@ def load_candidates(predictor, split: str, records, gen) -> tuple[list, list, fl
         print(f"decoding {split} candidates: records {chunk + 1}-{chunk + len(part)} of {len(missing)} missing",
               flush=True)
         start = time.time()
-        decoded = generate_candidates(predictor.model, predictor.tokenizer, [prompted[n].prompt for n in part], gen,
-                                      users=[records[n].user for n in part], items=[records[n].item for n in part])
+        for group, draws in (([n for n in part if records[n].index in fewer], range(smaller or 0, gen.candidates)),
+                             ([n for n in part if records[n].index not in fewer], None)):
+            if not group:
+                continue
+            decoded = generate_candidates(predictor.model, predictor.tokenizer, [prompted[n].prompt for n in group],
+                                          gen, users=[records[n].user for n in group],
+                                          items=[records[n].item for n in group], draws=draws)
+            for n, cands in zip(group, decoded):
+                index = records[n].index
+                kept[index] = cands if draws is None else merge_candidates(fewer[index], cands)
+        # the time of the draws decoded here only: a merged record's first draws were timed in their own cache
         timing = {"seconds": timing["seconds"] + time.time() - start, "records": timing["records"] + len(part)}
         with path.open("a") as out:
-            for n, cands in zip(part, decoded):
-                out.write(json.dumps({"index": records[n].index, "candidates": [asdict(c) for c in cands]}) + "\n")
-                kept[records[n].index] = cands
+            for n in part:
+                out.write(json.dumps({"index": records[n].index,
+                                      "candidates": [asdict(c) for c in kept[records[n].index]]}) + "\n")
         meta.write_text(json.dumps(timing) + "\n")
     seconds = timing["seconds"] / timing["records"] * len(records) if timing["records"] else float("nan")
     return prompted, [kept[r.index] for r in records], seconds

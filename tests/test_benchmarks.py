@@ -29,19 +29,23 @@ def test_rate_upper_bound_is_the_one_sided_wilson_bound():
     assert math.isclose(quality.rate_upper_bound(0.1, 300), 0.13216, abs_tol=5e-5)
 
 
-def test_shipped_config_carries_the_weights_the_tuning_chose():
-    # full.yaml copies the setting benchmarks/quality.py --tune chose (the best within the grounding bar);
-    # quality.py scores test with the recorded one, so a config that drifted from it would not be the
-    # configuration measured.
+def test_shipped_configs_carry_the_weights_the_tuning_chose():
+    # full.yaml copies the setting benchmarks/quality.py --tune chose (the best within the grounding bar), and
+    # the 16-candidate experiment the one tuned with 16; quality.py scores test with the recorded ones, so a
+    # config that drifted from them would not be the configuration measured.
     from recreason.config import load_config
 
     root = Path(__file__).resolve().parents[1]
-    tuning = json.loads((root / "benchmarks" / "results" / "quality" / "tuning.json").read_text())
-    full = load_config([root / "configs" / "demo.yaml", root / "configs" / "full.yaml"])["generate"]
-    weights = tuning["best_within_bar"]["weights"]
-    assert set(weights) == set(quality.GRID)
-    assert {k: getattr(full, k) for k in weights} == weights
-    assert full.candidates == tuning["candidates"]
+    results = root / "benchmarks" / "results" / "quality"
+    base = [root / "configs" / "demo.yaml", root / "configs" / "full.yaml"]
+    for layers, tuning_file in ((base, "tuning.json"),
+                                (base + [root / "configs" / "experiments" / "candidates16.yaml"], "tuning-16.json")):
+        tuning = json.loads((results / tuning_file).read_text())
+        config = load_config(layers)["generate"]
+        weights = tuning["best_within_bar"]["weights"]
+        assert set(weights) == set(quality.GRID)
+        assert {k: getattr(config, k) for k in weights} == weights
+        assert config.candidates == tuning["candidates"]
 
 
 def test_selections_from_precomputed_terms_are_what_choose_keeps():
@@ -77,7 +81,7 @@ def test_selections_from_precomputed_terms_are_what_choose_keeps():
     assert len(seen) > 2  # the settings do pick different candidates, so agreeing is not trivial
 
 
-def test_candidate_cache_decodes_only_the_records_it_lacks(tmp_path, monkeypatch):
+def test_candidate_cache_decodes_only_the_records_and_draws_it_lacks(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from recreason.config import GenerateConfig
@@ -85,17 +89,37 @@ def test_candidate_cache_decodes_only_the_records_it_lacks(tmp_path, monkeypatch
 
     decoded = []
 
-    def fake_decode(model, tokenizer, prompts, cfg, users, items):
-        decoded.append(list(prompts))
-        return [[generate.Candidate(f"reason for {p}", -1.0, True)] for p in prompts]
+    def fake_decode(model, tokenizer, prompts, cfg, users, items, draws=None):
+        draws = list(range(cfg.candidates)) if draws is None else list(draws)
+        decoded.append((list(prompts), draws))
+        # draw 1 stands for two draws of one text and draw 3 writes it again (draw 2 is left out), so the
+        # merge must add the counts of the two caches
+        return [[generate.Candidate(f"{p} #{min(j, 1)}", -1.0, j == 0, count=1 + (j == 1)) for j in draws
+                 if j != 2] for p in prompts]
 
     monkeypatch.setattr(generate, "generate_candidates", fake_decode)
-    monkeypatch.setattr(quality, "candidate_file", lambda predictor, split, gen: tmp_path / f"candidates-{split}.jsonl")
+    monkeypatch.setattr(quality, "candidate_file",
+                        lambda predictor, split, gen: tmp_path / f"candidates-{split}-{gen.candidates}.jsonl")
     predictor = SimpleNamespace(model=None, tokenizer=None,
                                 prompt=lambda request, n: SimpleNamespace(prompt=f"{request.user}/{request.item}"))
     records = [SimpleNamespace(index=i, user=f"u{i}", item=f"i{i}") for i in range(5)]
-    _, first, _ = quality.load_candidates(predictor, "validation", records[2:4], GenerateConfig())
-    _, both, _ = quality.load_candidates(predictor, "validation", records, GenerateConfig())
-    assert decoded == [["u2/i2", "u3/i3"], ["u0/i0", "u1/i1", "u4/i4"]]
-    assert [c[0].text for c in both] == [f"reason for u{i}/i{i}" for i in range(5)]
+    two, four = GenerateConfig(candidates=2), GenerateConfig(candidates=4)
+    _, first, _ = quality.load_candidates(predictor, "validation", records[2:4], two)
+    _, both, _ = quality.load_candidates(predictor, "validation", records, two)
+    assert decoded == [(["u2/i2", "u3/i3"], [0, 1]), (["u0/i0", "u1/i1", "u4/i4"], [0, 1])]
+    assert [[c.text for c in cands] for cands in both] == [[f"u{i}/i{i} #0", f"u{i}/i{i} #1"] for i in range(5)]
     assert [c[0].text for c in first] == [c[0].text for c in both[2:4]]
+    decoded.clear()
+    _, wider, _ = quality.load_candidates(predictor, "validation", records[:2], four)
+    assert decoded == [(["u0/i0", "u1/i1"], [2, 3])]  # draws 0-1 come from the two-candidate cache
+    assert [(c.text, c.greedy, c.count) for c in wider[0]] == [("u0/i0 #0", True, 1), ("u0/i0 #1", False, 3)]
+
+
+def test_merged_draws_are_one_decode_of_all_of_them():
+    from recreason.generation.generate import Candidate, merge_candidates
+
+    first = [Candidate("a", -1.0, True), Candidate("b", -2.0, False, count=2)]
+    more = [Candidate("c", -0.5, False), Candidate("a", -1.0, False, count=3)]
+    merged = merge_candidates(first, more)
+    assert [(c.text, c.greedy, c.count) for c in merged] == [("a", True, 4), ("b", False, 2), ("c", False, 1)]
+    assert first[0].count == 1  # the inputs are left as they were

@@ -112,7 +112,7 @@ def test_consensus_is_the_mean_rouge_l_f1_against_the_other_draws():
 
 def test_candidates_do_not_depend_on_the_batch_and_start_with_the_greedy_text(tiny_run):
     from recreason.config import GenerateConfig
-    from recreason.generation.generate import generate_candidates, generate_texts
+    from recreason.generation.generate import generate_candidates, generate_texts, merge_candidates
     from recreason.inference import Predictor, Request
 
     predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=6, precision="fp32"))
@@ -129,6 +129,13 @@ def test_candidates_do_not_depend_on_the_batch_and_start_with_the_greedy_text(ti
     assert sum(len(c) for c in together) > len(prompts)  # the samples add texts the greedy pass did not write
     assert all(c.logprob <= 0 for cands in together for c in cands)
     assert [sum(c.count for c in cands) for cands in together] == [4] * len(prompts)  # every draw counted once
+    # draws 2-3 decoded later and merged into draws 0-1 are the four candidates of one decode
+    first = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False, draws=range(2))
+    later = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False, draws=[2, 3])
+    merged = [merge_candidates(a, b) for a, b in zip(first, later)]
+    assert [[(c.text, c.greedy, c.count) for c in cands] for cands in merged] == \
+        [[(c.text, c.greedy, c.count) for c in cands] for cands in together]
+    assert not any(c.greedy for cands in later for c in cands)
 
 
 def test_candidate_selection_runs_in_every_path(tiny_run, tmp_path):

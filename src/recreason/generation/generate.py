@@ -10,7 +10,7 @@ log-likelihood under the model, for a caller that chooses among them.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -138,19 +138,22 @@ def prompt_seed(seed: int, prompt: str, sample: int) -> int:
 @torch.no_grad()
 def generate_candidates(
     model, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, progress: bool = True, desc: str = "generating",
-    users: Sequence[str] | None = None, items: Sequence[str] | None = None,
+    users: Sequence[str] | None = None, items: Sequence[str] | None = None, draws: Sequence[int] | None = None,
 ) -> list[list[Candidate]]:
     """``cfg.candidates`` candidates per prompt: the greedy text first, then ``cfg.candidates - 1`` samples
     (``cfg.sample_temperature``, ``cfg.sample_top_p``), each with its mean token log-likelihood under the
     model. All of a batch's candidates decode in one pass. Each sample's random stream is seeded by
     ``cfg.seed``, the prompt and the sample number, so a prompt gets the same candidates in any batch.
-    Identical texts are kept once, with ``count`` saying how many draws produced them."""
+    Identical texts are kept once, with ``count`` saying how many draws produced them. ``draws`` picks
+    which draws to make (0 = greedy, j = sample j; default ``range(cfg.candidates)``): draws 8-15 merged
+    (:func:`merge_candidates`) into draws 0-7 are the 16 candidates of one decode, at half its cost."""
     from transformers import LogitsProcessorList
 
-    n = max(1, cfg.candidates)
+    draws = list(range(max(1, cfg.candidates))) if draws is None else list(draws)
+    n = len(draws)
     out: list[list[Candidate]] = [[] for _ in prompts]
     for idx, batch, extra in _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
-        seeds = [None if j == 0 else prompt_seed(cfg.seed, prompts[i], j) for i in idx for j in range(n)]
+        seeds = [None if j == 0 else prompt_seed(cfg.seed, prompts[i], j) for i in idx for j in draws]
         expanded = {k: v.repeat_interleave(n, 0) for k, v in batch.items()}
         ids = {k: v.repeat_interleave(n, 0) for k, v in extra.items()}
         result = _generate(model, expanded, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
@@ -166,7 +169,21 @@ def generate_candidates(
             text = clean_output(text)
             same = next((c for c in target if c.text == text), None)
             if same is None:
-                target.append(Candidate(text, float(lp), greedy=row % n == 0))
+                target.append(Candidate(text, float(lp), greedy=draws[row % n] == 0))
             else:
                 same.count += 1
+    return out
+
+
+def merge_candidates(first: Sequence[Candidate], more: Sequence[Candidate]) -> list[Candidate]:
+    """One prompt's candidates from two sets of draws (:func:`generate_candidates` ``draws``), as one decode of
+    all of them would list them: first-seen order, identical texts kept once with their counts added."""
+    out = [replace(c) for c in first]
+    for c in more:
+        same = next((o for o in out if o.text == c.text), None)
+        if same is None:
+            out.append(replace(c))
+        else:
+            same.count += c.count
+            same.greedy = same.greedy or c.greedy
     return out
