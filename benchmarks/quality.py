@@ -33,10 +33,10 @@ benchmarks/results/quality/tuning-1epoch.json`` scores a run of full.yaml traine
 way, with the weights tuned on that run (PETER's row included: same split). ``--tuning`` scores any recorded
 weights without tuning again (``seed1-weights1epoch``: the two-epoch run with the one-epoch weights).
 
-More candidates: ``--tune --candidates 16`` tuned on the same validation records (kept as ``tuning-16.json``;
-the 8-candidate caches supply draws 0-7, so only draws 8-15 are decoded), and ``--candidates 16 --tuning
-benchmarks/results/quality/tuning-16.json --name seed1-16candidates`` scores it on test
-(configs/experiments/candidates16.yaml carries those weights).
+More candidates: ``--tune --candidates 16 --name seed1-16candidates`` tunes on the same validation records
+(into ``tuning-16.json``; the 8-candidate caches supply draws 0-7, so only draws 8-15 are decoded) and scores
+the choice on test; without ``--tune`` it scores it again. configs/experiments/candidates16.yaml carries
+those weights.
 
 Later reviews (the issue's check that the weights do not only win on seed 1's test split): prepare the same
 log with ``--split temporal`` (test = the latest 833 reviews, Jan-Mar 2014), train the demo and the full
@@ -208,6 +208,11 @@ def selections(terms: list, texts: list, cfg) -> tuple[int, ...]:
     return tuple(pick(t, [weighted(x, cfg) for x in rec]) for rec, t in zip(terms, texts))
 
 
+def tuning_file(candidates: int) -> Path:
+    """Where --tune records its choice: tuning.json for the 8 candidates full.yaml uses, tuning-N.json else."""
+    return OUT / ("tuning.json" if candidates == 8 else f"tuning-{candidates}.json")
+
+
 def tune(full_run: str, demo_run: str, gen, n_records: int | None) -> dict:
     """Selection weights chosen on validation records, from one set of candidates scored offline: the best
     :func:`objective` among :func:`feasible` settings. ``within_bar`` records whether a setting's generic and
@@ -258,7 +263,7 @@ def tune(full_run: str, demo_run: str, gen, n_records: int | None) -> dict:
               "demo_run": {m: demo[m] for m in (*TARGETS, "Generic", "Ungrounded")}, "bar": bar,
               "best": trials[0], "trials": trials}
     OUT.mkdir(parents=True, exist_ok=True)
-    write_tuning(OUT / "tuning.json", result)
+    write_tuning(tuning_file(gen.candidates), result)
     print(f"tuned on {len(records)} validation records: best weights {trials[0]['weights']} "
           f"(ROUGE-L + BLEU-4 {trials[0]['gain']:+.2f} points over greedy)")
     return trials[0]["weights"]
@@ -367,8 +372,9 @@ def main() -> None:
                              "generate.generic_records, which measure the generic table)")
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--tuning", type=Path, default=OUT / "tuning.json",
-                        help="the selection weights to score (default: the file --tune writes); "
+    parser.add_argument("--tuning", type=Path, default=None,
+                        help="the selection weights to score (default: the file --tune writes for --candidates: "
+                             "tuning.json for 8, tuning-N.json else); "
                              "tuning-1epoch.json holds those tuned on the one-epoch run")
     parser.add_argument("--name", default="seed1",
                         help="results file stem (default seed1). Another name checks the weights tuned by "
@@ -376,9 +382,10 @@ def main() -> None:
                              "--split temporal`, seed1-1epoch for a shorter training on seed 1. PETER's row is "
                              "added when the full run is on seed 1's random split (PETER was measured there only)")
     args = parser.parse_args()
-    if args.tune and (args.name != "seed1" or args.tuning != OUT / "tuning.json"):
-        parser.error("--tune chooses weights on seed 1's validation split only (into tuning.json); other names "
-                     "and --tuning files check weights already chosen")
+    if args.tune and (args.name not in ("seed1", f"seed1-{args.candidates}candidates") or args.tuning is not None):
+        parser.error("--tune chooses weights on seed 1's validation split only (into tuning.json, or "
+                     "tuning-N.json for --candidates N); other names and --tuning files check weights already chosen")
+    args.tuning = args.tuning or tuning_file(args.candidates)
     sys.path.insert(0, str(ROOT / "src"))
     from recreason.config import GenerateConfig
     from recreason.rundir import Run
