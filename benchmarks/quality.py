@@ -164,11 +164,14 @@ def load_candidates(predictor, split: str, records, gen) -> tuple[list, list, fl
     return prompted, [kept[r.index] for r in records], seconds
 
 
-def choose_all(predictor, prompted, candidates, agreements, generic, cfg) -> list[str]:
-    from recreason.inference.selection import choose
+def candidate_table(predictor, prompted, candidates, generic) -> tuple[list, list]:
+    """(terms, texts) of every candidate, computed once: :func:`selections` turns them into the choice of any
+    weight setting."""
+    from recreason.inference.selection import candidate_terms, consensus
 
-    return [choose(c, set(p.known_features), p.user_features, generic, cfg, predictor.matcher, a).text
-            for p, c, a in zip(prompted, candidates, agreements)]
+    terms = [[candidate_terms(c, set(p.known_features), p.user_features, generic, predictor.matcher, a)
+              for c, a in zip(cands, consensus(cands))] for p, cands in zip(prompted, candidates)]
+    return terms, [[c.text for c in cands] for cands in candidates]
 
 
 def rate_upper_bound(rate: float, n: int, z: float = 1.645) -> float:
@@ -221,8 +224,6 @@ def tune(full_run: str, demo_run: str, gen, n_records: int | None) -> dict:
     record's own greedy reason never counts against it), the last ``n_records`` of them when given."""
     from recreason.data.records import target_text
     from recreason.inference import Predictor
-    from recreason.inference.selection import candidate_terms, consensus
-
     predictor = Predictor(full_run, gen)
     validation = predictor.dataset.subset(1, "validation")
     records = validation[gen.generic_records:]
@@ -230,10 +231,7 @@ def tune(full_run: str, demo_run: str, gen, n_records: int | None) -> dict:
         records = records[-n_records:]
     refs = [target_text(r, "sentence") for r in records]
     prompted, candidates, seconds = load_candidates(predictor, "validation", records, gen)
-    generic = predictor.generic_table(gen)
-    terms = [[candidate_terms(c, set(p.known_features), p.user_features, generic, predictor.matcher, a)
-              for c, a in zip(cands, consensus(cands))] for p, cands in zip(prompted, candidates)]
-    texts = [[c.text for c in cands] for cands in candidates]
+    terms, texts = candidate_table(predictor, prompted, candidates, predictor.generic_table(gen))
     scorer = _scorer(records, refs, predictor.dataset, bootstrap=0)
     scorer.semantic = False
     greedy = scorer.score("greedy", [c[0].text for c in candidates])
@@ -295,25 +293,22 @@ def score_candidates(full_run: str, gen, settings: dict, bootstrap: int) -> tupl
     """Rows for the full run on every test record, all from one set of candidates: ``settings`` maps a row
     name to selection weights (None = the greedy text, the first candidate). The retrieval baseline is scored
     on the same resamples so each row gets a paired difference to it. The texts are what
-    ``recreason evaluate`` with these weights writes (same per-prompt seeds, same ``choose``)."""
+    ``recreason evaluate`` with these weights writes (same per-prompt seeds, the same choice: :func:`selections`)."""
     from recreason.evaluation.baselines import RetrievalBaseline
     from recreason.evaluation.evaluate import select_records
     from recreason.inference import Predictor
-    from recreason.inference.selection import consensus
 
     predictor = Predictor(full_run, gen)
     dataset = predictor.dataset
     records, refs = select_records(predictor.run, dataset, "test", replace(gen, max_records=None))
     prompted, candidates, seconds = load_candidates(predictor, "test", records, gen)
-    agreements = [consensus(c) for c in candidates]
-    generic = predictor.generic_table(gen)
+    terms, texts = candidate_table(predictor, prompted, candidates, predictor.generic_table(gen))
     scorer = _scorer(records, refs, dataset, bootstrap)
     baseline = RetrievalBaseline(dataset.subset(1, "train"))
     rows = {"retrieval": scorer.score("retrieval", [baseline.explain(r.user, r.item) for r in records])}
     for name, weights in settings.items():
-        texts = ([c[0].text for c in candidates] if weights is None else
-                 choose_all(predictor, prompted, candidates, agreements, generic, replace(gen, **weights)))
-        rows[name] = {"records": len(records), **scorer.score(name, texts)}
+        chosen = [0] * len(records) if weights is None else selections(terms, texts, replace(gen, **weights))
+        rows[name] = {"records": len(records), **scorer.score(name, [t[k] for t, k in zip(texts, chosen)])}
     differences = scorer.differences(rows, list(settings))
     for name in settings:
         rows[name]["vs_best_baseline"] = differences[name]

@@ -166,13 +166,18 @@ def generate_candidates(
         texts = tokenizer.batch_decode(result.sequences, skip_special_tokens=True)
         for row, (text, lp) in enumerate(zip(texts, logprobs)):
             target = out[idx[row // n]]
-            text = clean_output(text)
-            same = next((c for c in target if c.text == text), None)
-            if same is None:
-                target.append(Candidate(text, float(lp), greedy=draws[row % n] == 0))
-            else:
-                same.count += 1
+            _add(target, Candidate(clean_output(text), float(lp), greedy=draws[row % n] == 0))
     return out
+
+
+def _add(target: list[Candidate], candidate: Candidate) -> None:
+    """Keep identical texts once: a repeated text adds its draws to the first one's count."""
+    same = next((c for c in target if c.text == candidate.text), None)
+    if same is None:
+        target.append(candidate)
+    else:
+        same.count += candidate.count
+        same.greedy = same.greedy or candidate.greedy
 
 
 def merge_candidates(first: Sequence[Candidate], more: Sequence[Candidate]) -> list[Candidate]:
@@ -180,10 +185,5 @@ def merge_candidates(first: Sequence[Candidate], more: Sequence[Candidate]) -> l
     all of them would list them: first-seen order, identical texts kept once with their counts added."""
     out = [replace(c) for c in first]
     for c in more:
-        same = next((o for o in out if o.text == c.text), None)
-        if same is None:
-            out.append(replace(c))
-        else:
-            same.count += c.count
-            same.greedy = same.greedy or c.greedy
+        _add(out, replace(c))
     return out
