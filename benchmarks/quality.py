@@ -5,14 +5,16 @@
 1. ``--tune``: on the validation split only (its records after the first ``generate.generic_records``, which
    measure the generic table: 633 of seed 1's 833), decodes the full run's candidates once (kept per record in
    RUN/eval/candidates-validation-*.jsonl), then scores a grid of selection weights offline (including the
-   minimum-Bayes-risk consensus weight; each distinct selection is scored once) and ranks the settings by the
+   minimum-Bayes-risk consensus weight and the length weight that offsets its pull to short reasons; each
+   distinct selection is scored once) and ranks the settings by the
    ROUGE-L + BLEU-4 points they gain over greedy decoding (the two metrics where greedy is not yet clear of
    PETER), among those that keep USR, FMR and FCR at least and the generic rate at most greedy's (see
    ``objective`` and ``feasible``). The chosen setting (``best_within_bar``, what configs/full.yaml carries)
    is the best one whose generic and ungrounded rates are also at most half the demo run's with 95% confidence
    on the validation records (``within_bar``): the issue asks one configuration to meet that bar and beat
    PETER. The best setting without the bar (``best``) is kept to show what the bar costs. Writes
-   benchmarks/results/quality/tuning.json; both settings are scored below.
+   benchmarks/results/quality/tuning.json (16 candidates, what full.yaml decodes; ``tuning-N.json`` for
+   ``--candidates N``); both settings are scored below.
 2. Scores on every test record of the split: the zero-shot base model, the retrieval baseline and the demo run
    (through ``recreason evaluate``'s code), and the full run decoded greedily and with both selection
    settings, all from one decode of its test candidates (RUN/eval/candidates-test-*.jsonl; the same texts
@@ -25,23 +27,25 @@
 
 Writes benchmarks/results/quality/seed1.json ({"systems": {NAME: {"records": N, metric: value, ...}}}) and
 seed1.md, the table the README shows. Earlier tunings are kept beside it: ``tuning-300.json`` (the last 300
-validation records, a smaller grid, the unconstrained best shipped; scored in ``seed1-tuned300.*`` and
-``temporal1-tuned300.*``) and ``tuning-1epoch.json``.
+validation records, a smaller grid, 8 candidates, the unconstrained best shipped; scored in ``seed1-tuned300.*``
+and ``temporal1-tuned300.*``) and ``tuning-1epoch.json`` (8 candidates, give ``--candidates 8`` with it).
 
-Longer training, one setting apart: ``--name seed1-1epoch --full-run RUN1 --tuning
+Longer training, one setting apart: ``--name seed1-1epoch --candidates 8 --full-run RUN1 --tuning
 benchmarks/results/quality/tuning-1epoch.json`` scores a run of full.yaml trained with ``--epochs 1`` the same
 way, with the weights tuned on that run (PETER's row included: same split). ``--tuning`` scores any recorded
 weights without tuning again (``seed1-weights1epoch``: the two-epoch run with the one-epoch weights).
 
-More candidates: ``--tune --candidates 16 --name seed1-16candidates`` tunes on the same validation records
-(into ``tuning-16.json``; the 8-candidate caches supply draws 0-7, so only draws 8-15 are decoded) and scores
-the choice on test; without ``--tune`` it scores it again. configs/experiments/candidates16.yaml carries
-those weights.
+Fewer candidates: ``--tune --candidates 8 --name seed1-8candidates`` tunes on the same validation records
+(into ``tuning-8.json``) and scores the choice on test; without ``--tune`` it scores it again.
+configs/experiments/candidates8.yaml carries those weights (half the decoding time of full.yaml's 16). A
+cache with fewer candidates per record supplies the first draws of a larger one, so going from 8 to 16
+decodes only draws 8-15.
 
 Later reviews (the issue's check that the weights do not only win on seed 1's test split): prepare the same
 log with ``--split temporal`` (test = the latest 833 reviews, Jan-Mar 2014), train the demo and the full
-configuration on it, and run with ``--name temporal1``: the weights tuned above are applied unchanged (no
-tuning on that split, no PETER row: PETER was measured on seed 1 only).
+configuration on it, and run with ``--name temporal1`` (``--name temporal1-8candidates --candidates 8`` for
+the 8-candidate weights): the weights tuned above are applied unchanged (no tuning on that split, no PETER
+row: PETER was measured on seed 1 only).
 
     python benchmarks/quality.py --demo-run runs/temporal/demo --full-run runs/temporal/run --name temporal1
 """
@@ -63,9 +67,12 @@ PETER = ROOT.parent / "shared" / "peers" / "peter-split1.json"
 TARGETS = ("BLEU-1", "BLEU-4", "ROUGE-L", "USR", "FMR", "FCR")
 COLUMNS = ("BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "SemSim", "USR", "FMR", "FCR", "DIV", "Distinct-2",
            "Generic", "UserFeat", "Ungrounded")
-GRID = {"weight_likelihood": [0.0, 1.0], "weight_grounded": [0.0, 0.5, 1.0, 2.0], "weight_user": [0.0, 0.5, 1.0],
-        "weight_generic": [0.0, 0.5, 1.0], "weight_ungrounded": [0.0, 1.0, 3.0, 6.0],
-        "weight_consensus": [0.0, 2.0, 8.0, 16.0, 32.0, 64.0, 128.0]}
+# weight_length joined in session 9; grounded 2, ungrounded 6 and consensus 2 and 128 left the grid then (none
+# of them was in a best setting of the 2,016-setting grid before, with 8 or 16 candidates: that grid's
+# tuning.json and tuning-16.json are in git history, commit d331f0e)
+GRID = {"weight_likelihood": [0.0, 1.0], "weight_grounded": [0.0, 0.5, 1.0], "weight_user": [0.0, 0.5, 1.0],
+        "weight_generic": [0.0, 0.5, 1.0], "weight_ungrounded": [0.0, 1.0, 3.0],
+        "weight_consensus": [0.0, 8.0, 16.0, 32.0, 64.0], "weight_length": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]}
 
 
 def _scorer(records, references, dataset, bootstrap):
@@ -76,6 +83,7 @@ def _scorer(records, references, dataset, bootstrap):
 
 
 KEEP = ("USR", "FMR", "FCR")
+FULL_CANDIDATES = 16  # what configs/full.yaml decodes (tests/test_benchmarks.py holds the two together)
 
 
 def objective(row: dict, greedy: dict) -> float:
@@ -212,8 +220,8 @@ def selections(terms: list, texts: list, cfg) -> tuple[int, ...]:
 
 
 def tuning_file(candidates: int) -> Path:
-    """Where --tune records its choice: tuning.json for the 8 candidates full.yaml uses, tuning-N.json else."""
-    return OUT / ("tuning.json" if candidates == 8 else f"tuning-{candidates}.json")
+    """Where --tune records its choice: tuning.json for the 16 candidates full.yaml uses, tuning-N.json else."""
+    return OUT / ("tuning.json" if candidates == FULL_CANDIDATES else f"tuning-{candidates}.json")
 
 
 def tune(full_run: str, demo_run: str, gen, n_records: int | None) -> dict:
@@ -365,11 +373,12 @@ def main() -> None:
     parser.add_argument("--tune-records", type=int, default=None,
                         help="tune on the last N validation records only (default: all after the first "
                              "generate.generic_records, which measure the generic table)")
-    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--candidates", type=int, default=FULL_CANDIDATES,
+                        help=f"candidates per reason (default {FULL_CANDIDATES}, as configs/full.yaml)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--tuning", type=Path, default=None,
                         help="the selection weights to score (default: the file --tune writes for --candidates: "
-                             "tuning.json for 8, tuning-N.json else); "
+                             f"tuning.json for {FULL_CANDIDATES}, tuning-N.json else); "
                              "tuning-1epoch.json holds those tuned on the one-epoch run")
     parser.add_argument("--name", default="seed1",
                         help="results file stem (default seed1). Another name checks the weights tuned by "
@@ -394,6 +403,9 @@ def main() -> None:
     if args.tune:
         tune(args.full_run, args.demo_run, chosen, args.tune_records)
     tuning = json.loads(args.tuning.read_text())
+    if tuning["candidates"] != args.candidates:
+        parser.error(f"{args.tuning} holds weights tuned for {tuning['candidates']} candidates; "
+                     f"give --candidates {tuning['candidates']}")
     # full.yaml carries the best setting within the issue's grounding bar (tests/test_benchmarks.py holds it
     # there); the best without that constraint is scored beside it, to show what the bar costs
     weights = (tuning["best_within_bar"] or tuning["best"])["weights"]

@@ -31,7 +31,7 @@ def test_rate_upper_bound_is_the_one_sided_wilson_bound():
 
 def test_shipped_configs_carry_the_weights_the_tuning_chose():
     # full.yaml copies the setting benchmarks/quality.py --tune chose (the best within the grounding bar), and
-    # the 16-candidate experiment the one tuned with 16; quality.py scores test with the recorded ones, so a
+    # the 8-candidate experiment the one tuned with 8; quality.py scores test with the recorded ones, so a
     # config that drifted from them would not be the configuration measured.
     from recreason.config import load_config
 
@@ -39,13 +39,14 @@ def test_shipped_configs_carry_the_weights_the_tuning_chose():
     results = root / "benchmarks" / "results" / "quality"
     base = [root / "configs" / "demo.yaml", root / "configs" / "full.yaml"]
     for layers, tuning_file in ((base, "tuning.json"),
-                                (base + [root / "configs" / "experiments" / "candidates16.yaml"], "tuning-16.json")):
+                                (base + [root / "configs" / "experiments" / "candidates8.yaml"], "tuning-8.json")):
         tuning = json.loads((results / tuning_file).read_text())
         config = load_config(layers)["generate"]
         weights = tuning["best_within_bar"]["weights"]
         assert set(weights) == set(quality.GRID)
         assert {k: getattr(config, k) for k in weights} == weights
         assert config.candidates == tuning["candidates"]
+    assert load_config(base)["generate"].candidates == quality.FULL_CANDIDATES
 
 
 def test_selections_from_precomputed_terms_are_what_choose_keeps():
@@ -72,9 +73,10 @@ def test_selections_from_precomputed_terms_are_what_choose_keeps():
              for cands, item, user in records]
     texts = [[c.text for c in cands] for cands, _, _ in records]
     seen = set()
-    for lik, gro, ung, usr, gen, con in itertools.product([0, 1], [0, 1], [0, 3], [0, 0.5], [0, 0.5], [0, 8]):
+    for lik, gro, ung, usr, gen, con, length in itertools.product([0, 1], [0, 1], [0, 3], [0, 0.5], [0, 0.5], [0, 8],
+                                                                   [0, 0.1]):
         cfg = replace(GenerateConfig(), weight_likelihood=lik, weight_grounded=gro, weight_ungrounded=ung,
-                      weight_user=usr, weight_generic=gen, weight_consensus=con)
+                      weight_user=usr, weight_generic=gen, weight_consensus=con, weight_length=length)
         expected = tuple(cands.index(choose(cands, item, user, generic, cfg, matcher)) for cands, item, user in records)
         assert quality.selections(terms, texts, cfg) == expected
         seen.add(expected)

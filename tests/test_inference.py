@@ -110,6 +110,29 @@ def test_consensus_is_the_mean_rouge_l_f1_against_the_other_draws():
                   matcher) is a
 
 
+def test_length_term_counts_tokens_up_to_the_cap():
+    import collections
+
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import Candidate
+    from recreason.inference.selection import LENGTH_CAP, candidate_terms, choose
+    from recreason.text import FeatureMatcher
+
+    matcher, generic = FeatureMatcher(["tone"]), collections.Counter()
+    short = Candidate("Great tone.", -0.5, True)  # great tone . = 3 tokens
+    long = Candidate("The tone is warm and bright, like my old set.", -1.0, False)  # 12 tokens with , and .
+    rambling = Candidate(" ".join(["very"] * 30) + " good.", -2.0, False)  # 32 tokens, 20 count
+    assert [candidate_terms(c, {"tone"}, set(), generic, matcher)[-1] for c in (short, long, rambling)] == [3, 12, 20]
+    assert LENGTH_CAP == 20
+    plain = dict(weight_grounded=0, weight_ungrounded=0, weight_user=0, weight_generic=0)
+    assert choose([short, long], {"tone"}, set(), generic, GenerateConfig(**plain), matcher) is short
+    # -0.5 + 0.1 * 3 = -0.2 against -1.0 + 0.1 * 12 = 0.2: the longer reason wins
+    assert choose([short, long], {"tone"}, set(), generic, GenerateConfig(**plain, weight_length=0.1), matcher) is long
+    # -1.0 + 0.1 * 12 = 0.2 against -2.0 + 0.1 * 20 = 0.0: tokens past the cap earn nothing
+    assert choose([long, rambling], {"tone"}, set(), generic, GenerateConfig(**plain, weight_length=0.1),
+                  matcher) is long
+
+
 def test_candidates_do_not_depend_on_the_batch_and_start_with_the_greedy_text(tiny_run):
     from recreason.config import GenerateConfig
     from recreason.generation.generate import generate_candidates, generate_texts, merge_candidates

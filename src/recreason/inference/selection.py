@@ -8,6 +8,7 @@ For a candidate c of pair (user u, item i)::
              + weight_user        * [c names one of u's own features]
              - weight_generic     * log(1 + how often the run's greedy reason is c for other pairs)
              + weight_consensus   * expected ROUGE-L F1 of c against the pair's other draws
+             + weight_length      * tokens in c, up to LENGTH_CAP (20)
 
 The consensus term is minimum-Bayes-risk selection (Kumar & Byrne 2004; Freitag et al. 2022): the
 draws (greedy + samples, with their multiplicity) stand in for what the model believes a reason for
@@ -16,6 +17,12 @@ best against an unseen reference under the same similarity. It needs no referenc
 
 Features are counted as :class:`~recreason.text.FeatureMatcher` finds them, less entries made only of
 function words (``recreason.text.FUNCTION_WORDS``: "to", "on" are in the demo vocabulary by tagging error).
+
+The length term offsets what consensus does to length: the sentence that agrees most with the others
+tends to be a short one, and a reason much shorter than the references loses BLEU through its brevity
+penalty (and says less). Tokens are counted as the metrics count them
+(:func:`~recreason.text.tokenize`, punctuation included); those past ``LENGTH_CAP`` (the 20 the metrics read,
+as PETER's) earn nothing.
 
 The generic term uses a table of the run's own greedy reasons on validation records (what it says for
 "everyone"), so a sentence the run produces for many pairs loses to a specific one unless it is much
@@ -59,16 +66,19 @@ def consensus(candidates: Sequence[Candidate]) -> list[float]:
 
 
 WEIGHTS = ("weight_likelihood", "weight_grounded", "weight_ungrounded", "weight_user", "weight_generic",
-           "weight_consensus")
+           "weight_consensus", "weight_length")
+LENGTH_CAP = 20
 
 
 def candidate_terms(candidate: Candidate, item_features: set[str], user_features: set[str],
                     generic: collections.Counter, matcher: FeatureMatcher, agreement: float = 0.0) -> tuple[float, ...]:
     """The score's terms, signed, in the order of :data:`WEIGHTS`: they do not depend on the weights, so a
     caller scoring many weight settings computes them once per candidate."""
-    named = {f for f in matcher.find(tokenize(candidate.text)) if is_content_feature(f)}
+    tokens = tokenize(candidate.text)
+    named = {f for f in matcher.find(tokens) if is_content_feature(f)}
     return (candidate.logprob, min(2, len(named & item_features)), -len(named - item_features),
-            float(bool(named & user_features)), -math.log1p(generic.get(sentence_key(candidate.text), 0)), agreement)
+            float(bool(named & user_features)), -math.log1p(generic.get(sentence_key(candidate.text), 0)), agreement,
+            float(min(len(tokens), LENGTH_CAP)))
 
 
 def weighted(terms: Sequence[float], cfg: GenerateConfig) -> float:
