@@ -12,7 +12,9 @@
    ``objective`` and ``feasible``). The chosen setting (``best_within_bar``, what configs/full.yaml carries)
    is the best one whose generic and ungrounded rates are also at most half the demo run's with 95% confidence
    on the validation records (``within_bar``): the issue asks one configuration to meet that bar and beat
-   PETER. The best setting without the bar (``best``) is kept to show what the bar costs. Writes
+   PETER. With ``--later-runs FULL DEMO`` (runs trained on the temporal split) the chosen setting must also be
+   within the bar on that split's validation records (never its test). The best setting without the bar
+   (``best``) is kept to show what the bar costs. Writes
    benchmarks/results/quality/tuning.json (16 candidates, what full.yaml decodes; ``tuning-N.json`` for
    ``--candidates N``); both settings are scored below.
 2. Scores on every test record of the split: the zero-shot base model, the retrieval baseline and the demo run
@@ -197,9 +199,10 @@ def within_bar(trial: dict, bar: dict, n: int) -> bool:
 
 
 def grounding_first(trials: list[dict], bar: dict, n: int) -> dict | None:
-    """The best feasible setting among those within the issue's bar (:func:`within_bar`): what to run when a
+    """The best feasible setting among those within the issue's bar (:func:`within_bar`), and within the bar on
+    the second split's validation records too where one was given (``within_later_bar``): what to run when a
     reason must not name features the item's reviews never mention."""
-    within = [t for t in trials if t["feasible"] and within_bar(t, bar, n)]
+    within = [t for t in trials if t["feasible"] and within_bar(t, bar, n) and t.get("within_later_bar", True)]
     return max(within, key=lambda t: t["gain"]) if within else None
 
 
@@ -224,53 +227,84 @@ def tuning_file(candidates: int) -> Path:
     return OUT / ("tuning.json" if candidates == FULL_CANDIDATES else f"tuning-{candidates}.json")
 
 
-def tune(full_run: str, demo_run: str, gen, n_records: int | None) -> dict:
+class ValidationSet:
+    """One run's validation records after the first ``generate.generic_records`` (those measure the generic
+    table, so a record's own greedy reason never counts against it), with its candidates' selection terms and
+    the demo run's rates on the same records (the issue's bar: at most half of them)."""
+
+    def __init__(self, full_run: str, demo_run: str, gen, n_records: int | None = None):
+        from recreason.data.records import target_text
+        from recreason.inference import Predictor
+
+        predictor = Predictor(full_run, gen)
+        validation = predictor.dataset.subset(predictor.run.split_seed, "validation")
+        self.records = validation[gen.generic_records:]
+        if n_records:
+            self.records = self.records[-n_records:]
+        self.first_record = len(validation) - len(self.records)
+        refs = [target_text(r, "sentence") for r in self.records]
+        prompted, candidates, self.seconds = load_candidates(predictor, "validation", self.records, gen)
+        self.terms, self.texts = candidate_table(predictor, prompted, candidates, predictor.generic_table(gen))
+        self.scorer = _scorer(self.records, refs, predictor.dataset, bootstrap=0)
+        self.scorer.semantic = False
+        self.greedy = self.rates(self.scorer.score("greedy", [c[0].text for c in candidates]))
+        demo = Predictor(demo_run, replace(gen, candidates=1, batch_size=50)).explain_records(self.records)
+        self.demo = self.rates(self.scorer.score("demo", demo))
+        self.bar = {m: self.demo[m] / 2 for m in ("Generic", "Ungrounded")}
+        self.scored: dict = {}
+
+    @staticmethod
+    def rates(row: dict) -> dict:
+        return {m: row[m] for m in (*TARGETS, "Generic", "Ungrounded")}
+
+    def score(self, cfg) -> dict:
+        """The metrics of the selection ``cfg``'s weights make; each distinct selection is scored once (many
+        settings keep the same candidates)."""
+        chosen = selections(self.terms, self.texts, cfg)
+        if chosen not in self.scored:
+            self.scored[chosen] = self.rates(self.scorer.score("trial", [t[k] for t, k in zip(self.texts, chosen)]))
+        return self.scored[chosen]
+
+
+def tune(full_run: str, demo_run: str, gen, n_records: int | None, later: tuple[str, str] | None = None) -> dict:
     """Selection weights chosen on validation records, from one set of candidates scored offline: the best
-    :func:`objective` among :func:`feasible` settings. ``within_bar`` records whether a setting's generic and
-    ungrounded rates are at most half the demo run's on the same records (the issue's bar). The records are the
-    validation records after the first ``generate.generic_records`` (those measure the generic table, so a
-    record's own greedy reason never counts against it), the last ``n_records`` of them when given."""
-    from recreason.data.records import target_text
-    from recreason.inference import Predictor
-    predictor = Predictor(full_run, gen)
-    validation = predictor.dataset.subset(1, "validation")
-    records = validation[gen.generic_records:]
-    if n_records:
-        records = records[-n_records:]
-    refs = [target_text(r, "sentence") for r in records]
-    prompted, candidates, seconds = load_candidates(predictor, "validation", records, gen)
-    terms, texts = candidate_table(predictor, prompted, candidates, predictor.generic_table(gen))
-    scorer = _scorer(records, refs, predictor.dataset, bootstrap=0)
-    scorer.semantic = False
-    greedy = scorer.score("greedy", [c[0].text for c in candidates])
-    demo = scorer.score("demo", Predictor(demo_run, replace(gen, candidates=1, batch_size=50)).explain_records(records))
-    bar = {m: demo[m] / 2 for m in ("Generic", "Ungrounded")}
-    trials, scored = [], {}
+    :func:`objective` among :func:`feasible` settings (:class:`ValidationSet`: seed 1's validation records after
+    the first ``generate.generic_records``, the last ``n_records`` of them when given, of each split). ``within_bar`` records
+    whether a setting's generic and ungrounded rates are at most half the demo run's on the same records (the
+    issue's bar). ``later`` = (full run, demo run) trained on another split (the temporal one): the bar must
+    then hold on that split's validation records too (``within_later_bar``, checked for the settings within
+    the first bar), so that the choice does not rest on one split's records; its test records are never read."""
+    first = ValidationSet(full_run, demo_run, gen, n_records)
+    second = ValidationSet(*later, gen, n_records) if later else None
+    trials = []
     settings = list(itertools.product(*GRID.values()))
     start = time.time()
     for n, values in enumerate(settings):
-        chosen = selections(terms, texts, replace(gen, **dict(zip(GRID, values))))
-        if chosen not in scored:  # many settings keep the same candidates: score each selection once
-            row = scorer.score("trial", [t[k] for t, k in zip(texts, chosen)])
-            scored[chosen] = {m: row[m] for m in (*TARGETS, "Generic", "Ungrounded")}
-        row = scored[chosen]
-        trials.append({"weights": dict(zip(GRID, values)), "gain": objective(row, greedy),
-                       "feasible": feasible(row, greedy), **row})
-        trials[-1]["within_bar"] = within_bar(trials[-1], bar, len(records))
+        cfg = replace(gen, **dict(zip(GRID, values)))
+        row = first.score(cfg)
+        trials.append({"weights": dict(zip(GRID, values)), "gain": objective(row, first.greedy),
+                       "feasible": feasible(row, first.greedy), **row})
+        trials[-1]["within_bar"] = within_bar(trials[-1], first.bar, len(first.records))
+        if second and trials[-1]["feasible"] and trials[-1]["within_bar"]:
+            rates = second.score(cfg)
+            trials[-1]["later"] = {m: rates[m] for m in second.bar}
+            trials[-1]["within_later_bar"] = within_bar(rates, second.bar, len(second.records))
         if (n + 1) % 50 == 0:
-            print(f"  {n + 1}/{len(settings)} settings, {len(scored)} distinct selections, "
+            print(f"  {n + 1}/{len(settings)} settings, {len(first.scored)} distinct selections, "
                   f"{time.time() - start:.0f} s", flush=True)
     trials.sort(key=lambda t: (not t["feasible"], -t["gain"]))
-    result = {"split": "validation", "records": len(records), "first_record": len(validation) - len(records),
-              "candidates": gen.candidates, "grid": GRID, "distinct_selections": len(scored),
-              "best_within_bar": grounding_first(trials, bar, len(records)), "candidate_seconds": seconds,
-              "grid_seconds": time.time() - start,
-              "greedy": {m: greedy[m] for m in (*TARGETS, "Generic", "Ungrounded")},
-              "demo_run": {m: demo[m] for m in (*TARGETS, "Generic", "Ungrounded")}, "bar": bar,
+    result = {"split": "validation", "records": len(first.records), "first_record": first.first_record,
+              "candidates": gen.candidates, "grid": GRID, "distinct_selections": len(first.scored),
+              "best_within_bar": grounding_first(trials, first.bar, len(first.records)),
+              "candidate_seconds": first.seconds, "grid_seconds": time.time() - start,
+              "greedy": first.greedy, "demo_run": first.demo, "bar": first.bar,
+              **({"later": {"full_run": later[0], "demo_run": later[1], "records": len(second.records),
+                            "candidate_seconds": second.seconds, "greedy": second.greedy, "demo_run": second.demo,
+                            "bar": second.bar}} if second else {}),
               "best": trials[0], "trials": trials}
     OUT.mkdir(parents=True, exist_ok=True)
     write_tuning(tuning_file(gen.candidates), result)
-    print(f"tuned on {len(records)} validation records: best weights {trials[0]['weights']} "
+    print(f"tuned on {len(first.records)} validation records: best weights {trials[0]['weights']} "
           f"(ROUGE-L + BLEU-4 {trials[0]['gain']:+.2f} points over greedy)")
     return trials[0]["weights"]
 
@@ -373,6 +407,10 @@ def main() -> None:
     parser.add_argument("--tune-records", type=int, default=None,
                         help="tune on the last N validation records only (default: all after the first "
                              "generate.generic_records, which measure the generic table)")
+    parser.add_argument("--later-runs", nargs=2, metavar=("FULL_RUN", "DEMO_RUN"), default=None,
+                        help="with --tune: the full and demo runs trained on another split (runs/temporal/run "
+                             "runs/temporal/demo); the grounding bar must then hold on that split's validation "
+                             "records too (never its test records)")
     parser.add_argument("--candidates", type=int, default=FULL_CANDIDATES,
                         help=f"candidates per reason (default {FULL_CANDIDATES}, as configs/full.yaml)")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -386,6 +424,8 @@ def main() -> None:
                              "--split temporal`, seed1-1epoch for a shorter training on seed 1. PETER's row is "
                              "added when the full run is on seed 1's random split (PETER was measured there only)")
     args = parser.parse_args()
+    if args.later_runs and not args.tune:
+        parser.error("--later-runs adds a second split's validation records to --tune")
     if args.tune and (args.name not in ("seed1", f"seed1-{args.candidates}candidates") or args.tuning is not None):
         parser.error("--tune chooses weights on seed 1's validation split only (into tuning.json, or "
                      "tuning-N.json for --candidates N); other names and --tuning files check weights already chosen")
@@ -401,7 +441,7 @@ def main() -> None:
     greedy = GenerateConfig(batch_size=50)
     chosen = replace(greedy, candidates=args.candidates, batch_size=16)
     if args.tune:
-        tune(args.full_run, args.demo_run, chosen, args.tune_records)
+        tune(args.full_run, args.demo_run, chosen, args.tune_records, args.later_runs)
     tuning = json.loads(args.tuning.read_text())
     if tuning["candidates"] != args.candidates:
         parser.error(f"{args.tuning} holds weights tuned for {tuning['candidates']} candidates; "

@@ -29,6 +29,21 @@ def test_rate_upper_bound_is_the_one_sided_wilson_bound():
     assert math.isclose(quality.rate_upper_bound(0.1, 300), 0.13216, abs_tol=5e-5)
 
 
+def test_the_chosen_setting_is_the_best_feasible_one_within_every_bar_it_was_checked_against():
+    bar = {"Generic": 0.2, "Ungrounded": 0.3}
+
+    def trial(gain, generic, feasible=True, **later):
+        return {"gain": gain, "feasible": feasible, "Generic": generic, "Ungrounded": 0.1, **later}
+
+    # on 300 records a rate of 0.10 has an upper bound of 0.132 (< 0.2), 0.18 one of 0.22 (> 0.2)
+    trials = [trial(3.0, 0.10, feasible=False), trial(2.0, 0.18), trial(1.5, 0.10, within_later_bar=False),
+              trial(1.0, 0.10, within_later_bar=True), trial(0.5, 0.10)]
+    assert quality.grounding_first(trials, bar, 300) is trials[3]
+    # without a second split's check (no within_later_bar key) the first bar alone decides
+    assert quality.grounding_first([trials[0], trials[1], trials[4]], bar, 300) is trials[4]
+    assert quality.grounding_first([trials[0], trials[1]], bar, 300) is None
+
+
 def test_shipped_configs_carry_the_weights_the_tuning_chose():
     # full.yaml copies the setting benchmarks/quality.py --tune chose (the best within the grounding bar), and
     # the 8-candidate experiment the one tuned with 8; quality.py scores test with the recorded ones, so a
