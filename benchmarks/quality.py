@@ -217,9 +217,10 @@ def write_tuning(path: Path, result: dict) -> None:
 def selections(terms: list, texts: list, cfg) -> tuple[int, ...]:
     """Which candidate :func:`~recreason.inference.selection.choose` keeps for each record under ``cfg``'s
     weights, from terms computed once (:func:`~recreason.inference.selection.candidate_terms`)."""
-    from recreason.inference.selection import pick, weighted
+    from recreason.inference.selection import pick, weight_vector, weighted
 
-    return tuple(pick(t, [weighted(x, cfg) for x in rec]) for rec, t in zip(terms, texts))
+    weights = weight_vector(cfg)
+    return tuple(pick(t, [weighted(x, weights) for x in rec]) for rec, t in zip(terms, texts))
 
 
 def tuning_file(candidates: int) -> Path:

@@ -81,14 +81,20 @@ def candidate_terms(candidate: Candidate, item_features: set[str], user_features
             float(min(len(tokens), LENGTH_CAP)))
 
 
-def weighted(terms: Sequence[float], cfg: GenerateConfig) -> float:
-    return sum(getattr(cfg, w) * t for w, t in zip(WEIGHTS, terms))
+def weight_vector(cfg: GenerateConfig) -> tuple[float, ...]:
+    """``cfg``'s weights in the order of :data:`WEIGHTS` (read once per setting, not once per candidate)."""
+    return tuple(getattr(cfg, w) for w in WEIGHTS)
+
+
+def weighted(terms: Sequence[float], weights: Sequence[float]) -> float:
+    return sum(w * t for w, t in zip(weights, terms))
 
 
 def candidate_score(candidate: Candidate, item_features: set[str], user_features: set[str], generic: collections.Counter,
                     cfg: GenerateConfig, matcher: FeatureMatcher, agreement: float = 0.0) -> float:
     """The score above; ``agreement`` is the candidate's :func:`consensus` value."""
-    return weighted(candidate_terms(candidate, item_features, user_features, generic, matcher, agreement), cfg)
+    return weighted(candidate_terms(candidate, item_features, user_features, generic, matcher, agreement),
+                    weight_vector(cfg))
 
 
 def pick(texts: Sequence[str], scores: Sequence[float]) -> int:
