@@ -201,8 +201,10 @@ def within_bar(trial: dict, bar: dict, n: int) -> bool:
 def grounding_first(trials: list[dict], bar: dict, n: int) -> dict | None:
     """The best feasible setting among those within the issue's bar (:func:`within_bar`), and within the bar on
     the second split's validation records too where one was given (``within_later_bar``): what to run when a
-    reason must not name features the item's reviews never mention."""
-    within = [t for t in trials if t["feasible"] and within_bar(t, bar, n) and t.get("within_later_bar", True)]
+    reason must not name features the item's reviews never mention. A trial's recorded ``within_bar`` (measured
+    on its unrounded rates) stands where it has one."""
+    within = [t for t in trials if t["feasible"] and t.get("within_bar", within_bar(t, bar, n))
+              and t.get("within_later_bar", True)]
     return max(within, key=lambda t: t["gain"]) if within else None
 
 
@@ -267,46 +269,62 @@ class ValidationSet:
         return self.scored[chosen]
 
 
-def tune(full_run: str, demo_run: str, gen, n_records: int | None, later: tuple[str, str] | None = None) -> dict:
+def tune(full_run: str, demo_run: str, gen, n_records: int | None, later: tuple[str, str] | None = None,
+         recorded: dict | None = None) -> dict:
     """Selection weights chosen on validation records, from one set of candidates scored offline: the best
     :func:`objective` among :func:`feasible` settings (:class:`ValidationSet`: seed 1's validation records after
     the first ``generate.generic_records``, the last ``n_records`` of them when given, of each split). ``within_bar`` records
     whether a setting's generic and ungrounded rates are at most half the demo run's on the same records (the
     issue's bar). ``later`` = (full run, demo run) trained on another split (the temporal one): the bar must
     then hold on that split's validation records too (``within_later_bar``, checked for the settings within
-    the first bar), so that the choice does not rest on one split's records; its test records are never read."""
-    first = ValidationSet(full_run, demo_run, gen, n_records)
+    the first bar), so that the choice does not rest on one split's records; its test records are never read.
+    ``recorded``: a tuning record of this grid and candidate count whose trials stand for seed 1's side (what
+    they measured on its validation records), so that only the later split's candidates are decoded."""
     second = ValidationSet(*later, gen, n_records) if later else None
-    trials = []
-    settings = list(itertools.product(*GRID.values()))
-    start = time.time()
-    for n, values in enumerate(settings):
-        cfg = replace(gen, **dict(zip(GRID, values)))
-        row = first.score(cfg)
-        trials.append({"weights": dict(zip(GRID, values)), "gain": objective(row, first.greedy),
-                       "feasible": feasible(row, first.greedy), **row})
-        trials[-1]["within_bar"] = within_bar(trials[-1], first.bar, len(first.records))
-        if second and trials[-1]["feasible"] and trials[-1]["within_bar"]:
-            rates = second.score(cfg)
-            trials[-1]["later"] = {m: rates[m] for m in second.bar}
-            trials[-1]["within_later_bar"] = within_bar(rates, second.bar, len(second.records))
-        if (n + 1) % 50 == 0:
-            print(f"  {n + 1}/{len(settings)} settings, {len(first.scored)} distinct selections, "
-                  f"{time.time() - start:.0f} s", flush=True)
+    if recorded is None:
+        first = ValidationSet(full_run, demo_run, gen, n_records)
+        trials = []
+        settings = list(itertools.product(*GRID.values()))
+        start = time.time()
+        for n, values in enumerate(settings):
+            row = first.score(replace(gen, **dict(zip(GRID, values))))
+            trials.append({"weights": dict(zip(GRID, values)), "gain": objective(row, first.greedy),
+                           "feasible": feasible(row, first.greedy), **row})
+            trials[-1]["within_bar"] = within_bar(trials[-1], first.bar, len(first.records))
+            if (n + 1) % 50 == 0:
+                print(f"  {n + 1}/{len(settings)} settings, {len(first.scored)} distinct selections, "
+                      f"{time.time() - start:.0f} s", flush=True)
+        head = {"split": "validation", "records": len(first.records), "first_record": first.first_record,
+                "candidates": gen.candidates, "grid": GRID, "distinct_selections": len(first.scored),
+                "candidate_seconds": first.seconds, "grid_seconds": time.time() - start,
+                "greedy": first.greedy, "demo_run": first.demo, "bar": first.bar}
+    else:
+        if recorded["grid"] != GRID or recorded["candidates"] != gen.candidates:
+            raise SystemExit("the recorded tuning was made for another grid or candidate count: tune seed 1 again")
+        head = {k: recorded[k] for k in ("split", "records", "first_record", "candidates", "grid",
+                                         "distinct_selections", "candidate_seconds", "grid_seconds", "greedy",
+                                         "demo_run", "bar")}
+        keep = ("weights", "gain", "feasible", *head["greedy"], "within_bar")
+        trials = [{k: t[k] for k in keep} for t in recorded["trials"]]
+    if second:
+        start = time.time()
+        for t in trials:
+            if t["feasible"] and t["within_bar"]:
+                rates = second.score(replace(gen, **t["weights"]))
+                t["later"] = {m: rates[m] for m in second.bar}
+                t["within_later_bar"] = within_bar(rates, second.bar, len(second.records))
+        head["later"] = {"full_run": later[0], "demo_run": later[1], "records": len(second.records),
+                         "first_record": second.first_record, "candidate_seconds": second.seconds,
+                         "grid_seconds": time.time() - start, "greedy": second.greedy, "demo_run": second.demo,
+                         "bar": second.bar, "seed1_trials": "as recorded before" if recorded else "measured here"}
     trials.sort(key=lambda t: (not t["feasible"], -t["gain"]))
-    result = {"split": "validation", "records": len(first.records), "first_record": first.first_record,
-              "candidates": gen.candidates, "grid": GRID, "distinct_selections": len(first.scored),
-              "best_within_bar": grounding_first(trials, first.bar, len(first.records)),
-              "candidate_seconds": first.seconds, "grid_seconds": time.time() - start,
-              "greedy": first.greedy, "demo_run": first.demo, "bar": first.bar,
-              **({"later": {"full_run": later[0], "demo_run": later[1], "records": len(second.records),
-                            "candidate_seconds": second.seconds, "greedy": second.greedy, "demo_run": second.demo,
-                            "bar": second.bar}} if second else {}),
+    result = {**head, "best_within_bar": grounding_first(trials, head["bar"], head["records"]),
               "best": trials[0], "trials": trials}
     OUT.mkdir(parents=True, exist_ok=True)
     write_tuning(tuning_file(gen.candidates), result)
-    print(f"tuned on {len(first.records)} validation records: best weights {trials[0]['weights']} "
-          f"(ROUGE-L + BLEU-4 {trials[0]['gain']:+.2f} points over greedy)")
+    print(f"tuned on {head['records']} validation records: best weights {trials[0]['weights']} "
+          f"(ROUGE-L + BLEU-4 {trials[0]['gain']:+.2f} points over greedy); within the bar"
+          + (" on both splits" if second else "") + f": {(result['best_within_bar'] or {}).get('weights')}")
     return trials[0]["weights"]
 
 
@@ -412,6 +430,11 @@ def main() -> None:
                         help="with --tune: the full and demo runs trained on another split (runs/temporal/run "
                              "runs/temporal/demo); the grounding bar must then hold on that split's validation "
                              "records too (never its test records)")
+    parser.add_argument("--recorded-first", action="store_true",
+                        help="with --tune --later-runs: seed 1's side is the trials the tuning file already records "
+                             "(same grid and candidate count), so only the later split's validation candidates "
+                             "are decoded")
+    parser.add_argument("--tune-only", action="store_true", help="stop after --tune (score no test records)")
     parser.add_argument("--candidates", type=int, default=FULL_CANDIDATES,
                         help=f"candidates per reason (default {FULL_CANDIDATES}, as configs/full.yaml)")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -427,6 +450,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.later_runs and not args.tune:
         parser.error("--later-runs adds a second split's validation records to --tune")
+    if args.recorded_first and not args.later_runs:
+        parser.error("--recorded-first reuses seed 1's recorded trials beside --later-runs")
+    if args.tune_only and not args.tune:
+        parser.error("--tune-only stops after --tune")
     if args.tune and (args.name not in ("seed1", f"seed1-{args.candidates}candidates") or args.tuning is not None):
         parser.error("--tune chooses weights on seed 1's validation split only (into tuning.json, or "
                      "tuning-N.json for --candidates N); other names and --tuning files check weights already chosen")
@@ -435,14 +462,16 @@ def main() -> None:
     from recreason.config import GenerateConfig
     from recreason.rundir import Run
 
-    full_run = Run(args.full_run)
-    split_method = full_run.dataset().stats["settings"].get("split", "random")
-    with_peter = full_run.split_seed == 1 and split_method == "random"
-
     greedy = GenerateConfig(batch_size=50)
     chosen = replace(greedy, candidates=args.candidates, batch_size=16)
     if args.tune:
-        tune(args.full_run, args.demo_run, chosen, args.tune_records, args.later_runs)
+        recorded = json.loads(args.tuning.read_text()) if args.recorded_first else None
+        tune(args.full_run, args.demo_run, chosen, args.tune_records, args.later_runs, recorded)
+        if args.tune_only:
+            return
+    full_run = Run(args.full_run)
+    split_method = full_run.dataset().stats["settings"].get("split", "random")
+    with_peter = full_run.split_seed == 1 and split_method == "random"
     tuning = json.loads(args.tuning.read_text())
     if tuning["candidates"] != args.candidates:
         parser.error(f"{args.tuning} holds weights tuned for {tuning['candidates']} candidates; "

@@ -140,3 +140,53 @@ def test_merged_draws_are_one_decode_of_all_of_them():
     merged = merge_candidates(first, more)
     assert [(c.text, c.greedy, c.count) for c in merged] == [("a", True, 4), ("b", False, 2), ("c", False, 1)]
     assert first[0].count == 1  # the inputs are left as they were
+
+
+def test_tuning_on_recorded_seed1_trials_checks_only_the_later_split(tmp_path, monkeypatch):
+    """--recorded-first: seed 1's side is the recorded trials as they are; the later split's validation records
+    are scored only for settings within seed 1's bar, and the choice must be within both bars."""
+    from recreason.config import GenerateConfig
+
+    def weights(consensus):
+        return {**{k: v[0] for k, v in quality.GRID.items()}, "weight_consensus": consensus}
+
+    rates = {"BLEU-1": 15.0, "BLEU-4": 1.0, "ROUGE-L": 16.0, "USR": 0.8, "FMR": 0.1, "FCR": 0.1,
+             "Generic": 0.05, "Ungrounded": 0.1}
+    recorded = {"split": "validation", "records": 633, "first_record": 200, "candidates": 16, "grid": quality.GRID,
+                "distinct_selections": 3, "candidate_seconds": 1.0, "grid_seconds": 1.0, "greedy": rates,
+                "demo_run": rates, "bar": {"Generic": 0.2, "Ungrounded": 0.3},
+                "trials": [{"weights": weights(c), "gain": gain, "feasible": True, **rates, "within_bar": within,
+                            "later": {"stale": 1}}
+                           for c, gain, within in ((8.0, 3.0, False), (16.0, 2.0, True), (32.0, 1.0, True))]}
+    later_generic = {8.0: 0.0, 16.0: 0.19, 32.0: 0.02}  # the later split's generic rate per consensus weight
+    scored = []
+
+    class Later:  # stands in for the temporal split's ValidationSet: 800 records, bar 0.1 / 0.3
+        records = [None] * 800
+        first_record, seconds, greedy, demo = 200, 5.0, rates, rates
+        bar = {"Generic": 0.1, "Ungrounded": 0.3}
+
+        def __init__(self, *args):
+            pass
+
+        def score(self, cfg):
+            scored.append(cfg.weight_consensus)
+            return {**rates, "Generic": later_generic[cfg.weight_consensus]}
+
+    monkeypatch.setattr(quality, "ValidationSet", Later)
+    monkeypatch.setattr(quality, "OUT", tmp_path)
+    quality.tune("unused", "unused", GenerateConfig(candidates=16), None, ("later-run", "later-demo"), recorded)
+    result = json.loads((tmp_path / "tuning.json").read_text())
+    assert sorted(scored) == [16.0, 32.0]  # the setting outside seed 1's bar is never scored on the later split
+    # 0.19 on 800 records is over the later bar of 0.1; 0.02 (upper bound 0.029) is under it
+    assert result["best_within_bar"]["weights"]["weight_consensus"] == 32.0
+    assert [t.get("within_later_bar") for t in result["trials"]] == [None, False, True]
+    assert "stale" not in json.dumps(result["trials"])  # an earlier later-split check is not carried over
+    assert result["later"]["bar"] == Later.bar and result["bar"] == recorded["bar"]
+    recorded["candidates"] = 8
+    try:
+        quality.tune("unused", "unused", GenerateConfig(candidates=16), None, ("a", "b"), recorded)
+    except SystemExit as exc:
+        assert "another grid or candidate count" in str(exc)
+    else:
+        raise AssertionError("a tuning record for 8 candidates was used for 16")

@@ -161,6 +161,37 @@ def test_candidates_do_not_depend_on_the_batch_and_start_with_the_greedy_text(ti
     assert not any(c.greedy for cands in later for c in cands)
 
 
+def test_one_prefill_per_prompt_gives_the_candidates_of_a_prefill_per_draw(tiny_run):
+    """The shared prefill runs the prompt through the model once for all of its draws (not once per draw) and
+    decodes the same candidates, with the same likelihoods, as recomputing the prompt for every draw."""
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import generate_candidates
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=6, precision="fp32"))
+    records = predictor.dataset.subset(1, "test")[:5]
+    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    cfg = GenerateConfig(max_new_tokens=6, precision="fp32", candidates=4, batch_size=3)
+    rows_seen: list[tuple[int, int]] = []
+    embed = predictor.model.lm.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
+    try:
+        shared = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False)
+        prompt_passes = [shape for shape in rows_seen if shape[1] > 1]
+        rows_seen.clear()
+        each = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False,
+                                   shared_prefill=False)
+        baseline_passes = [shape for shape in rows_seen if shape[1] > 1]
+    finally:
+        hook.remove()
+    assert [rows for rows, _ in prompt_passes] == [3, 2]  # two batches of prompts, each prompt once
+    assert [rows for rows, _ in baseline_passes] == [12, 8]  # the same batches, each prompt four times
+    assert [[(c.text, c.greedy, c.count) for c in cands] for cands in shared] == \
+        [[(c.text, c.greedy, c.count) for c in cands] for cands in each]
+    assert [c.logprob for cands in shared for c in cands] == \
+        pytest.approx([c.logprob for cands in each for c in cands], abs=1e-4)
+
+
 def test_candidate_selection_runs_in_every_path(tiny_run, tmp_path):
     """With generate.candidates > 1 the Predictor chooses among candidates; the choice is one of them."""
     from recreason.config import GenerateConfig

@@ -170,3 +170,25 @@ def test_recommend_and_evaluate_a_run_with_heads(prepared_dir, tiny_model_dir, t
     for key in ("RMSE", "MAE", "HR@10", "NDCG@10", "InterestF1", "SentAgree", "BLEU-4", "Ungrounded", "Filtered"):
         assert key in row
     assert report["results"]["matrix factorization"]["RMSE"] > 0
+
+
+def test_candidates_of_a_soft_prompt_model_keep_one_prefill_per_draw(tiny_lm, tokenizer_dir):
+    """User/item vectors enter as embeddings, which the shared prefill does not take: such a model decodes its
+    candidates as before (each draw runs the whole prompt) and its greedy draw is its greedy decoding."""
+    from transformers import AutoTokenizer
+
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import _shared_prefill_lm, generate_candidates, generate_texts
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = RecReasonModel(tiny_lm, ["u1", "u2"], ["i1", "i2"], prompt_mode="hybrid")
+    u, i = model.ids(["u1"], ["i2"])
+    assert _shared_prefill_lm(model, {"user_idx": u, "item_idx": i}) is None
+    assert _shared_prefill_lm(RecReasonModel(tiny_lm), {}) is tiny_lm
+    prompts, users, items = ["strings with a bright tone", "a cable"], ["u1", "u2"], ["i2", "i1"]
+    cfg = GenerateConfig(max_new_tokens=5, precision="fp32", candidates=3, batch_size=2)
+    cands = generate_candidates(model, tok, prompts, cfg, progress=False, users=users, items=items)
+    greedy = generate_texts(model, tok, prompts, GenerateConfig(max_new_tokens=5), progress=False,
+                            users=users, items=items)
+    assert [c[0].text for c in cands] == greedy
+    assert [sum(c.count for c in row) for row in cands] == [3, 3]

@@ -131,6 +131,34 @@ class SeededSampler:
         return out
 
 
+def _shared_prefill_lm(model, extra: dict):
+    """The causal LM whose KV cache one prefill per prompt can fill for all of the prompt's draws, or None where
+    the prompt does not enter as plain token ids: learned user/item vectors go in as embeddings, and peft's
+    prefix and prompt tuning build a cache of their own."""
+    if hasattr(model, "user_index"):
+        if not model.pass_position_ids or (model.soft and "user_idx" in extra):
+            return None
+        model = model.lm
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return None
+    return model
+
+
+def prefill(lm, batch: dict, n: int):
+    """The KV cache of every prompt token but the last, computed once per prompt and repeated for its ``n``
+    draws. ``generate`` then starts from it and runs only the last prompt token before decoding. Without it
+    every draw recomputed the whole prompt: with 16 draws of a 150-token prompt that was most of the work
+    (``benchmarks/generation_speed.py --candidates 16``). Positions follow the left padding as ``generate``
+    numbers them, so the draws see the same positions as a prefill of each copy would give."""
+    mask = batch["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = lm(input_ids=batch["input_ids"][:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+             use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
 def prompt_seed(seed: int, prompt: str, sample: int) -> int:
     return zlib.crc32(f"{seed}\x00{sample}\x00{prompt}".encode())
 
@@ -139,6 +167,7 @@ def prompt_seed(seed: int, prompt: str, sample: int) -> int:
 def generate_candidates(
     model, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, progress: bool = True, desc: str = "generating",
     users: Sequence[str] | None = None, items: Sequence[str] | None = None, draws: Sequence[int] | None = None,
+    shared_prefill: bool = True,
 ) -> list[list[Candidate]]:
     """``cfg.candidates`` candidates per prompt: the greedy text first, then ``cfg.candidates - 1`` samples
     (``cfg.sample_temperature``, ``cfg.sample_top_p``), each with its mean token log-likelihood under the
@@ -146,7 +175,9 @@ def generate_candidates(
     ``cfg.seed``, the prompt and the sample number, so a prompt gets the same candidates in any batch.
     Identical texts are kept once, with ``count`` saying how many draws produced them. ``draws`` picks
     which draws to make (0 = greedy, j = sample j; default ``range(cfg.candidates)``): draws 8-15 merged
-    (:func:`merge_candidates`) into draws 0-7 are the 16 candidates of one decode, at half its cost."""
+    (:func:`merge_candidates`) into draws 0-7 are the 16 candidates of one decode, at half its cost.
+    ``shared_prefill`` (default) computes each prompt's KV cache once for all of its draws (:func:`prefill`);
+    False recomputes it per draw, the baseline ``benchmarks/candidate_speed.py`` measures it against."""
     from transformers import LogitsProcessorList
 
     draws = list(range(max(1, cfg.candidates))) if draws is None else list(draws)
@@ -156,6 +187,9 @@ def generate_candidates(
         seeds = [None if j == 0 else prompt_seed(cfg.seed, prompts[i], j) for i in idx for j in draws]
         expanded = {k: v.repeat_interleave(n, 0) for k, v in batch.items()}
         ids = {k: v.repeat_interleave(n, 0) for k, v in extra.items()}
+        lm = _shared_prefill_lm(model, extra) if shared_prefill and n > 1 and batch["input_ids"].shape[1] > 1 else None
+        if lm is not None:  # the prompt's cache is computed once and copied to each of its draws
+            ids["cache"] = prefill(lm, batch, n)
         result = _generate(model, expanded, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                            return_dict_in_generate=True, output_logits=True,
