@@ -208,3 +208,25 @@ def test_candidate_selection_runs_in_every_path(tiny_run, tmp_path):
     assert all(text in [c.text for c in cands] for text, cands in zip(chosen, options))
     table = json.loads((tiny_run[0] / "generated" / "generic-table.json").read_text())
     assert 0 < sum(table["counts"].values()) <= 8  # greedy reasons of 8 validation records (blank ones left out)
+
+
+def test_nucleus_from_the_top_k_tokens_is_the_nucleus_of_a_full_sort():
+    import torch
+
+    from recreason.generation.generate import nucleus_drop
+
+    # hand-worked: probabilities 0.5, 0.3, 0.15, 0.05; top_p 0.75 keeps 0.5 and 0.3 (mass before 0.3 is 0.5 <=
+    # 0.75) and 0.15 (mass before it 0.8 > 0.75 is dropped): kept {0, 1}
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    assert nucleus_drop(logits, 0.75).tolist() == [[False, False, True, True], [True, True, False, False]]
+    assert nucleus_drop(logits, 0.85, k=2).tolist() == [[False, False, False, True], [True, False, False, False]]
+
+    def by_sort(x, top_p):
+        probs, order = torch.softmax(x, -1).sort(-1, descending=True)
+        return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs > top_p)
+
+    torch.manual_seed(0)
+    for scale in (0.5, 3.0, 10.0):  # flat rows overrun k and fall back to the sort; bf16 scores tie often
+        x = (torch.randn(32, 3000) * scale).to(torch.bfloat16).float()
+        for top_p in (0.5, 0.95):
+            assert torch.equal(nucleus_drop(x, top_p, k=32), by_sort(x, top_p))
