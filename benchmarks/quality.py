@@ -435,6 +435,10 @@ def main() -> None:
                              "(same grid and candidate count), so only the later split's validation candidates "
                              "are decoded")
     parser.add_argument("--tune-only", action="store_true", help="stop after --tune (score no test records)")
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="also score the setting this tuning file chose (its best_within_bar) from the same "
+                             "test candidates, as 'previous full.yaml' (tuning-session9.json: the weights "
+                             "chosen on seed 1's validation records alone)")
     parser.add_argument("--candidates", type=int, default=FULL_CANDIDATES,
                         help=f"candidates per reason (default {FULL_CANDIDATES}, as configs/full.yaml)")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -480,6 +484,7 @@ def main() -> None:
     # there); the best without that constraint is scored beside it, to show what the bar costs
     weights = (tuning["best_within_bar"] or tuning["best"])["weights"]
     unbarred = tuning["best"]["weights"]
+    previous = json.loads(args.previous.read_text())["best_within_bar"]["weights"] if args.previous else None
     chosen = replace(chosen, **weights)
     rows, intervals, seconds = evaluate([
         ("make demo run", args.demo_run, greedy, ["zero-shot", "retrieval", "fine-tuned"]),
@@ -488,6 +493,7 @@ def main() -> None:
         "full run, greedy": None,
         "full run, chosen among candidates": weights,
         **({"full run, chosen without the grounding bar": unbarred} if unbarred != weights else {}),
+        **({"previous full.yaml": previous} if previous and previous != weights else {}),
     }, args.bootstrap)
     rows.update(full_rows)
     intervals.update(full_intervals)
