@@ -439,6 +439,10 @@ def main() -> None:
                         help="also score the setting this tuning file chose (its best_within_bar) from the same "
                              "test candidates, as 'previous full.yaml' (tuning-session9.json: the weights "
                              "chosen on seed 1's validation records alone)")
+    parser.add_argument("--baseline-rows", type=Path, default=None,
+                        help="take the zero-shot, retrieval and demo-run rows from this earlier results file of the "
+                             "same split instead of evaluating the demo run again (training and greedy decoding "
+                             "reproduce to every digit: seed1-session9.json holds seed 1's); recorded in the JSON")
     parser.add_argument("--candidates", type=int, default=FULL_CANDIDATES,
                         help=f"candidates per reason (default {FULL_CANDIDATES}, as configs/full.yaml)")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -487,9 +491,16 @@ def main() -> None:
     unbarred = tuning["best"]["weights"]
     previous = json.loads(args.previous.read_text())["best_within_bar"]["weights"] if args.previous else None
     chosen = replace(chosen, **weights)
-    rows, intervals, seconds = evaluate([
-        ("make demo run", args.demo_run, greedy, ["zero-shot", "retrieval", "fine-tuned"]),
-    ], args.bootstrap)
+    if args.baseline_rows:
+        earlier = json.loads(args.baseline_rows.read_text())
+        names = ("zero-shot", "retrieval", "make demo run")
+        rows = {n: earlier["systems"][n] for n in names}
+        intervals = {n: earlier["intervals"][n] for n in names}
+        seconds = {"make demo run": f"not run: rows from {args.baseline_rows.name}"}
+    else:
+        rows, intervals, seconds = evaluate([
+            ("make demo run", args.demo_run, greedy, ["zero-shot", "retrieval", "fine-tuned"]),
+        ], args.bootstrap)
     full_rows, full_intervals, full_seconds = score_candidates(args.full_run, chosen, {
         "full run, greedy": None,
         "full run, chosen among candidates": weights,
@@ -504,6 +515,7 @@ def main() -> None:
     best = "full run, chosen among candidates"
     summary = json.loads((Path(args.full_run) / "summary.json").read_text())
     result = {"split_seed": full_run.split_seed, "split_method": split_method, "split": "test",
+              **({"baseline_rows_from": args.baseline_rows.name} if args.baseline_rows else {}),
               "systems": rows, "intervals": intervals,
               "generation": {"greedy": asdict(greedy), "chosen": asdict(chosen), "without the grounding bar": unbarred},
               "against_peter": {name: against_peter(rows, intervals, name) for name in rows if name != "PETER"
