@@ -49,7 +49,8 @@ demo: install
 	echo "demo finished in $$(( $$(date +%s) - start )) s; dataset: $(OUT)/data, run: $(OUT)/run, report: $(OUT)/run/eval/test.md"
 
 # The best configuration (configs/full.yaml on top of demo.yaml): evidence in the prompt, training to early
-# stopping (two epochs), reasons chosen among candidates, evaluated on the whole test split. About 2 1/4 hours on 2 CPU cores.
+# stopping (two epochs), reasons chosen among candidates, evaluated on the whole test split. About 1 1/4 hours on 2 CPU
+# cores: training 45-60 minutes, 16 candidates for each of 833 test reasons about 16 minutes (README "Reason quality").
 full: install
 	@start=$$(date +%s); \
 	if [ ! -f $(FULL)/data/stats.json ]; then $(RECREASON) prepare $(DATA) --out $(FULL)/data --config $(CONFIG); fi && \
@@ -58,8 +59,8 @@ full: install
 	echo "full run finished in $$(( $$(date +%s) - start )) s; report: $(FULL)/run/eval/test.md"
 
 # Later reviews: the demo and the full configuration trained on a split by time (test = the latest reviews),
-# scored with the selection weights tuned on seed 1's random split (README "Reason quality"). About 2 hours
-# alone on 2 cores (measured step by step).
+# scored with the selection weights in benchmarks/results/quality/tuning.json (README "Reason quality"). About
+# 1 1/4 hours alone on 2 cores (measured step by step in session 10).
 TEMPORAL ?= runs/temporal
 temporal: install
 	@start=$$(date +%s); \
