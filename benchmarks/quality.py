@@ -50,6 +50,15 @@ the 8-candidate weights): the weights tuned above are applied unchanged (no tuni
 row: PETER was measured on seed 1 only).
 
     python benchmarks/quality.py --demo-run runs/temporal/demo --full-run runs/temporal/run --name temporal1
+
+Since session 10 the weights full.yaml carries are chosen with the bar on both splits' validation records, seed
+1's side read from the trials tuning.json already records (no need to decode seed 1's candidates again):
+
+    python benchmarks/quality.py --tune --recorded-first --later-runs runs/temporal/run runs/temporal/demo --tune-only
+
+``--previous FILE`` adds the setting another tuning file chose as a row scored from the same test candidates
+(``tuning-session9.json``: seed 1's bar alone); ``--baseline-rows FILE`` takes the zero-shot, retrieval and demo
+rows from an earlier results file of the same split instead of evaluating the demo run again.
 """
 
 from __future__ import annotations
