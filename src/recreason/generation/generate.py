@@ -116,10 +116,10 @@ def nucleus_drop(logits: torch.Tensor, top_p: float, k: int = 1024) -> torch.Ten
     exactly the sort's."""
     probs = torch.softmax(logits, -1)
     top = probs.topk(min(k, probs.shape[-1]), -1).values  # descending
-    kept = (top.cumsum(-1) - top <= top_p).sum(-1)  # tokens in each row's nucleus, when it ends inside top
-    last = top.gather(-1, (kept - 1).unsqueeze(-1))
-    settled = kept < top.shape[-1]
-    settled &= last.squeeze(-1) != top.gather(-1, kept.clamp(max=top.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    kept = (top.cumsum(-1) - top <= top_p).sum(-1, keepdim=True)  # tokens in each row's nucleus, if it ends in top
+    last = top.gather(-1, kept - 1)  # the least probable kept token
+    first_out = top.gather(-1, kept.clamp(max=top.shape[-1] - 1))  # the most probable one left out
+    settled = ((kept < top.shape[-1]) & (last != first_out)).squeeze(-1)
     drop = probs < last
     unsettled = (~settled).nonzero().squeeze(-1)
     if len(unsettled):
@@ -179,7 +179,7 @@ def prefill(lm, batch: dict, n: int):
     """The KV cache of every prompt token but the last, computed once per prompt and repeated for its ``n``
     draws. ``generate`` then starts from it and runs only the last prompt token before decoding. Without it
     every draw recomputed the whole prompt: with 16 draws of a 150-token prompt that was most of the work
-    (``benchmarks/generation_speed.py --candidates 16``). Positions follow the left padding as ``generate``
+    (``benchmarks/candidate_speed.py``). Positions follow the left padding as ``generate``
     numbers them, so the draws see the same positions as a prefill of each copy would give."""
     mask = batch["attention_mask"]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
