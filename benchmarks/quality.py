@@ -80,10 +80,12 @@ COLUMNS = ("BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "SemSim", "USR",
            "Generic", "UserFeat", "Ungrounded")
 # weight_length joined in session 9; grounded 2, ungrounded 6 and consensus 2 and 128 left the grid then (none
 # of them was in a best setting of the 2,016-setting grid before, with 8 or 16 candidates: that grid's
-# tuning.json and tuning-16.json are in git history, commit d331f0e)
+# tuning.json and tuning-16.json are in git history, commit d331f0e). weight_consensus_bleu joined in session 11 (MBR with BLEU as
+# its utility, beside ROUGE-L's), a fifth dimension the SelectionScorer made affordable: 24,300 settings
 GRID = {"weight_likelihood": [0.0, 1.0], "weight_grounded": [0.0, 0.5, 1.0], "weight_user": [0.0, 0.5, 1.0],
         "weight_generic": [0.0, 0.5, 1.0], "weight_ungrounded": [0.0, 1.0, 3.0],
-        "weight_consensus": [0.0, 8.0, 16.0, 32.0, 64.0], "weight_length": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]}
+        "weight_consensus": [0.0, 8.0, 16.0, 32.0, 64.0], "weight_consensus_bleu": [0.0, 4.0, 8.0, 16.0, 32.0],
+        "weight_length": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]}
 
 
 def _scorer(records, references, dataset, bootstrap):
@@ -186,11 +188,66 @@ def load_candidates(predictor, split: str, records, gen) -> tuple[list, list, fl
 def candidate_table(predictor, prompted, candidates, generic) -> tuple[list, list]:
     """(terms, texts) of every candidate, computed once: :func:`selections` turns them into the choice of any
     weight setting."""
-    from recreason.inference.selection import candidate_terms, consensus
+    from recreason.inference.selection import agreements, candidate_terms
 
     terms = [[candidate_terms(c, set(p.known_features), p.user_features, generic, predictor.matcher, a)
-              for c, a in zip(cands, consensus(cands))] for p, cands in zip(prompted, candidates)]
+              for c, a in zip(cands, agreements(cands))] for p, cands in zip(prompted, candidates)]
     return terms, [[c.text for c in cands] for cands in candidates]
+
+
+class SelectionScorer:
+    """The tuning's metrics (:data:`TARGETS`, Generic, Ungrounded) of any choice of one candidate per record,
+    from per-candidate figures computed once: BLEU's clipped n-gram counts and lengths (corpus BLEU sums them),
+    each candidate's ROUGE-L, features named and flags; only USR, FCR and the generic rate, which depend on
+    the whole selection, are counted per choice. The same numbers :class:`TextScorer` gives the chosen texts
+    (tests/test_benchmarks.py), about a hundred times faster, so a grid of tens of thousands of weight settings
+    scores in minutes on 2 cores."""
+
+    def __init__(self, scorer, texts: list[list[str]]):
+        import numpy as np
+
+        from recreason.evaluation import metrics as M
+        from recreason.evaluation.evaluate import check_rates
+        from recreason.inference.safety import ReasonChecker
+        from recreason.text import tokenize
+
+        self.np, self.M, self.scorer = np, M, scorer
+        checker = ReasonChecker(scorer.vocabulary)
+        width = max(len(t) for t in texts)
+        n = len(texts)
+        self.stats = np.zeros((n, width, 10))
+        self.rouge = np.zeros((n, width))
+        self.match = np.zeros((n, width))
+        self.ungrounded = np.zeros((n, width))
+        self.hyps: list[list[tuple]] = []
+        self.found: list[list[frozenset]] = []
+        for r, (ref, truth, record, cands) in enumerate(zip(scorer.refs, scorer.truth, scorer.records, texts)):
+            hyps = [tuple(tokenize(t)[:scorer.max_len]) for t in cands]
+            found = [frozenset(scorer.matcher.find(h)) for h in hyps]
+            for c, (text, hyp) in enumerate(zip(cands, hyps)):
+                self.stats[r, c] = M.bleu_stats(ref, hyp, 4)
+                self.rouge[r, c] = M.rouge_l_scores([ref], [hyp])[0]
+                self.match[r, c] = truth in found[c]
+                self.ungrounded[r, c] = check_rates([text], [record], scorer.item_features, scorer.vocabulary,
+                                                    checker)["Ungrounded"]
+            self.hyps.append(hyps)
+            self.found.append(found)
+        self.rows = np.arange(n)
+        self.features = len(scorer.matcher.features)
+
+    def score(self, chosen: tuple[int, ...]) -> dict:
+        pick = (self.rows, self.np.asarray(chosen))
+        totals = self.stats[pick].sum(0).tolist()
+        hyps = [h[k] for h, k in zip(self.hyps, chosen)]
+        n = len(chosen)
+        return {"BLEU-1": self.M.bleu_from_stats([totals[0], totals[4], totals[8], totals[9]], 1),
+                "BLEU-4": self.M.bleu_from_stats(totals, 4),
+                "ROUGE-L": float(self.rouge[pick].sum()) / n,
+                "USR": self.M.unique_sentence_ratio(hyps),
+                "FMR": float(self.match[pick].sum()) / n,
+                "FCR": len(frozenset().union(*(f[k] for f, k in zip(self.found, chosen)))) / self.features,
+                "Generic": self.M.generic_rate(hyps),
+                "Ungrounded": float(self.ungrounded[pick].sum()) / n}
 
 
 def rate_upper_bound(rate: float, n: int, z: float = 1.645) -> float:
@@ -225,13 +282,39 @@ def write_tuning(path: Path, result: dict) -> None:
     path.write_text(head.replace('"TRIALS"', trials) + "\n")
 
 
+class CandidateTerms:
+    """Every record's candidate terms (:func:`~recreason.inference.selection.candidate_terms`) in one array,
+    so that a weight setting's choice for all records is a few array operations: the weighted sum is taken
+    term by term, left to right, as :func:`~recreason.inference.selection.weighted` takes it (the same
+    floating-point result, so near ties break the same way), and the first best usable candidate wins, as in
+    :func:`~recreason.inference.selection.pick`."""
+
+    def __init__(self, terms: list, texts: list):
+        import numpy as np
+
+        self.np = np
+        width = max(len(t) for t in texts)
+        self.terms = np.zeros((len(terms), width, len(terms[0][0])))
+        self.blocked = np.ones((len(terms), width), dtype=bool)  # padding, and empty texts where others exist
+        for r, (rec, t) in enumerate(zip(terms, texts)):
+            self.terms[r, :len(rec)] = rec
+            usable = [bool(x.strip()) for x in t]
+            self.blocked[r, :len(t)] = [not u for u in usable] if any(usable) else False
+
+    def choose(self, cfg) -> tuple[int, ...]:
+        from recreason.inference.selection import weight_vector
+
+        score = self.np.zeros(self.blocked.shape)
+        for k, w in enumerate(weight_vector(cfg)):
+            score = score + w * self.terms[:, :, k]
+        score[self.blocked] = -self.np.inf
+        return tuple(score.argmax(1).tolist())
+
+
 def selections(terms: list, texts: list, cfg) -> tuple[int, ...]:
     """Which candidate :func:`~recreason.inference.selection.choose` keeps for each record under ``cfg``'s
     weights, from terms computed once (:func:`~recreason.inference.selection.candidate_terms`)."""
-    from recreason.inference.selection import pick, weight_vector, weighted
-
-    weights = weight_vector(cfg)
-    return tuple(pick(t, [weighted(x, weights) for x in rec]) for rec, t in zip(terms, texts))
+    return CandidateTerms(terms, texts).choose(cfg)
 
 
 def tuning_file(candidates: int) -> Path:
@@ -257,8 +340,10 @@ class ValidationSet:
         refs = [target_text(r, "sentence") for r in self.records]
         prompted, candidates, self.seconds = load_candidates(predictor, "validation", self.records, gen)
         self.terms, self.texts = candidate_table(predictor, prompted, candidates, predictor.generic_table(gen))
+        self.table = CandidateTerms(self.terms, self.texts)
         self.scorer = _scorer(self.records, refs, predictor.dataset, bootstrap=0)
         self.scorer.semantic = False
+        self.fast = SelectionScorer(self.scorer, self.texts)
         self.greedy = self.rates(self.scorer.score("greedy", [c[0].text for c in candidates]))
         demo = Predictor(demo_run, replace(gen, candidates=1, batch_size=50)).explain_records(self.records)
         self.demo = self.rates(self.scorer.score("demo", demo))
@@ -272,9 +357,9 @@ class ValidationSet:
     def score(self, cfg) -> dict:
         """The metrics of the selection ``cfg``'s weights make; each distinct selection is scored once (many
         settings keep the same candidates)."""
-        chosen = selections(self.terms, self.texts, cfg)
+        chosen = self.table.choose(cfg)
         if chosen not in self.scored:
-            self.scored[chosen] = self.rates(self.scorer.score("trial", [t[k] for t, k in zip(self.texts, chosen)]))
+            self.scored[chosen] = self.fast.score(chosen)
         return self.scored[chosen]
 
 

@@ -5,6 +5,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import quality  # noqa: E402
@@ -58,8 +60,9 @@ def test_shipped_configs_carry_the_weights_the_tuning_chose():
         tuning = json.loads((results / tuning_file).read_text())
         config = load_config(layers)["generate"]
         weights = tuning["best_within_bar"]["weights"]
-        assert set(weights) == set(quality.GRID)
-        assert {k: getattr(config, k) for k in weights} == weights
+        assert set(weights) == set(tuning["grid"]) <= set(quality.GRID)
+        # a weight a tuning's grid did not have yet (tuning-8.json predates weight_consensus_bleu) stays off
+        assert {k: getattr(config, k) for k in quality.GRID} == {k: weights.get(k, 0.0) for k in quality.GRID}
         assert config.candidates == tuning["candidates"]
     assert load_config(base)["generate"].candidates == quality.FULL_CANDIDATES
 
@@ -72,7 +75,7 @@ def test_selections_from_precomputed_terms_are_what_choose_keeps():
 
     from recreason.config import GenerateConfig
     from recreason.generation.generate import Candidate
-    from recreason.inference.selection import candidate_terms, choose, consensus, sentence_key
+    from recreason.inference.selection import agreements, candidate_terms, choose, sentence_key
     from recreason.text import FeatureMatcher
 
     matcher = FeatureMatcher(["tone", "strings", "price", "cable"])
@@ -84,14 +87,15 @@ def test_selections_from_precomputed_terms_are_what_choose_keeps():
         ([Candidate("", -0.1, True), Candidate("Great price.", -0.9, False),
           Candidate("The price is great.", -1.1, False)], {"price"}, set()),
     ]
-    terms = [[candidate_terms(c, item, user, generic, matcher, a) for c, a in zip(cands, consensus(cands))]
+    terms = [[candidate_terms(c, item, user, generic, matcher, a) for c, a in zip(cands, agreements(cands))]
              for cands, item, user in records]
     texts = [[c.text for c in cands] for cands, _, _ in records]
     seen = set()
-    for lik, gro, ung, usr, gen, con, length in itertools.product([0, 1], [0, 1], [0, 3], [0, 0.5], [0, 0.5], [0, 8],
-                                                                   [0, 0.1]):
+    for lik, gro, ung, usr, gen, con, bleu, length in itertools.product([0, 1], [0, 1], [0, 3], [0, 0.5], [0, 0.5],
+                                                                         [0, 8], [0, 8], [0, 0.1]):
         cfg = replace(GenerateConfig(), weight_likelihood=lik, weight_grounded=gro, weight_ungrounded=ung,
-                      weight_user=usr, weight_generic=gen, weight_consensus=con, weight_length=length)
+                      weight_user=usr, weight_generic=gen, weight_consensus=con, weight_consensus_bleu=bleu,
+                      weight_length=length)
         expected = tuple(cands.index(choose(cands, item, user, generic, cfg, matcher)) for cands, item, user in records)
         assert quality.selections(terms, texts, cfg) == expected
         seen.add(expected)
@@ -190,3 +194,35 @@ def test_tuning_on_recorded_seed1_trials_checks_only_the_later_split(tmp_path, m
         assert "another grid or candidate count" in str(exc)
     else:
         raise AssertionError("a tuning record for 8 candidates was used for 16")
+
+
+def test_selection_scorer_gives_the_text_scorers_numbers_for_every_choice():
+    # the tuning grid scores choices from per-candidate figures; each must equal scoring the chosen texts whole
+    import itertools
+    from types import SimpleNamespace
+
+    from recreason.evaluation.evaluate import TextScorer
+
+    vocabulary = ["tone", "strings", "price", "cable", "sound"]
+    train = [SimpleNamespace(user="u1", item="a", feature="tone", features=["tone", "sound"]),
+             SimpleNamespace(user="u2", item="b", feature="price", features=["price"]),
+             SimpleNamespace(user="u1", item="c", feature="strings", features=["strings", "cable"])]
+    records = [SimpleNamespace(user="u1", item="a", feature="tone"), SimpleNamespace(user="u2", item="b", feature="price"),
+               SimpleNamespace(user="u2", item="c", feature="cable"), SimpleNamespace(user="u1", item="b", feature="price")]
+    references = ["The tone is warm and the sound is full.", "Great price for what you get.",
+                  "The cable is sturdy and long enough for the stage.", "A fair price."]
+    texts = [["The tone is warm.", "The sound is full and the tone is warm.", "Great strings."],
+             ["Great price.", "Great price for what you get.", "The cable broke."],
+             ["The cable is long enough.", "Great price."],
+             ["Great price.", "The tone is great, the price fair and the strings last a long time, well worth it."]]
+    scorer = TextScorer(records, references, train, vocabulary, 20, bootstrap=0, semantic=False)
+    fast = quality.SelectionScorer(scorer, texts)
+    seen = set()
+    for chosen in itertools.product(*(range(len(t)) for t in texts)):
+        whole = scorer.score("trial", [t[k] for t, k in zip(texts, chosen)])
+        quick = fast.score(chosen)
+        assert set(quick) == {*quality.TARGETS, "Generic", "Ungrounded"}
+        for metric, value in quick.items():
+            assert value == pytest.approx(whole[metric], abs=1e-9), (chosen, metric)
+        seen.add(tuple(round(v, 6) for v in quick.values()))
+    assert len(seen) > 10  # the choices differ in their scores, so agreeing is not trivial

@@ -1,6 +1,7 @@
 """One inference path: every command and the server give the same reason for the same (user, item, options)."""
 
 import json
+import math
 
 import pytest
 
@@ -107,6 +108,50 @@ def test_consensus_is_the_mean_rouge_l_f1_against_the_other_draws():
     assert choose([a, b, c], {"tone", "price"}, set(), generic, GenerateConfig(**plain), matcher) is c
     # -1.0 + 2 * 0.767 = 0.533 beats -0.8 + 2 * 0.617 = 0.433 and -0.5 + 2 * 0.417 = 0.333
     assert choose([a, b, c], {"tone", "price"}, set(), generic, GenerateConfig(**plain, weight_consensus=2.0),
+                  matcher) is a
+
+
+def test_bleu_consensus_is_the_mean_smoothed_sentence_bleu_against_the_other_draws():
+    import collections
+
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import Candidate
+    from recreason.inference.selection import agreements, choose, consensus
+    from recreason.text import FeatureMatcher, sentence_bleu, tokenize
+
+    great, bright, short = "The tone is great.", "The tone is bright.", "Great tone."
+    # great vs bright (5 tokens each): unigrams 4/5; bigrams 2/4 -> (2+1)/(4+1); trigrams 1/3 -> 2/4;
+    # 4-grams 0/2 -> 1/3; same length, no brevity penalty
+    assert sentence_bleu(tokenize(great), tokenize(bright)) == pytest.approx((4 / 5 * 3 / 5 * 1 / 2 * 1 / 3) ** 0.25)
+    # "great tone ." against great (5 tokens): unigrams 3/3; bigrams 0/2 -> 1/3; trigrams 0/1 -> 1/2; no 4-gram
+    # to count -> (0+1)/(0+1); brevity exp(1 - 5/3)
+    hand = (1 * 1 / 3 * 1 / 2 * 1) ** 0.25 * math.exp(1 - 5 / 3)
+    assert sentence_bleu(tokenize(great), tokenize(short)) == pytest.approx(hand)
+    assert sentence_bleu(tokenize(great), tokenize(great)) == pytest.approx(1.0)
+    assert sentence_bleu(tokenize(great), tokenize("Cheap strings")) == 0.0  # no word in common
+    # the other way round, short is the reference: unigrams 3/5 of great's, bigrams 0/4 -> 1/5, trigrams 1/4,
+    # 4-grams 1/3; great is longer, so no brevity penalty: BLEU is not symmetric
+    reverse = (3 / 5 * 1 / 5 * 1 / 4 * 1 / 3) ** 0.25
+    assert sentence_bleu(tokenize(short), tokenize(great)) == pytest.approx(reverse)
+    a = Candidate(great, -1.0, True, count=2)
+    b = Candidate(bright, -0.8, False)
+    c = Candidate(short, -0.5, False)
+    ab = (4 / 5 * 3 / 5 * 1 / 2 * 1 / 3) ** 0.25
+    # short against bright: unigrams tone . = 2/3, bigrams 0/2 -> 1/3, trigrams 0/1 -> 1/2, brevity as above
+    cb = (2 / 3 * 1 / 3 * 1 / 2) ** 0.25 * math.exp(1 - 5 / 3)
+    # bright against short: unigrams 2/5, bigrams 0/4 -> 1/5, trigrams 0/3 -> 1/4, 4-grams 0/2 -> 1/3
+    bc = (2 / 5 * 1 / 5 * 1 / 4 * 1 / 3) ** 0.25
+    # each candidate is the hypothesis, every other draw its reference; a's second copy agrees fully
+    assert consensus([a, b, c], "bleu") == pytest.approx([(1 + ab + reverse) / 3, (2 * ab + bc) / 3,
+                                                           (2 * hand + cb) / 3])
+    assert agreements([a, b, c]) == list(zip(consensus([a, b, c]), consensus([a, b, c], "bleu")))
+    with pytest.raises(ValueError, match="unknown consensus utility"):
+        consensus([a, b], "meteor")
+    matcher, generic = FeatureMatcher(["tone"]), collections.Counter()
+    plain = dict(weight_grounded=0, weight_ungrounded=0, weight_user=0, weight_generic=0)
+    assert choose([a, b, c], {"tone"}, set(), generic, GenerateConfig(**plain), matcher) is c
+    # with weight 2: a -1.0 + 2 * 0.616 = 0.232 beats b -0.8 + 2 * 0.450 = 0.100 and c -0.5 + 2 * 0.318 = 0.135
+    assert choose([a, b, c], {"tone"}, set(), generic, GenerateConfig(**plain, weight_consensus_bleu=2.0),
                   matcher) is a
 
 

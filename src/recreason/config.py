@@ -158,6 +158,7 @@ class GenerateConfig:
     weight_user: float = 0.5  # + when the reason names one of the user's own features
     weight_generic: float = 0.5  # - x log(1 + how often the run says this sentence for other pairs)
     weight_consensus: float = 0.0  # + x mean ROUGE-L F1 with the pair's other candidates (minimum Bayes risk)
+    weight_consensus_bleu: float = 0.0  # + x mean sentence BLEU-4 (add-one smoothed) with the other candidates
     weight_length: float = 0.0  # + per token of the reason, up to 20 (offsets consensus's pull to short reasons)
     generic_records: int = 200  # validation records whose greedy reasons measure what the run says often
 

@@ -9,6 +9,7 @@ the exported ``reviews.pickle`` sentences and every metric go through
 from __future__ import annotations
 
 import collections
+import math
 import re
 from typing import Iterable, Sequence
 
@@ -95,6 +96,40 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
             cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
         prev = cur
     return prev[-1]
+
+
+def ngram_counts(tokens: Sequence[str], max_order: int) -> collections.Counter:
+    """Every n-gram of orders 1..``max_order`` in ``tokens``, as tuples, with its count."""
+    counts: collections.Counter = collections.Counter()
+    for order in range(1, max_order + 1):
+        for i in range(len(tokens) - order + 1):
+            counts[tuple(tokens[i : i + order])] += 1
+    return counts
+
+
+def sentence_bleu(reference: Sequence[str], hypothesis: Sequence[str], max_order: int = 4,
+                  counts: tuple[collections.Counter, collections.Counter] | None = None) -> float:
+    """BLEU of one hypothesis against one reference, in [0, 1], with add-one smoothing of the n-gram
+    precisions above unigrams ("BLEU+1", Lin & Och 2004), so that a pair sharing no 4-gram still scores by
+    what it shares; brevity penalty as in corpus BLEU. Two empty lists are equal (1.0), one empty 0.0.
+    ``counts`` = (reference's, hypothesis's) :func:`ngram_counts`, when the caller already has them."""
+    if not reference and not hypothesis:
+        return 1.0
+    if not reference or not hypothesis:
+        return 0.0
+    ref_counts, hyp_counts = counts or (ngram_counts(reference, max_order), ngram_counts(hypothesis, max_order))
+    matches = [0] * max_order
+    for ngram, count in (ref_counts & hyp_counts).items():
+        matches[len(ngram) - 1] += count
+    if not matches[0]:
+        return 0.0
+    log_precision = 0.0
+    for order in range(1, max_order + 1):
+        possible = max(0, len(hypothesis) - order + 1)
+        smooth = 0 if order == 1 else 1
+        log_precision += math.log((matches[order - 1] + smooth) / (possible + smooth))
+    brevity = min(0.0, 1.0 - len(reference) / len(hypothesis))
+    return math.exp(log_precision / max_order + brevity)
 
 
 def lcs_f1(a: Sequence[str], b: Sequence[str]) -> float:

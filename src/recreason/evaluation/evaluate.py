@@ -49,9 +49,11 @@ SHOWN_INTERVALS = ("BLEU-1", "BLEU-4", "ROUGE-L")  # the table shows these with 
 TEXT_BASELINES = ("zero-shot", "retrieval")
 
 
-def check_rates(texts: Sequence[str], records, item_features: dict[str, set[str]], vocabulary) -> dict[str, float]:
-    """Share of reasons the serving safety filter would replace, and share naming features the item lacks."""
-    checker = ReasonChecker(vocabulary)
+def check_rates(texts: Sequence[str], records, item_features: dict[str, set[str]], vocabulary,
+                checker: ReasonChecker | None = None) -> dict[str, float]:
+    """Share of reasons the serving safety filter would replace, and share naming features the item lacks
+    (``checker``: one already built for ``vocabulary``, for callers checking texts a few at a time)."""
+    checker = checker or ReasonChecker(vocabulary)
     flags = [checker.check(t, sorted(item_features.get(r.item, ()))).flags for t, r in zip(texts, records)]
     n = max(len(flags), 1)
     return {

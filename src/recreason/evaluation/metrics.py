@@ -10,23 +10,15 @@ import collections
 import math
 from typing import Iterable, Sequence
 
-from recreason.text import FeatureMatcher, lcs_length
+from recreason.text import FeatureMatcher, lcs_length, ngram_counts
 
 Tokens = Sequence[str]
-
-
-def _ngram_counts(tokens: Tokens, max_order: int) -> collections.Counter:
-    counts: collections.Counter = collections.Counter()
-    for order in range(1, max_order + 1):
-        for i in range(len(tokens) - order + 1):
-            counts[tuple(tokens[i : i + order])] += 1
-    return counts
 
 
 def bleu_stats(reference: Tokens, hypothesis: Tokens, max_order: int = 4) -> list[int]:
     """One sentence's share of corpus BLEU: clipped n-gram matches and possible n-grams for each order, then
     the hypothesis and reference lengths. Corpus BLEU sums these over sentences (so it can be bootstrapped)."""
-    overlap = _ngram_counts(reference, max_order) & _ngram_counts(hypothesis, max_order)
+    overlap = ngram_counts(reference, max_order) & ngram_counts(hypothesis, max_order)
     matches = [0] * max_order
     for ngram, count in overlap.items():
         matches[len(ngram) - 1] += count

@@ -8,12 +8,17 @@ For a candidate c of pair (user u, item i)::
              + weight_user        * [c names one of u's own features]
              - weight_generic     * log(1 + how often the run's greedy reason is c for other pairs)
              + weight_consensus   * expected ROUGE-L F1 of c against the pair's other draws
+             + weight_consensus_bleu * expected sentence BLEU-4 (add-one smoothed) of c against them
              + weight_length      * tokens in c, up to LENGTH_CAP (20)
 
 The consensus term is minimum-Bayes-risk selection (Kumar & Byrne 2004; Freitag et al. 2022): the
 draws (greedy + samples, with their multiplicity) stand in for what the model believes a reason for
 this pair looks like, and the candidate that agrees most with the others is the one expected to score
-best against an unseen reference under the same similarity. It needs no reference and no training.
+best against an unseen reference under the same similarity. It needs no reference and no training. Two
+similarities are offered because they reward different things: ROUGE-L the longest shared word sequence in
+any order of gaps, BLEU-4 (:func:`~recreason.text.sentence_bleu`, with the other draw as the reference)
+contiguous runs of up to four words, what corpus BLEU-4 counts; MBR is known to favour the metric it uses as
+its utility (Freitag et al. 2022), so each weight buys mostly its own metric.
 
 Features are counted as :class:`~recreason.text.FeatureMatcher` finds them, less entries made only of
 function words (``recreason.text.FUNCTION_WORDS``: "to", "on" are in the demo vocabulary by tagging error).
@@ -37,7 +42,7 @@ from typing import Iterable, Sequence
 
 from recreason.config import GenerateConfig
 from recreason.generation.generate import Candidate
-from recreason.text import FeatureMatcher, is_content_feature, lcs_f1, normalize, tokenize
+from recreason.text import FeatureMatcher, is_content_feature, lcs_f1, ngram_counts, normalize, sentence_bleu, tokenize
 
 
 def sentence_key(text: str) -> str:
@@ -49,36 +54,60 @@ def generic_table(texts: Iterable[str]) -> collections.Counter:
     return collections.Counter(sentence_key(t) for t in texts if t.strip())
 
 
-def consensus(candidates: Sequence[Candidate]) -> list[float]:
-    """For each candidate, its mean ROUGE-L F1 (beta = 1) against every *other* draw of the pair, each text
-    counted as often as it was drawn (a text drawn twice agrees fully with its second copy). With a
-    single draw there is nothing to agree with: 0 for all."""
+UTILITIES = ("rouge-l", "bleu")
+
+
+def consensus(candidates: Sequence[Candidate], utility: str = "rouge-l") -> list[float]:
+    """For each candidate, its mean similarity against every *other* draw of the pair, each text counted as
+    often as it was drawn (a text drawn twice agrees fully with its second copy). ``utility``: "rouge-l"
+    (ROUGE-L F1, beta = 1) or "bleu" (:func:`~recreason.text.sentence_bleu` of the candidate with the other
+    draw as reference). With a single draw there is nothing to agree with: 0 for all."""
+    if utility not in UTILITIES:
+        raise ValueError(f"unknown consensus utility {utility!r}: one of {', '.join(UTILITIES)}")
     tokens = [tokenize(c.text) for c in candidates]
     draws = sum(c.count for c in candidates)
     if draws <= 1:
         return [0.0] * len(candidates)
+    if utility == "bleu":
+        counts = [ngram_counts(t, 4) for t in tokens]
+
+        def similarity(i: int, j: int) -> float:
+            return sentence_bleu(tokens[j], tokens[i], counts=(counts[j], counts[i]))
+    else:
+        def similarity(i: int, j: int) -> float:
+            return lcs_f1(tokens[i], tokens[j])
     out = []
     for i, c in enumerate(candidates):
-        agree = (c.count - 1) * 1.0 + sum(o.count * lcs_f1(tokens[i], tokens[j])
-                                          for j, o in enumerate(candidates) if j != i)
+        agree = (c.count - 1) * 1.0 + sum(o.count * similarity(i, j) for j, o in enumerate(candidates) if j != i)
         out.append(agree / (draws - 1))
     return out
 
 
+def agreements(candidates: Sequence[Candidate], cfg: GenerateConfig | None = None) -> list[tuple[float, float]]:
+    """(ROUGE-L, BLEU) :func:`consensus` of each candidate; a utility whose weight ``cfg`` sets to 0 is not
+    computed (0.0). Without ``cfg`` both are."""
+    n = len(candidates)
+    rouge = consensus(candidates) if cfg is None or cfg.weight_consensus else [0.0] * n
+    bleu = consensus(candidates, "bleu") if cfg is None or cfg.weight_consensus_bleu else [0.0] * n
+    return list(zip(rouge, bleu))
+
+
 WEIGHTS = ("weight_likelihood", "weight_grounded", "weight_ungrounded", "weight_user", "weight_generic",
-           "weight_consensus", "weight_length")
+           "weight_consensus", "weight_consensus_bleu", "weight_length")
 LENGTH_CAP = 20
 
 
 def candidate_terms(candidate: Candidate, item_features: set[str], user_features: set[str],
-                    generic: collections.Counter, matcher: FeatureMatcher, agreement: float = 0.0) -> tuple[float, ...]:
+                    generic: collections.Counter, matcher: FeatureMatcher,
+                    agreement: tuple[float, float] = (0.0, 0.0)) -> tuple[float, ...]:
     """The score's terms, signed, in the order of :data:`WEIGHTS`: they do not depend on the weights, so a
-    caller scoring many weight settings computes them once per candidate."""
+    caller scoring many weight settings computes them once per candidate. ``agreement``: the candidate's
+    (ROUGE-L, BLEU) :func:`agreements`."""
     tokens = tokenize(candidate.text)
     named = {f for f in matcher.find(tokens) if is_content_feature(f)}
     return (candidate.logprob, min(2, len(named & item_features)), -len(named - item_features),
-            float(bool(named & user_features)), -math.log1p(generic.get(sentence_key(candidate.text), 0)), agreement,
-            float(min(len(tokens), LENGTH_CAP)))
+            float(bool(named & user_features)), -math.log1p(generic.get(sentence_key(candidate.text), 0)),
+            agreement[0], agreement[1], float(min(len(tokens), LENGTH_CAP)))
 
 
 def weight_vector(cfg: GenerateConfig) -> tuple[float, ...]:
@@ -91,8 +120,8 @@ def weighted(terms: Sequence[float], weights: Sequence[float]) -> float:
 
 
 def candidate_score(candidate: Candidate, item_features: set[str], user_features: set[str], generic: collections.Counter,
-                    cfg: GenerateConfig, matcher: FeatureMatcher, agreement: float = 0.0) -> float:
-    """The score above; ``agreement`` is the candidate's :func:`consensus` value."""
+                    cfg: GenerateConfig, matcher: FeatureMatcher, agreement: tuple[float, float] = (0.0, 0.0)) -> float:
+    """The score above; ``agreement`` is the candidate's (ROUGE-L, BLEU) :func:`agreements`."""
     return weighted(candidate_terms(candidate, item_features, user_features, generic, matcher, agreement),
                     weight_vector(cfg))
 
@@ -106,10 +135,10 @@ def pick(texts: Sequence[str], scores: Sequence[float]) -> int:
 
 def choose(candidates: Sequence[Candidate], item_features: set[str], user_features: set[str],
            generic: collections.Counter, cfg: GenerateConfig, matcher: FeatureMatcher,
-           agreement: Sequence[float] | None = None) -> Candidate:
+           agreement: Sequence[tuple[float, float]] | None = None) -> Candidate:
     """The best-scoring candidate (:func:`pick`)."""
-    if agreement is None:  # a caller scoring many weight settings passes consensus(candidates) once
-        agreement = consensus(candidates) if cfg.weight_consensus else [0.0] * len(candidates)
+    if agreement is None:  # a caller scoring many weight settings passes agreements(candidates) once
+        agreement = agreements(candidates, cfg)
     scores = [candidate_score(c, item_features, user_features, generic, cfg, matcher, a)
               for c, a in zip(candidates, agreement)]
     return candidates[pick([c.text for c in candidates], scores)]
