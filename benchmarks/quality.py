@@ -581,9 +581,14 @@ def main() -> None:
                      f"give --candidates {tuning['candidates']}")
     # full.yaml carries the best setting within the issue's grounding bar (tests/test_benchmarks.py holds it
     # there); the best without that constraint is scored beside it, to show what the bar costs
-    weights = (tuning["best_within_bar"] or tuning["best"])["weights"]
-    unbarred = tuning["best"]["weights"]
-    previous = json.loads(args.previous.read_text())["best_within_bar"]["weights"] if args.previous else None
+    def full(weights: dict) -> dict:
+        """A recorded setting with the weights its tuning's grid did not have yet at their defaults (off): the
+        rows below are scored on top of the chosen setting, which must not lend them its newer weights."""
+        return {**{k: getattr(greedy, k) for k in GRID}, **weights}
+
+    weights = full((tuning["best_within_bar"] or tuning["best"])["weights"])
+    unbarred = full(tuning["best"]["weights"])
+    previous = full(json.loads(args.previous.read_text())["best_within_bar"]["weights"]) if args.previous else None
     chosen = replace(chosen, **weights)
     if args.baseline_rows:
         earlier = json.loads(args.baseline_rows.read_text())
