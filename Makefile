@@ -49,8 +49,8 @@ demo: install
 	echo "demo finished in $$(( $$(date +%s) - start )) s; dataset: $(OUT)/data, run: $(OUT)/run, report: $(OUT)/run/eval/test.md"
 
 # The best configuration (configs/full.yaml on top of demo.yaml): evidence in the prompt, training to early
-# stopping (two epochs), reasons chosen among candidates, evaluated on the whole test split. About 1 1/4 hours on 2 CPU
-# cores: training 45-60 minutes, 16 candidates for each of 833 test reasons about 16 minutes (README "Reason quality").
+# stopping (two epochs), reasons chosen among candidates, evaluated on the whole test split. About 1 1/2 hours on 2 CPU
+# cores: training 35-60 minutes, 32 candidates for each of 833 test reasons about 35 minutes (README "Reason quality").
 full: install
 	@start=$$(date +%s); \
 	if [ ! -f $(FULL)/data/stats.json ]; then $(RECREASON) prepare $(DATA) --out $(FULL)/data --config $(CONFIG); fi && \

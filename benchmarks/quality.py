@@ -5,8 +5,9 @@
 1. ``--tune``: on the validation split only (its records after the first ``generate.generic_records``, which
    measure the generic table: 633 of seed 1's 833), decodes the full run's candidates once (kept per record in
    RUN/eval/candidates-validation-*.jsonl), then scores a grid of selection weights offline (including the
-   minimum-Bayes-risk consensus weight and the length weight that offsets its pull to short reasons; each
-   distinct selection is scored once) and ranks the settings by the
+   minimum-Bayes-risk consensus weights, on ROUGE-L and on BLEU, and the length weight that offsets their pull
+   to short reasons; each distinct selection is scored once, from per-candidate figures: ``SelectionScorer``,
+   24,300 settings in about 10 s) and ranks the settings by the
    ROUGE-L + BLEU-4 points they gain over greedy decoding (the two metrics where greedy is not yet clear of
    PETER), among those that keep USR, FMR and FCR at least and the generic rate at most greedy's (see
    ``objective`` and ``feasible``). The chosen setting (``best_within_bar``, what configs/full.yaml carries)
@@ -15,7 +16,7 @@
    PETER. With ``--later-runs FULL DEMO`` (runs trained on the temporal split) the chosen setting must also be
    within the bar on that split's validation records (never its test). The best setting without the bar
    (``best``) is kept to show what the bar costs. Writes
-   benchmarks/results/quality/tuning.json (16 candidates, what full.yaml decodes; ``tuning-N.json`` for
+   benchmarks/results/quality/tuning.json (32 candidates since session 11, what full.yaml decodes; ``tuning-N.json`` for
    ``--candidates N``); both settings are scored below.
 2. Scores on every test record of the split: the zero-shot base model, the retrieval baseline and the demo run
    (through ``recreason evaluate``'s code), and the full run decoded greedily and with both selection
@@ -37,11 +38,12 @@ benchmarks/results/quality/tuning-1epoch.json`` scores a run of full.yaml traine
 way, with the weights tuned on that run (PETER's row included: same split). ``--tuning`` scores any recorded
 weights without tuning again (``seed1-weights1epoch``: the two-epoch run with the one-epoch weights).
 
-Fewer candidates: ``--tune --candidates 8 --name seed1-8candidates`` tunes on the same validation records
-(into ``tuning-8.json``) and scores the choice on test; without ``--tune`` it scores it again.
-configs/experiments/candidates8.yaml carries those weights (half the decoding time of full.yaml's 16). A
-cache with fewer candidates per record supplies the first draws of a larger one, so going from 8 to 16
-decodes only draws 8-15.
+Other candidate counts: ``--tune --candidates 16 --name seed1-16candidates`` tunes on the same validation
+records (into ``tuning-16.json``) and scores the choice on test; without ``--tune`` it scores it again.
+configs/experiments/candidates16.yaml and candidates8.yaml carry those weights (half and a quarter of
+full.yaml's decoding time; the 8-candidate weights are session 9's, tuned before MBR on BLEU). A cache with
+fewer candidates per record supplies the first draws of a larger one, so going from 16 to 32 decodes only
+draws 16-31. Each count decodes ``BATCH_ROWS`` (128) prompt x candidate rows a batch.
 
 Later reviews (the issue's check that the weights do not only win on seed 1's test split): prepare the same
 log with ``--split temporal`` (test = the latest 833 reviews, Jan-Mar 2014), train the demo and the full
@@ -51,10 +53,13 @@ row: PETER was measured on seed 1 only).
 
     python benchmarks/quality.py --demo-run runs/temporal/demo --full-run runs/temporal/run --name temporal1
 
-Since session 10 the weights full.yaml carries are chosen with the bar on both splits' validation records, seed
-1's side read from the trials tuning.json already records (no need to decode seed 1's candidates again):
+Since session 10 the weights full.yaml carries are chosen with the bar on both splits' validation records
+(session 11: both splits' candidates decoded by today's decoder, the grid with MBR on BLEU):
 
-    python benchmarks/quality.py --tune --recorded-first --later-runs runs/temporal/run runs/temporal/demo --tune-only
+    python benchmarks/quality.py --tune --later-runs runs/temporal/run runs/temporal/demo --tune-only
+
+``--recorded-first`` instead reads seed 1's side from the trials a tuning file of the same grid records (no need
+to decode seed 1's validation candidates again; session 10 did so with session 9's).
 
 ``--previous FILE`` adds the setting another tuning file chose as a row scored from the same test candidates
 (``tuning-session9.json``: seed 1's bar alone); ``--baseline-rows FILE`` takes the zero-shot, retrieval and demo
@@ -96,7 +101,8 @@ def _scorer(records, references, dataset, bootstrap):
 
 
 KEEP = ("USR", "FMR", "FCR")
-FULL_CANDIDATES = 16  # what configs/full.yaml decodes (tests/test_benchmarks.py holds the two together)
+FULL_CANDIDATES = 32  # what configs/full.yaml decodes (tests/test_benchmarks.py holds the two together)
+BATCH_ROWS = 128  # prompts x candidates decoded together: 8 x 16 ran twice as fast per reason as 16 x 16
 
 
 def objective(row: dict, greedy: dict) -> float:
@@ -318,7 +324,7 @@ def selections(terms: list, texts: list, cfg) -> tuple[int, ...]:
 
 
 def tuning_file(candidates: int) -> Path:
-    """Where --tune records its choice: tuning.json for the 16 candidates full.yaml uses, tuning-N.json else."""
+    """Where --tune records its choice: tuning.json for the candidates full.yaml uses, tuning-N.json else."""
     return OUT / ("tuning.json" if candidates == FULL_CANDIDATES else f"tuning-{candidates}.json")
 
 
@@ -565,8 +571,8 @@ def main() -> None:
     from recreason.rundir import Run
 
     greedy = GenerateConfig(batch_size=50)
-    # 8 prompts a batch, as full.yaml: 16 x 16 rows decode about half as fast per reason on 2 cores
-    chosen = replace(greedy, candidates=args.candidates, batch_size=8)
+    # BATCH_ROWS rows a batch, as full.yaml and the candidates*.yaml experiments
+    chosen = replace(greedy, candidates=args.candidates, batch_size=max(1, BATCH_ROWS // args.candidates))
     if args.tune:
         recorded = json.loads(args.tuning.read_text()) if args.recorded_first else None
         tune(args.full_run, args.demo_run, chosen, args.tune_records, args.later_runs, recorded)

@@ -55,8 +55,9 @@ def test_shipped_configs_carry_the_weights_the_tuning_chose():
     root = Path(__file__).resolve().parents[1]
     results = root / "benchmarks" / "results" / "quality"
     base = [root / "configs" / "demo.yaml", root / "configs" / "full.yaml"]
-    for layers, tuning_file in ((base, "tuning.json"),
-                                (base + [root / "configs" / "experiments" / "candidates8.yaml"], "tuning-8.json")):
+    experiments = root / "configs" / "experiments"
+    for layers, tuning_file in ((base, "tuning.json"), (base + [experiments / "candidates16.yaml"], "tuning-16.json"),
+                                (base + [experiments / "candidates8.yaml"], "tuning-8.json")):
         tuning = json.loads((results / tuning_file).read_text())
         config = load_config(layers)["generate"]
         weights = tuning["best_within_bar"]["weights"]
@@ -64,6 +65,7 @@ def test_shipped_configs_carry_the_weights_the_tuning_chose():
         # a weight a tuning's grid did not have yet (tuning-8.json predates weight_consensus_bleu) stays off
         assert {k: getattr(config, k) for k in quality.GRID} == {k: weights.get(k, 0.0) for k in quality.GRID}
         assert config.candidates == tuning["candidates"]
+        assert config.batch_size * config.candidates == quality.BATCH_ROWS  # as quality.py decodes them
     assert load_config(base)["generate"].candidates == quality.FULL_CANDIDATES
 
 
@@ -156,8 +158,8 @@ def test_tuning_on_recorded_seed1_trials_checks_only_the_later_split(tmp_path, m
 
     rates = {"BLEU-1": 15.0, "BLEU-4": 1.0, "ROUGE-L": 16.0, "USR": 0.8, "FMR": 0.1, "FCR": 0.1,
              "Generic": 0.05, "Ungrounded": 0.1}
-    recorded = {"split": "validation", "records": 633, "first_record": 200, "candidates": 16, "grid": quality.GRID,
-                "distinct_selections": 3, "candidate_seconds": 1.0, "grid_seconds": 1.0, "greedy": rates,
+    recorded = {"split": "validation", "records": 633, "first_record": 200, "candidates": quality.FULL_CANDIDATES,
+                "grid": quality.GRID, "distinct_selections": 3, "candidate_seconds": 1.0, "grid_seconds": 1.0, "greedy": rates,
                 "demo_run": rates, "bar": {"Generic": 0.2, "Ungrounded": 0.3},
                 "trials": [{"weights": weights(c), "gain": gain, "feasible": True, **rates, "within_bar": within,
                             "later": {"stale": 1}}
@@ -179,7 +181,8 @@ def test_tuning_on_recorded_seed1_trials_checks_only_the_later_split(tmp_path, m
 
     monkeypatch.setattr(quality, "ValidationSet", Later)
     monkeypatch.setattr(quality, "OUT", tmp_path)
-    quality.tune("unused", "unused", GenerateConfig(candidates=16), None, ("later-run", "later-demo"), recorded)
+    quality.tune("unused", "unused", GenerateConfig(candidates=quality.FULL_CANDIDATES), None,
+                 ("later-run", "later-demo"), recorded)
     result = json.loads((tmp_path / "tuning.json").read_text())
     assert sorted(scored) == [16.0, 32.0]  # the setting outside seed 1's bar is never scored on the later split
     # 0.19 on 800 records is over the later bar of 0.1; 0.02 (upper bound 0.029) is under it
