@@ -5,7 +5,8 @@
 it, so with 16 draws each prompt's tokens go through the model 16 times; ours runs the prompt once and copies
 its KV cache to the draws (``recreason.generation.generate.prefill``). This script loads a run once and decodes
 the same test prompts both ways, alternating, with the run's decoding settings (``--config`` files as for
-``recreason evaluate``: configs/full.yaml gives 16 candidates in batches of 8 prompts), and prints seconds per
+``recreason evaluate``: configs/full.yaml gives 32 candidates in batches of 4 prompts; the recorded result is for
+its 16 in batches of 8, configs/experiments/candidates16.yaml now), and prints seconds per
 reason, the ratio, and how many prompts got exactly the same candidate texts both ways (bf16 matrix products
 may round differently for a batch of 8 rows than for one of 128, so a sample can part ways at a near tie).
 ``--baseline-rev REV`` makes the baseline the whole generation module as it was at a git revision (e.g. the
