@@ -20,8 +20,10 @@
    ``--candidates N``); both settings are scored below.
 2. Scores on every test record of the split: the zero-shot base model, the retrieval baseline and the demo run
    (through ``recreason evaluate``'s code), and the full run decoded greedily and with both selection
-   settings, all from one decode of its test candidates (RUN/eval/candidates-test-*.jsonl; the same texts
-   ``recreason evaluate --config configs/full.yaml`` writes), each with 95% bootstrap intervals (the same
+   settings, all from one decode of its test candidates (RUN/eval/candidates-test-*.jsonl; the texts
+   ``recreason evaluate --config configs/full.yaml`` writes, up to bf16 rounding: a cache grown from a smaller
+   one was decoded in other batch shapes, and a near tie can part a sample; 13 of the first 16 seed-1 test
+   reasons were identical in session 11), each with 95% bootstrap intervals (the same
    resamples for every system) and the paired difference to the best baseline.
 3. Adds PETER's numbers from ../shared/peers/peter-split1.json (measured by running PETER's public code on
    this split). Its per-record outputs are not available, so no paired test against it is possible; each row
@@ -454,7 +456,8 @@ def score_candidates(full_run: str, gen, settings: dict, bootstrap: int) -> tupl
     """Rows for the full run on every test record, all from one set of candidates: ``settings`` maps a row
     name to selection weights (None = the greedy text, the first candidate). The retrieval baseline is scored
     on the same resamples so each row gets a paired difference to it. The texts are what
-    ``recreason evaluate`` with these weights writes (same per-prompt seeds, the same choice: :func:`selections`)."""
+    ``recreason evaluate`` with these weights writes (same per-prompt seeds, the same choice: :func:`selections`),
+    up to bf16 rounding in other batch shapes (see the module's docstring)."""
     from recreason.evaluation.baselines import RetrievalBaseline
     from recreason.evaluation.evaluate import select_records
     from recreason.inference import Predictor
