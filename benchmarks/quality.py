@@ -88,10 +88,11 @@ COLUMNS = ("BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "SemSim", "USR",
 # weight_length joined in session 9; grounded 2, ungrounded 6 and consensus 2 and 128 left the grid then (none
 # of them was in a best setting of the 2,016-setting grid before, with 8 or 16 candidates: that grid's
 # tuning.json and tuning-16.json are in git history, commit d331f0e). weight_consensus_bleu joined in session 11 (MBR with BLEU as
-# its utility, beside ROUGE-L's), a fifth dimension the SelectionScorer made affordable: 24,300 settings
+# its utility, beside ROUGE-L's), a fifth dimension the SelectionScorer made affordable; 64 joined when 32
+# chose it at the edge: 29,160 settings
 GRID = {"weight_likelihood": [0.0, 1.0], "weight_grounded": [0.0, 0.5, 1.0], "weight_user": [0.0, 0.5, 1.0],
         "weight_generic": [0.0, 0.5, 1.0], "weight_ungrounded": [0.0, 1.0, 3.0],
-        "weight_consensus": [0.0, 8.0, 16.0, 32.0, 64.0], "weight_consensus_bleu": [0.0, 4.0, 8.0, 16.0, 32.0],
+        "weight_consensus": [0.0, 8.0, 16.0, 32.0, 64.0], "weight_consensus_bleu": [0.0, 4.0, 8.0, 16.0, 32.0, 64.0],
         "weight_length": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]}
 
 
