@@ -22,7 +22,7 @@
    (through ``recreason evaluate``'s code), and the full run decoded greedily and with both selection
    settings, all from one decode of its test candidates (RUN/eval/candidates-test-*.jsonl; the texts
    ``recreason evaluate --config configs/full.yaml`` writes, up to bf16 rounding: a cache grown from a smaller
-   one was decoded in other batch shapes, and a near tie can part a sample; 13 of the first 16 seed-1 test
+   one was decoded in other batch shapes, and a near tie can part a sample; 15 of the first 16 seed-1 test
    reasons were identical in session 11), each with 95% bootstrap intervals (the same
    resamples for every system) and the paired difference to the best baseline.
 3. Adds PETER's numbers from ../shared/peers/peter-split1.json (measured by running PETER's public code on
