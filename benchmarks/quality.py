@@ -7,7 +7,7 @@
    RUN/eval/candidates-validation-*.jsonl), then scores a grid of selection weights offline (including the
    minimum-Bayes-risk consensus weights, on ROUGE-L and on BLEU, and the length weight that offsets their pull
    to short reasons; each distinct selection is scored once, from per-candidate figures: ``SelectionScorer``,
-   24,300 settings in about 10 s) and ranks the settings by the
+   29,160 settings in about 20 s) and ranks the settings by the
    ROUGE-L + BLEU-4 points they gain over greedy decoding (the two metrics where greedy is not yet clear of
    PETER), among those that keep USR, FMR and FCR at least and the generic rate at most greedy's (see
    ``objective`` and ``feasible``). The chosen setting (``best_within_bar``, what configs/full.yaml carries)
@@ -16,8 +16,8 @@
    PETER. With ``--later-runs FULL DEMO`` (runs trained on the temporal split) the chosen setting must also be
    within the bar on that split's validation records (never its test). The best setting without the bar
    (``best``) is kept to show what the bar costs. Writes
-   benchmarks/results/quality/tuning.json (32 candidates since session 11, what full.yaml decodes; ``tuning-N.json`` for
-   ``--candidates N``); both settings are scored below.
+   benchmarks/results/quality/tuning.json (32 candidates since session 11, what full.yaml decodes;
+   ``tuning-N.json`` for ``--candidates N``); both settings are scored below.
 2. Scores on every test record of the split: the zero-shot base model, the retrieval baseline and the demo run
    (through ``recreason evaluate``'s code), and the full run decoded greedily and with both selection
    settings, all from one decode of its test candidates (RUN/eval/candidates-test-*.jsonl; the texts
@@ -87,9 +87,9 @@ COLUMNS = ("BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "SemSim", "USR",
            "Generic", "UserFeat", "Ungrounded")
 # weight_length joined in session 9; grounded 2, ungrounded 6 and consensus 2 and 128 left the grid then (none
 # of them was in a best setting of the 2,016-setting grid before, with 8 or 16 candidates: that grid's
-# tuning.json and tuning-16.json are in git history, commit d331f0e). weight_consensus_bleu joined in session 11 (MBR with BLEU as
-# its utility, beside ROUGE-L's), a fifth dimension the SelectionScorer made affordable; 64 joined when 32
-# chose it at the edge: 29,160 settings
+# tuning.json and tuning-16.json are in git history, commit d331f0e). weight_consensus_bleu joined in session
+# 11 (MBR with BLEU as its utility, beside ROUGE-L's), a dimension the SelectionScorer made affordable; its 64
+# joined when the first 32-candidate tuning chose 32, the edge: 29,160 settings
 GRID = {"weight_likelihood": [0.0, 1.0], "weight_grounded": [0.0, 0.5, 1.0], "weight_user": [0.0, 0.5, 1.0],
         "weight_generic": [0.0, 0.5, 1.0], "weight_ungrounded": [0.0, 1.0, 3.0],
         "weight_consensus": [0.0, 8.0, 16.0, 32.0, 64.0], "weight_consensus_bleu": [0.0, 4.0, 8.0, 16.0, 32.0, 64.0],
@@ -209,8 +209,8 @@ class SelectionScorer:
     from per-candidate figures computed once: BLEU's clipped n-gram counts and lengths (corpus BLEU sums them),
     each candidate's ROUGE-L, features named and flags; only USR, FCR and the generic rate, which depend on
     the whole selection, are counted per choice. The same numbers :class:`TextScorer` gives the chosen texts
-    (tests/test_benchmarks.py), about a hundred times faster, so a grid of tens of thousands of weight settings
-    scores in minutes on 2 cores."""
+    (tests/test_benchmarks.py): a grid of tens of thousands of weight settings scores in seconds on 2 cores
+    (session 10 scored each choice's texts whole: 4,860 settings in 643 s)."""
 
     def __init__(self, scorer, texts: list[list[str]]):
         import numpy as np
@@ -471,8 +471,9 @@ def score_candidates(full_run: str, gen, settings: dict, bootstrap: int) -> tupl
     scorer = _scorer(records, refs, dataset, bootstrap)
     baseline = RetrievalBaseline(dataset.subset(1, "train"))
     rows = {"retrieval": scorer.score("retrieval", [baseline.explain(r.user, r.item) for r in records])}
+    table = CandidateTerms(terms, texts)
     for name, weights in settings.items():
-        chosen = [0] * len(records) if weights is None else selections(terms, texts, replace(gen, **weights))
+        chosen = [0] * len(records) if weights is None else table.choose(replace(gen, **weights))
         rows[name] = {"records": len(records), **scorer.score(name, [t[k] for t, k in zip(texts, chosen)])}
     differences = scorer.differences(rows, list(settings))
     for name in settings:
@@ -591,14 +592,15 @@ def main() -> None:
                      f"give --candidates {tuning['candidates']}")
     # full.yaml carries the best setting within the issue's grounding bar (tests/test_benchmarks.py holds it
     # there); the best without that constraint is scored beside it, to show what the bar costs
-    def full(weights: dict) -> dict:
+    def with_defaults(weights: dict) -> dict:
         """A recorded setting with the weights its tuning's grid did not have yet at their defaults (off): the
         rows below are scored on top of the chosen setting, which must not lend them its newer weights."""
         return {**{k: getattr(greedy, k) for k in GRID}, **weights}
 
-    weights = full((tuning["best_within_bar"] or tuning["best"])["weights"])
-    unbarred = full(tuning["best"]["weights"])
-    previous = full(json.loads(args.previous.read_text())["best_within_bar"]["weights"]) if args.previous else None
+    weights = with_defaults((tuning["best_within_bar"] or tuning["best"])["weights"])
+    unbarred = with_defaults(tuning["best"]["weights"])
+    previous = (with_defaults(json.loads(args.previous.read_text())["best_within_bar"]["weights"])
+                if args.previous else None)
     chosen = replace(chosen, **weights)
     if args.baseline_rows:
         earlier = json.loads(args.baseline_rows.read_text())

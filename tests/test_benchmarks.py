@@ -159,7 +159,8 @@ def test_tuning_on_recorded_seed1_trials_checks_only_the_later_split(tmp_path, m
     rates = {"BLEU-1": 15.0, "BLEU-4": 1.0, "ROUGE-L": 16.0, "USR": 0.8, "FMR": 0.1, "FCR": 0.1,
              "Generic": 0.05, "Ungrounded": 0.1}
     recorded = {"split": "validation", "records": 633, "first_record": 200, "candidates": quality.FULL_CANDIDATES,
-                "grid": quality.GRID, "distinct_selections": 3, "candidate_seconds": 1.0, "grid_seconds": 1.0, "greedy": rates,
+                "grid": quality.GRID, "distinct_selections": 3, "candidate_seconds": 1.0, "grid_seconds": 1.0,
+                "greedy": rates,
                 "demo_run": rates, "bar": {"Generic": 0.2, "Ungrounded": 0.3},
                 "trials": [{"weights": weights(c), "gain": gain, "feasible": True, **rates, "within_bar": within,
                             "later": {"stale": 1}}
@@ -210,8 +211,10 @@ def test_selection_scorer_gives_the_text_scorers_numbers_for_every_choice():
     train = [SimpleNamespace(user="u1", item="a", feature="tone", features=["tone", "sound"]),
              SimpleNamespace(user="u2", item="b", feature="price", features=["price"]),
              SimpleNamespace(user="u1", item="c", feature="strings", features=["strings", "cable"])]
-    records = [SimpleNamespace(user="u1", item="a", feature="tone"), SimpleNamespace(user="u2", item="b", feature="price"),
-               SimpleNamespace(user="u2", item="c", feature="cable"), SimpleNamespace(user="u1", item="b", feature="price")]
+    records = [SimpleNamespace(user="u1", item="a", feature="tone"),
+               SimpleNamespace(user="u2", item="b", feature="price"),
+               SimpleNamespace(user="u2", item="c", feature="cable"),
+               SimpleNamespace(user="u1", item="b", feature="price")]
     references = ["The tone is warm and the sound is full.", "Great price for what you get.",
                   "The cable is sturdy and long enough for the stage.", "A fair price."]
     texts = [["The tone is warm.", "The sound is full and the tone is warm.", "Great strings."],

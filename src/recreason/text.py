@@ -107,29 +107,37 @@ def ngram_counts(tokens: Sequence[str], max_order: int) -> collections.Counter:
     return counts
 
 
-def sentence_bleu(reference: Sequence[str], hypothesis: Sequence[str], max_order: int = 4,
-                  counts: tuple[collections.Counter, collections.Counter] | None = None) -> float:
-    """BLEU of one hypothesis against one reference, in [0, 1], with add-one smoothing of the n-gram
-    precisions above unigrams ("BLEU+1", Lin & Och 2004), so that a pair sharing no 4-gram still scores by
-    what it shares; brevity penalty as in corpus BLEU. Two empty lists are equal (1.0), one empty 0.0.
-    ``counts`` = (reference's, hypothesis's) :func:`ngram_counts`, when the caller already has them."""
-    if not reference and not hypothesis:
-        return 1.0
-    if not reference or not hypothesis:
-        return 0.0
-    ref_counts, hyp_counts = counts or (ngram_counts(reference, max_order), ngram_counts(hypothesis, max_order))
+def ngram_matches(first: collections.Counter, second: collections.Counter, max_order: int) -> list[int]:
+    """Clipped n-gram matches of two :func:`ngram_counts`, per order 1..``max_order`` (symmetric: the same
+    whichever is the reference)."""
     matches = [0] * max_order
-    for ngram, count in (ref_counts & hyp_counts).items():
+    for ngram, count in (first & second).items():
         matches[len(ngram) - 1] += count
-    if not matches[0]:
+    return matches
+
+
+def sentence_bleu_from_matches(matches: Sequence[int], reference_length: int, hypothesis_length: int) -> float:
+    """:func:`sentence_bleu` from the pair's :func:`ngram_matches` and lengths (a caller comparing many pairs
+    counts the matches of each unordered pair once and reads both directions off them)."""
+    if not reference_length and not hypothesis_length:
+        return 1.0
+    if not reference_length or not hypothesis_length or not matches[0]:
         return 0.0
     log_precision = 0.0
-    for order in range(1, max_order + 1):
-        possible = max(0, len(hypothesis) - order + 1)
+    for order, matched in enumerate(matches, start=1):
+        possible = max(0, hypothesis_length - order + 1)
         smooth = 0 if order == 1 else 1
-        log_precision += math.log((matches[order - 1] + smooth) / (possible + smooth))
-    brevity = min(0.0, 1.0 - len(reference) / len(hypothesis))
-    return math.exp(log_precision / max_order + brevity)
+        log_precision += math.log((matched + smooth) / (possible + smooth))
+    brevity = min(0.0, 1.0 - reference_length / hypothesis_length)
+    return math.exp(log_precision / len(matches) + brevity)
+
+
+def sentence_bleu(reference: Sequence[str], hypothesis: Sequence[str], max_order: int = 4) -> float:
+    """BLEU of one hypothesis against one reference, in [0, 1], with add-one smoothing of the n-gram
+    precisions above unigrams ("BLEU+1", Lin & Och 2004), so that a pair sharing no 4-gram still scores by
+    what it shares; brevity penalty as in corpus BLEU. Two empty lists are equal (1.0), one empty 0.0."""
+    matches = ngram_matches(ngram_counts(reference, max_order), ngram_counts(hypothesis, max_order), max_order)
+    return sentence_bleu_from_matches(matches, len(reference), len(hypothesis))
 
 
 def lcs_f1(a: Sequence[str], b: Sequence[str]) -> float:

@@ -10,7 +10,7 @@ import collections
 import math
 from typing import Iterable, Sequence
 
-from recreason.text import FeatureMatcher, lcs_length, ngram_counts
+from recreason.text import FeatureMatcher, lcs_length, ngram_counts, ngram_matches
 
 Tokens = Sequence[str]
 
@@ -18,10 +18,7 @@ Tokens = Sequence[str]
 def bleu_stats(reference: Tokens, hypothesis: Tokens, max_order: int = 4) -> list[int]:
     """One sentence's share of corpus BLEU: clipped n-gram matches and possible n-grams for each order, then
     the hypothesis and reference lengths. Corpus BLEU sums these over sentences (so it can be bootstrapped)."""
-    overlap = ngram_counts(reference, max_order) & ngram_counts(hypothesis, max_order)
-    matches = [0] * max_order
-    for ngram, count in overlap.items():
-        matches[len(ngram) - 1] += count
+    matches = ngram_matches(ngram_counts(reference, max_order), ngram_counts(hypothesis, max_order), max_order)
     possible = [max(0, len(hypothesis) - order + 1) for order in range(1, max_order + 1)]
     return matches + possible + [len(hypothesis), len(reference)]
 

@@ -42,7 +42,8 @@ from typing import Iterable, Sequence
 
 from recreason.config import GenerateConfig
 from recreason.generation.generate import Candidate
-from recreason.text import FeatureMatcher, is_content_feature, lcs_f1, ngram_counts, normalize, sentence_bleu, tokenize
+from recreason.text import (FeatureMatcher, is_content_feature, lcs_f1, ngram_counts, ngram_matches, normalize,
+                            sentence_bleu_from_matches, tokenize)
 
 
 def sentence_key(text: str) -> str:
@@ -68,17 +69,20 @@ def consensus(candidates: Sequence[Candidate], utility: str = "rouge-l") -> list
     draws = sum(c.count for c in candidates)
     if draws <= 1:
         return [0.0] * len(candidates)
-    if utility == "bleu":
-        counts = [ngram_counts(t, 4) for t in tokens]
-
-        def similarity(i: int, j: int) -> float:
-            return sentence_bleu(tokens[j], tokens[i], counts=(counts[j], counts[i]))
-    else:
-        def similarity(i: int, j: int) -> float:
-            return lcs_f1(tokens[i], tokens[j])
+    n = len(candidates)
+    similarity = [[0.0] * n for _ in range(n)]  # [i][j]: candidate i against draw j; each pair computed once
+    counts = [ngram_counts(t, 4) for t in tokens] if utility == "bleu" else None
+    for i in range(n):
+        for j in range(i + 1, n):
+            if counts is None:
+                similarity[i][j] = similarity[j][i] = lcs_f1(tokens[i], tokens[j])
+            else:  # the matches are symmetric; only the lengths swap roles
+                matches = ngram_matches(counts[i], counts[j], 4)
+                similarity[i][j] = sentence_bleu_from_matches(matches, len(tokens[j]), len(tokens[i]))
+                similarity[j][i] = sentence_bleu_from_matches(matches, len(tokens[i]), len(tokens[j]))
     out = []
     for i, c in enumerate(candidates):
-        agree = (c.count - 1) * 1.0 + sum(o.count * similarity(i, j) for j, o in enumerate(candidates) if j != i)
+        agree = (c.count - 1) * 1.0 + sum(o.count * similarity[i][j] for j, o in enumerate(candidates) if j != i)
         out.append(agree / (draws - 1))
     return out
 
@@ -119,8 +123,9 @@ def weighted(terms: Sequence[float], weights: Sequence[float]) -> float:
     return sum(w * t for w, t in zip(weights, terms))
 
 
-def candidate_score(candidate: Candidate, item_features: set[str], user_features: set[str], generic: collections.Counter,
-                    cfg: GenerateConfig, matcher: FeatureMatcher, agreement: tuple[float, float] = (0.0, 0.0)) -> float:
+def candidate_score(candidate: Candidate, item_features: set[str], user_features: set[str],
+                    generic: collections.Counter, cfg: GenerateConfig, matcher: FeatureMatcher,
+                    agreement: tuple[float, float] = (0.0, 0.0)) -> float:
     """The score above; ``agreement`` is the candidate's (ROUGE-L, BLEU) :func:`agreements`."""
     return weighted(candidate_terms(candidate, item_features, user_features, generic, matcher, agreement),
                     weight_vector(cfg))
