@@ -54,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
     parser.add_argument("--config", action="append", default=[], help="config files, layered as for evaluate")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, as for recreason (e.g. --set generate.candidates=16)")
     parser.add_argument("--prompts", type=int, default=32, help="test prompts decoded each way")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds of each way, alternating")
     parser.add_argument("--baseline-rev", default=None,
@@ -63,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     baseline = module_at(args.baseline_rev) if args.baseline_rev else None
 
-    gen = load_config(args.config)["generate"]
+    gen = load_config(args.config, args.set)["generate"]
     if gen.candidates < 2:
         parser.error("the settings decode one candidate per reason; give a config with generate.candidates > 1")
     predictor = Predictor(args.run, gen)

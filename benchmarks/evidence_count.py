@@ -26,10 +26,11 @@ CONFIGS = [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "full.yaml"]
 def probe(data: Path, out: Path, count: int, steps: int, max_prompt_tokens: int) -> dict:
     """Train one short run with ``count`` evidence sentences; its summary (RUN/summary.json)."""
     from recreason.config import load_config, to_dict
+    from recreason.rundir import RunPaths
     from recreason.training.trainer import Trainer
 
-    if (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
+    if RunPaths(out).summary.exists():
+        return json.loads(RunPaths(out).summary.read_text())
     config = load_config(CONFIGS, [f"prompt.evidence={count}", f"train.max_steps={steps}",
                                    f"train.eval_every={steps}", "train.snapshot_steps=[]",
                                    f"train.max_prompt_tokens={max_prompt_tokens}"])

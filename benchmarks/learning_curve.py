@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -40,11 +39,10 @@ def main() -> None:
     from recreason.rundir import Run
 
     run = Run(args.run)
-    log = [json.loads(line) for line in (run.dir / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in run.paths.train_log.read_text().splitlines()]
     val_loss = {e["step"]: e["validation_loss"] for e in log}
-    snapshots = sorted((int(re.sub(r"\D", "", p.name)), f"snapshots/{p.name}")
-                       for p in (run.dir / "snapshots").glob("step-*"))
-    summary = json.loads((run.dir / "summary.json").read_text())
+    snapshots = run.paths.snapshots()
+    summary = json.loads(run.paths.summary.read_text())
     points = snapshots + [(summary["best_step"], "best")]
     dataset = run.dataset()
     records = dataset.subset(run.split_seed, "test")[: args.records]

@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=100, help="test records generated per method")
     parser.add_argument("--runs", default="runs/methods")
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from recreason.rundir import RunPaths, report_files
+
     exe = str(Path(sys.executable).with_name("recreason"))
     results_dir = ROOT / "benchmarks" / "results" / "methods"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -41,11 +44,12 @@ def main() -> None:
         subprocess.run(cmd, check=True)
         train_s = time.time() - start
         cmd = [exe, "evaluate", "--run", str(out), "--systems", "fine-tuned", "--quiet", *base,
-               "--max-records", str(args.records), "--out", str(out / "eval-methods")]
+               "--max-records", str(args.records), "--out", str(RunPaths(out).report_dir("methods"))]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        summary = json.loads((out / "summary.json").read_text())
-        scores = json.loads((out / "eval-methods" / "test.json").read_text())["results"]["fine-tuned"]
+        summary = json.loads(RunPaths(out).summary.read_text())
+        scores = json.loads(report_files(RunPaths(out).report_dir("methods"), "test")["json"].read_text())
+        scores = scores["results"]["fine-tuned"]
         row = {"method": method, "trainable_parameters": summary["trainable_parameters"],
                "peak_memory_mb": summary["peak_memory_mb"], "tokens_per_second": summary["tokens_per_second"],
                "best_validation_loss": summary["best_validation_loss"], "train_seconds": round(train_s, 1),

@@ -106,8 +106,10 @@ def cmd_train(args) -> int:
           f"({summary['tokens_per_second']:.0f} tokens/s); best validation loss "
           f"{summary['best_validation_loss']:.4f} at step {summary['best_step']}"
           f"{' (stopped early)' if summary['stopped_early'] else ''}")
-    print(f"run written to {args.out} (best checkpoint in {Path(args.out) / 'best'}, "
-          f"TensorBoard logs in {Path(args.out) / 'tensorboard'})")
+    from recreason.rundir import RunPaths
+
+    paths = RunPaths(args.out)
+    print(f"run written to {args.out} (best checkpoint in {paths.best}, TensorBoard logs in {paths.tensorboard})")
     return 0
 
 
@@ -158,7 +160,7 @@ def cmd_generate(args) -> int:
         records = records[: gen.max_records]
     explained = predictor.explain([Request(r.user, r.item, record=r) for r in records], progress=not args.quiet)
     texts = [e.generated for e in explained]
-    out = Path(args.out) if args.out else run.dir / "generated" / f"{args.split}-{args.system}.jsonl"
+    out = Path(args.out) if args.out else run.paths.generated(args.split, args.system)
     write_generated(out, records, texts, [target_text(r, run.info["target"]) for r in records], dataset.features,
                     explanations=explained)
     print(f"wrote {len(texts)} explanations to {out}")
@@ -182,9 +184,42 @@ def cmd_evaluate(args) -> int:
     if report["differences_table"]:
         print("\nPaired bootstrap difference to the best text baseline (95% interval):\n")
         print(report["differences_table"])
-    print(f"\nreport written to {args.out or Path(args.run[0]) / 'eval'} (open {report['html']} in a browser)")
+    print(f"\nreport written to {Path(report['html']).parent} (open {report['html']} in a browser)")
     if args.json:
         print(json.dumps(report["results"], indent=2))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    """Choose the selection weights of a run decoding several candidates, on its validation records only:
+    the most ROUGE-L + BLEU-4 over greedy decoding, keeping USR, FMR, FCR and the generic rate, with generic and
+    ungrounded rates at most half a reference's (recreason.evaluation.tuning says how). Writes RUN/tuned.yaml,
+    a config to layer last (--config RUN/tuned.yaml), and every trial to RUN/tuning/trials.json."""
+    from recreason.evaluation.tuning import chosen_weights, tune
+
+    gen = _config(args)["generate"]
+    if args.also_reference and not args.also:
+        from recreason.errors import ConfigError
+
+        raise ConfigError("--also-reference is the reference of the run given with --also")
+    result = tune(args.run, gen, args.reference, args.also, args.also_reference, args.records,
+                  progress=not args.quiet)
+    from recreason.rundir import RunPaths
+
+    weights = chosen_weights(result)
+    best = result["best_within_bar"] or result["best"]
+    print(f"scored {result['settings']} weight settings ({result['distinct_selections']} distinct choices) on "
+          f"{result['records']} validation records with {result['candidates']} candidates each")
+    if weights is None:
+        print("no setting keeps greedy decoding's USR, FMR, FCR and generic rate: the tuned config decodes greedily")
+    else:
+        print(f"chosen: {weights}")
+        print("  " + ", ".join(f"{m} {best[m]:.4g}" for m in ("BLEU-1", "BLEU-4", "ROUGE-L", "USR", "FMR", "FCR",
+                                                           "Generic", "Ungrounded"))
+              + f" (ROUGE-L + BLEU-4 {best['gain']:+.2f} over greedy)"
+              + ("" if result["best_within_bar"] else "; no setting met the grounding bar"))
+    paths = RunPaths(args.run)
+    print(f"wrote {paths.tuned_config} (layer it: --config {paths.tuned_config}) and {paths.trials}")
     return 0
 
 
@@ -344,6 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regenerate", action="store_true", help="ignore texts generated earlier")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tune", parents=[common], help="choose a run's selection weights on validation records",
+                       description=cmd_tune.__doc__)
+    p.add_argument("--run", required=True, help="run directory from 'recreason train'")
+    p.add_argument("--reference", help="a cheaper run on the same data (e.g. the demo configuration's) whose greedy "
+                                       "generic and ungrounded rates set the bar (default: this run's greedy text)")
+    p.add_argument("--also", help="a run of the same configuration trained on another split (e.g. prepare --split "
+                                  "temporal): the choice must meet the bar on its validation records too")
+    p.add_argument("--also-reference", dest="also_reference", help="the reference run for --also's split")
+    p.add_argument("--records", type=int, help="tune on the last N validation records only (default: all after "
+                                               "the first generate.generic_records)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("recommend", parents=[common], help=cmd_recommend.__doc__, description=cmd_recommend.__doc__)
     p.add_argument("--run", required=True, help="run directory from 'recreason train'")

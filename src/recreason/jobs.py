@@ -1,6 +1,7 @@
 """Batch jobs: reasons for a file of (user, item) pairs, or every user's top K, written to a file.
 
-Both go through the same :class:`~recreason.inference.Predictor` as ``generate`` and the server. Work is done
+Both go through the same staged call as ``generate`` and the server (:meth:`Predictor.explain` and
+:meth:`Predictor.recommend_many`, one call per chunk). Work is done
 in chunks; each finished chunk is appended to a journal next to the output (``OUT.journal.jsonl``) and
 flushed to disk, so a killed job loses at most the chunk it was writing, and running the same command again
 skips what the journal already holds. When every pair is done the output is written in the format its
@@ -218,17 +219,15 @@ def explain_pairs(predictor: Predictor, pairs_file: str | Path, out: str | Path,
     pairs, rejects = read_pairs(Path(pairs_file))
 
     def work(chunk: list[Pair]) -> list[dict]:
-        rows, runnable = [], []
-        for p in chunk:
-            request = Request(p.user, p.item, p.history, p.item_features)
-            try:
-                runnable.append((p, predictor.prompt(request)))
-            except UnknownId as exc:  # journaled like a result, so a resumed job still reports it
-                rows.append({"line": p.line, "rejected": str(exc).split(": ", 1)[-1], "raw": f"{p.user},{p.item}"})
-        texts = predictor.generate([pr for _, pr in runnable], options)
-        ratings = predictor.rate([(p.user, p.item) for p, _ in runnable])
-        for (p, prompted), text, rating in zip(runnable, texts, ratings):
-            rows.append(_row(predictor.finish(prompted, text, rating), line=p.line))
+        rows = []
+
+        def reject(position: int, exc: UnknownId) -> None:  # journaled like a result: a resumed job reports it
+            p = chunk[position]
+            rows.append({"line": p.line, "rejected": str(exc).split(": ", 1)[-1], "raw": f"{p.user},{p.item}"})
+
+        explained = predictor.explain([Request(p.user, p.item, p.history, p.item_features) for p in chunk], options,
+                                      on_unknown=reject)
+        rows += [_row(e, line=p.line) for p, e in zip(chunk, explained) if e is not None]
         return rows
 
     stats = _run_chunks(pairs, out, chunk_size, work, key=lambda x: x["line"] if isinstance(x, dict) else x.line,
@@ -246,16 +245,8 @@ def recommend_all(predictor: Predictor, k: int, out: str | Path, chunk_size: int
     users = users if users is not None else sorted(predictor.prompter.user_profiles)
 
     def work(chunk: list[str]) -> list[dict]:
-        ranked = [(u, predictor.rank(u, k)) for u in chunk]
-        requests = [Request(u, item) for u, items in ranked for item, _ in items]
-        explained = predictor.explain(requests, options)
-        rows, n = [], 0
-        for u, items in ranked:
-            for rank, (_, score) in enumerate(items, 1):
-                explained[n].score = score
-                rows.append(_row(explained[n], rank=rank))
-                n += 1
-        return rows
+        return [_row(e, rank=rank) for recs in predictor.recommend_many(chunk, k, options=options)
+                for rank, e in enumerate(recs, 1)]
 
     stats = _run_chunks(users, out, chunk_size, work, key=lambda x: x["user_id"] if isinstance(x, dict) else x,
                         progress=progress, desc="recommending", on_chunk=on_chunk)

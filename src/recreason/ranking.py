@@ -125,6 +125,11 @@ class Ranker:
         (folder / "ranker.json").write_text(json.dumps(meta) + "\n")
         return folder
 
+    @staticmethod
+    def exists(folder: str | Path) -> bool:
+        """Whether ``folder`` holds a saved ranker (a run without one ranks by its heads or popularity)."""
+        return (Path(folder) / "ranker.json").exists()
+
     @classmethod
     def load(cls, folder: str | Path) -> "Ranker":
         folder = Path(folder)

@@ -14,6 +14,16 @@ Layout::
     summary.json      training outcome: steps, best validation loss, wall time
     train_log.jsonl   one line per validation pass
     tensorboard/      TensorBoard scalars
+    snapshots/step-N/ the weights at train.snapshot_steps (benchmarks/learning_curve.py)
+    ranker/           the ranking stage (ranker.json + ranker.npz)
+    generated/        texts per split and system (SPLIT-SYSTEM.jsonl + .meta.json) and the generic table
+    eval/             evaluation reports (SPLIT.json, SPLIT.md, report.html)
+    candidates/       decoded candidates per split and decoding settings (SPLIT-DIGEST.jsonl + .meta.json)
+    tuning/           trials.json: every weight setting `recreason tune` scored
+    tuned.yaml        the selection weights `recreason tune` chose, a config file to layer
+    serving.db        the SQLite store `recreason serve` uses when no --store is given
+
+:class:`RunPaths` names every one of these; no other module joins path parts of a run (a test holds it).
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,101 @@ from recreason.errors import CheckpointMismatch, NotARun
 PEFT_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS = "adapter.safetensors"  # our bottleneck adapter
 FULL_WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each part of a run lives, relative to the run directory ``root`` (which need not exist yet:
+    ``recreason train`` writes through these names too)."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def info(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    def checkpoint(self, name: str = "best") -> Path:
+        """A checkpoint folder: ``best`` or a snapshot's name (:meth:`snapshot_name`)."""
+        return self.root / name
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoint("best")
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last"
+
+    @staticmethod
+    def snapshot_name(step: int) -> str:
+        """The checkpoint name of the weights kept at ``step`` (a ``checkpoint=`` for :meth:`Run.load_model`)."""
+        return f"snapshots/step-{step}"
+
+    def snapshots(self) -> list[tuple[int, str]]:
+        """(step, checkpoint name) of every kept snapshot, by step."""
+        folder = self.root / "snapshots"
+        found = (p.name for p in folder.glob("step-*") if p.name[5:].isdigit()) if folder.exists() else ()
+        return sorted((int(name[5:]), f"snapshots/{name}") for name in found)
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train_log.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def ranker(self) -> Path:
+        return self.root / "ranker"
+
+    def generated(self, split: str, system: str) -> Path:
+        return self.root / "generated" / f"{split}-{system}.jsonl"
+
+    @property
+    def generic_table(self) -> Path:
+        return self.root / "generated" / "generic-table.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def report_dir(self, name: str) -> Path:
+        """A named report folder beside the default one (eval/NAME), for benchmarks' own evaluations."""
+        return self.eval / name
+
+    def candidates(self, split: str, digest: str) -> Path:
+        return self.root / "candidates" / f"{split}-{digest}.jsonl"
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "tuning" / "trials.json"
+
+    @property
+    def tuned_config(self) -> Path:
+        return self.root / "tuned.yaml"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "serving.db"
+
+
+def report_files(out_dir: str | Path, split: str) -> dict[str, Path]:
+    """The files ``recreason evaluate`` writes into its report folder (RUN/eval unless ``--out``)."""
+    out = Path(out_dir)
+    return {"json": out / f"{split}.json", "md": out / f"{split}.md",
+            "html": out / ("report.html" if split == "test" else f"report-{split}.html")}
 
 
 def read_json(path: Path, what: str = "file") -> Any:
@@ -60,7 +165,7 @@ def checkpoint_kind(folder: Path) -> str:
 
 def checkpoint_stamp(run: "Run", checkpoint: str = "best") -> str:
     """Names, sizes and modification times of a checkpoint's files: changes whenever the run is retrained."""
-    best = run.dir / checkpoint
+    best = run.paths.checkpoint(checkpoint)
     files = sorted(f for f in best.rglob("*") if f.is_file()) if best.exists() else []
     return ";".join(f"{f.relative_to(run.dir)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
@@ -76,7 +181,7 @@ def write_run_info(run_dir: Path, dataset_dir: str, base_path: str, cfg: TrainCo
         "train": asdict(cfg),
         "prompt": asdict(prompt),
     }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    RunPaths(run_dir).info.write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -96,7 +201,7 @@ def save_best(model, run_dir: Path, state: dict | None = None, folder: str = "be
     atomically. ``state``: the trainable weights by name, when they were gathered from shards."""
     from recreason.models.methods import save_adapter
 
-    final = run_dir / folder
+    final = RunPaths(run_dir).checkpoint(folder)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}-tmp")
     if tmp.exists():
@@ -118,7 +223,7 @@ def load_best_into(model, run_dir: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    best = run_dir / "best"
+    best = RunPaths(run_dir).best
     if model.uses_ids and (best / "personal.safetensors").exists():
         model.load_state_dict(_load_safetensors(best / "personal.safetensors", load_file), strict=False)
     kind = checkpoint_kind(best)
@@ -179,7 +284,8 @@ class Run:
 
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
-        info_path = self.dir / "run.json"
+        self.paths = RunPaths(self.dir)
+        info_path = self.paths.info
         if not info_path.exists():
             raise NotARun(f"{self.dir} is not a training run (no run.json); run 'recreason train' first")
         self.info = read_json(info_path, "run.json")
@@ -211,7 +317,7 @@ class Run:
         from recreason.models.personalized import RecReasonModel
         from recreason.models.registry import attention_for, load_model, load_tokenizer
 
-        best = self.dir / checkpoint
+        best = self.paths.checkpoint(checkpoint)
         if not best.exists():
             raise NotARun(f"{self.dir} has no {checkpoint} checkpoint" +
                           ("; training did not finish a validation pass" if checkpoint == "best" else ""))

@@ -76,7 +76,7 @@ class FeatureMatcher:
             if words:
                 self._by_first[words[0]].append(words)
 
-    def find(self, tokens: Tokens) -> set[str]:
+    def find(self, tokens: Sequence[str]) -> set[str]:
         found = set()
         for i, tok in enumerate(tokens):
             for words in self._by_first.get(tok, ()):

@@ -17,9 +17,9 @@ import os
 import shutil
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from recreason.config import PrepareConfig
 from recreason.data.extract import ExtractConfig, extract

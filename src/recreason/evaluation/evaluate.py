@@ -9,10 +9,10 @@ Systems, all on the same records and prompts:
   fine-tuned rows, whose rating/interest heads (when trained) are scored by RMSE, MAE,
   interest macro-F1, HR@10 and NDCG@10 over sampled negatives, and sentiment agreement.
 
-Generated texts go to ``<run>/generated/<split>-<system>.jsonl`` with a fingerprint of the
-weights and settings that wrote them; a later evaluation reuses them only when the fingerprint
-and the records match (``--regenerate`` forces new texts). The table goes to
-``<run>/eval/<split>.json`` and ``.md`` and is printed.
+Generated texts go to the run's ``generated/<split>-<system>.jsonl`` (:class:`~recreason.rundir.RunPaths`)
+with a fingerprint of the weights and settings that wrote them; a later evaluation reuses them only when the
+fingerprint and the records match (``--regenerate`` forces new texts). The table goes to the run's
+``eval/<split>.json`` and ``.md`` (and an HTML report) and is printed.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +35,7 @@ from recreason.evaluation.metrics import text_metrics
 from recreason.inference import Predictor
 from recreason.inference.safety import REPLACE_FLAGS, ReasonChecker
 from recreason.ranking import Ranker
-from recreason.rundir import Run, checkpoint_stamp
+from recreason.rundir import Run, checkpoint_stamp, report_files
 from recreason.text import FeatureMatcher, tokenize
 
 SYSTEMS = ("zero-shot", "retrieval", "fine-tuned")
@@ -261,6 +261,137 @@ def _full_ranking(scorer, train, records, bootstrap: int) -> dict:
     return {k: v for k, v in full.items() if k in ("Recall@10", "Recall@20", "full NDCG@10")}
 
 
+@dataclass
+class _Split:
+    """What every row of one evaluation shares: the records, their references and the scorer."""
+
+    runs: list[Run]
+    split: str
+    dataset: object
+    records: list
+    references: list[str]
+    train: list
+    negatives: dict
+    scorer: TextScorer
+    bootstrap: int
+
+    @property
+    def rating_range(self) -> tuple[float, float]:
+        return self.dataset.rating_range
+
+
+def _open_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
+    runs = [Run(d) for d in run_dirs]
+    first = runs[0]
+    for other in runs[1:]:
+        if (other.info["dataset"], other.info["split_seed"]) != (first.info["dataset"], first.info["split_seed"]):
+            raise ConfigError(f"{other.dir} uses another dataset or split than {first.dir}; rows would not compare")
+    return runs
+
+
+def _texts(run: Run, ev: _Split, system: str, gen_cfg: GenerateConfig, regenerate: bool, progress: bool,
+           predictor: Predictor | None = None) -> list[str]:
+    """A generated system's texts for the records: cached in RUN/generated/ when the fingerprint matches."""
+    path = run.paths.generated(ev.split, system)
+    fingerprint = generation_fingerprint(run, system, gen_cfg)
+    texts = None if regenerate else _cached_texts(path, ev.records, fingerprint)
+    if texts is None:
+        texts = generate_for_run(run, ev.records, system, gen_cfg, progress, ev.dataset, predictor)
+    write_generated(path, ev.records, texts, ev.references, ev.dataset.features, fingerprint)
+    return texts
+
+
+def _baseline_rows(ev: _Split, systems: Sequence[str], gen_cfg, regenerate: bool, progress: bool,
+                   results: dict, texts_by_system: dict, timings: dict) -> None:
+    """The zero-shot and retrieval rows (texts kept in the first run's generated/ folder)."""
+    first = ev.runs[0]
+    for system in [s for s in systems if s != "fine-tuned"]:
+        start = time.time()
+        if system == "retrieval":
+            baseline = RetrievalBaseline(ev.train)
+            texts = [baseline.explain(r.user, r.item) for r in ev.records]
+            write_generated(first.paths.generated(ev.split, system), ev.records, texts, ev.references,
+                            ev.dataset.features)
+        else:
+            texts = _texts(first, ev, system, gen_cfg, regenerate, progress)
+        results[system] = ev.scorer.score(system, texts)
+        texts_by_system[system] = texts
+        timings[system] = time.time() - start
+
+
+def _rating_baseline_rows(ev: _Split) -> dict[str, dict[str, float]]:
+    """Popularity and matrix factorization: the rating and ranking rows the fine-tuned heads are read against."""
+    low, high = ev.rating_range
+    actual = [r.rating for r in ev.records]
+    rows = {}
+    for name, base in (("popularity", ranking.PopularityBaseline(ev.train)),
+                       ("matrix factorization", ranking.MatrixFactorization(ev.train))):
+        predicted = [base.predict(r.user, r.item) for r in ev.records]
+        row = {"RMSE": M.rmse(predicted, actual, low, high), "MAE": M.mae(predicted, actual, low, high)}
+        row.update(ranking.evaluate_ranking(base.score, ev.records, ev.negatives, ks=(10,)))
+        row.update(_full_ranking(base.score, ev.train, ev.records, ev.bootstrap))
+        rows[name] = row
+    return rows
+
+
+def _fine_tuned_rows(ev: _Split, run: Run, gen_cfg, regenerate: bool, progress: bool) -> tuple[dict, list[str]]:
+    """The run's text row (with its heads' rating and ranking metrics) and its ranker's row, when it has one."""
+    name = "fine-tuned" if len(ev.runs) == 1 else f"fine-tuned: {run.dir.name}"
+    predictor = None
+    if run.train_config.rating_head or run.train_config.interest_head:
+        predictor = Predictor(run, gen_cfg, dataset=ev.dataset)
+    texts = _texts(run, ev, "fine-tuned", gen_cfg, regenerate, progress, predictor)
+    row = ev.scorer.score(name, texts)
+    if predictor is not None:
+        row.update(rating_and_ranking(predictor, ev.records, ev.negatives, *ev.rating_range, texts))
+        if "HR@10" in row:
+            row.update(_full_ranking(lambda u, items: predictor.head_ratings([u] * len(items), items),
+                                     ev.train, ev.records, ev.bootstrap))
+    rows = {name: row}
+    if Ranker.exists(run.paths.ranker):
+        ranker = Ranker.load(run.paths.ranker)
+        label = f"ranker ({ranker.config.model})" + ("" if len(ev.runs) == 1 else f": {run.dir.name}")
+        rows[label] = {**ranking.evaluate_ranking(ranker.score, ev.records, ev.negatives, ks=(10,)),
+                       **_full_ranking(ranker.score, ev.train, ev.records, ev.bootstrap)}
+    return rows, texts
+
+
+def _notes(report: dict, split: str, low: float, high: float) -> str:
+    """The paragraph under the table that says what each column measures."""
+    return (
+        f"Text metrics on the first {report['max_len']} tokens; BLEU/ROUGE x100 with 95% bootstrap intervals "
+        f"({report['bootstrap_resamples']} resamples of the records); SemSim: cosine similarity x100 of "
+        f"all-MiniLM-L6-v2 embeddings of reason and reference; DIV lower is better; Distinct-n: distinct n-grams "
+        f"over all n-grams; Generic: share of reasons that are one of the 10 most frequent; UserFeat: share naming "
+        f"a feature of the user's own training reviews. "
+        f"HR@10/NDCG@10: {report['ranking_protocol']}. Recall@10/20 and full NDCG@10: every training item the "
+        f"user has not interacted with in training is ranked; the user's {split} items are relevant. RMSE/MAE "
+        f"with predictions clipped to [{low:g}, {high:g}]. SentAgree: share of reasons whose VADER polarity "
+        f"matches the predicted rating. Filtered: share the serving safety filter would replace; Ungrounded: share "
+        f"naming a feature absent from the item's training reviews.\n")
+
+
+def _write_report_files(out_dir: Path, report: dict, ev: _Split, gen_cfg: GenerateConfig,
+                        texts_by_system: dict) -> None:
+    """SPLIT.json, SPLIT.md and the HTML report into ``out_dir``; the report gains ``html``."""
+    from recreason.evaluation.report import write_report
+
+    files = report_files(out_dir, ev.split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files["json"].write_text(json.dumps({k: v for k, v in report.items() if k not in ("table", "differences_table")},
+                                        indent=2) + "\n")
+    capped = f" (the first {gen_cfg.max_records}: generate.max_records caps it)" if gen_cfg.max_records else \
+        " (the whole split)"
+    differences = report["differences_table"]
+    files["md"].write_text(
+        f"# Evaluation on the {ev.split} split: {len(ev.records)} records{capped}\n\n{report['table']}\n\n"
+        + (f"Paired bootstrap difference of each fine-tuned run to the best text baseline on that metric "
+           f"(95% interval, {ev.bootstrap} resamples):\n\n{differences}\n\n" if differences else "")
+        + _notes(report, ev.split, *ev.rating_range))
+    report["html"] = str(write_report(files["html"], report, ev.runs[0].paths.train_log, ev.records, ev.references,
+                                      texts_by_system, ev.scorer.item_features, ev.dataset.features))
+
+
 def evaluate_runs(
     run_dirs: Sequence[str | Path],
     split: str = "test",
@@ -274,85 +405,35 @@ def evaluate_runs(
     bootstrap: int = 1000,
     semantic: bool = True,
 ) -> dict:
-    """One table: baselines once, then one fine-tuned row per run (all runs must share dataset and split)."""
+    """One table: baselines once, then one fine-tuned row per run (all runs must share dataset and split).
+    Written to ``out_dir`` (the first run's eval/ folder by default) as JSON, Markdown and HTML."""
     gen_cfg = gen_cfg or GenerateConfig()
-    runs = [Run(d) for d in run_dirs]
-    first = runs[0]
-    for other in runs[1:]:
-        if (other.info["dataset"], other.info["split_seed"]) != (first.info["dataset"], first.info["split_seed"]):
-            raise ConfigError(f"{other.dir} uses another dataset or split than {first.dir}; rows would not compare")
-    dataset = first.dataset()
-    records, references = select_records(first, dataset, split, gen_cfg)
-    train = dataset.subset(first.info["split_seed"], "train")
-    low, high = dataset.rating_range
-    negatives = ranking.sample_negatives(dataset.records, records, n_negatives, seed=0)
-    scorer = TextScorer(records, references, train, dataset.features, max_len, bootstrap, semantic)
-    results: dict[str, dict[str, float]] = {}
-    texts_by_system: dict[str, list[str]] = {}
-    timings: dict[str, float] = {}
     for system in systems:
         if system not in SYSTEMS:
             raise ConfigError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
-    for system in [s for s in systems if s != "fine-tuned"]:
-        start = time.time()
-        path = first.dir / "generated" / f"{split}-{system}.jsonl"
-        if system == "retrieval":
-            baseline = RetrievalBaseline(train)
-            texts = [baseline.explain(r.user, r.item) for r in records]
-            fingerprint = None
-        else:
-            fingerprint = generation_fingerprint(first, system, gen_cfg)
-            texts = None if regenerate else _cached_texts(path, records, fingerprint)
-            if texts is None:
-                texts = generate_for_run(first, records, system, gen_cfg, progress, dataset)
-        write_generated(path, records, texts, references, dataset.features, fingerprint)
-        results[system] = scorer.score(system, texts)
-        texts_by_system[system] = texts
-        timings[system] = time.time() - start
+    runs = _open_runs(run_dirs)
+    first = runs[0]
+    dataset = first.dataset()
+    records, references = select_records(first, dataset, split, gen_cfg)
+    train = dataset.subset(first.split_seed, "train")
+    ev = _Split(runs, split, dataset, records, references, train,
+                ranking.sample_negatives(dataset.records, records, n_negatives, seed=0),
+                TextScorer(records, references, train, dataset.features, max_len, bootstrap, semantic), bootstrap)
+    results: dict[str, dict[str, float]] = {}
+    texts_by_system: dict[str, list[str]] = {}
+    timings: dict[str, float] = {}
+    _baseline_rows(ev, systems, gen_cfg, regenerate, progress, results, texts_by_system, timings)
     if "fine-tuned" in systems:
         start = time.time()
-        pop = ranking.PopularityBaseline(train)
-        mf = ranking.MatrixFactorization(train)
-        for name, base in (("popularity", pop), ("matrix factorization", mf)):
-            predicted = [base.predict(r.user, r.item) for r in records]
-            row = {"RMSE": M.rmse(predicted, [r.rating for r in records], low, high),
-                   "MAE": M.mae(predicted, [r.rating for r in records], low, high)}
-            row.update(ranking.evaluate_ranking(base.score, records, negatives, ks=(10,)))
-            row.update(_full_ranking(base.score, train, records, bootstrap))
-            results[name] = row
+        results.update(_rating_baseline_rows(ev))
         timings["rating baselines"] = time.time() - start
         for run in runs:
             start = time.time()
-            name = "fine-tuned" if len(runs) == 1 else f"fine-tuned: {run.dir.name}"
-            path = run.dir / "generated" / f"{split}-fine-tuned.jsonl"
-            fingerprint = generation_fingerprint(run, "fine-tuned", gen_cfg)
-            texts = None if regenerate else _cached_texts(path, records, fingerprint)
-            predictor = None
-            if texts is None or run.train_config.rating_head or run.train_config.interest_head:
-                predictor = Predictor(run, gen_cfg, dataset=dataset)
-            if texts is None:
-                texts = generate_for_run(run, records, "fine-tuned", gen_cfg, progress, dataset, predictor)
-            write_generated(path, records, texts, references, dataset.features, fingerprint)
-            row = scorer.score(name, texts)
-            texts_by_system[name] = texts
-            if predictor is not None:
-                row.update(rating_and_ranking(predictor, records, negatives, low, high, texts))
-                if "HR@10" in row:
-                    row.update(_full_ranking(lambda u, items: predictor.head_ratings([u] * len(items), items),
-                                             train, records, bootstrap))
-            results[name] = row
-            timings[name] = time.time() - start
-            ranker_dir = run.dir / "ranker"
-            if (ranker_dir / "ranker.json").exists():
-                ranker = Ranker.load(ranker_dir)
-                label = f"ranker ({ranker.config.model})" + ("" if len(runs) == 1 else f": {run.dir.name}")
-                results[label] = {**ranking.evaluate_ranking(ranker.score, records, negatives, ks=(10,)),
-                                  **_full_ranking(ranker.score, train, records, bootstrap)}
-    table = format_table(results, scorer.intervals)
-    fine_tuned = [n for n in results if n.startswith("fine-tuned")]
-    differences = scorer.differences(results, fine_tuned)
-    capped = f" (the first {gen_cfg.max_records}: generate.max_records caps it)" if gen_cfg.max_records else \
-        " (the whole split)"
+            rows, texts = _fine_tuned_rows(ev, run, gen_cfg, regenerate, progress)
+            results.update(rows)
+            texts_by_system[next(iter(rows))] = texts
+            timings[next(iter(rows))] = time.time() - start
+    differences = ev.scorer.differences(results, [n for n in results if n.startswith("fine-tuned")])
     report = {
         "runs": [str(r.dir) for r in runs],
         "split": split,
@@ -362,36 +443,14 @@ def evaluate_runs(
                             "interacted with; ties rank the test item last",
         "generation": asdict(gen_cfg),
         "results": results,
-        "intervals": scorer.intervals,
+        "intervals": ev.scorer.intervals,
         "bootstrap_resamples": bootstrap,
         "differences_to_best_baseline": differences,
         "seconds": timings,
+        "table": format_table(results, ev.scorer.intervals),
+        "differences_table": format_differences(differences),
     }
-    out = Path(out_dir) if out_dir else first.dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{split}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{split}.md").write_text(
-        f"# Evaluation on the {split} split: {len(records)} records{capped}\n\n{table}\n\n"
-        + (f"Paired bootstrap difference of each fine-tuned run to the best text baseline on that metric "
-           f"(95% interval, {bootstrap} resamples):\n\n{format_differences(differences)}\n\n" if differences else "")
-        + f"Text metrics on the first {max_len} tokens; BLEU/ROUGE x100 with 95% bootstrap intervals "
-        f"({bootstrap} resamples of the records); SemSim: cosine similarity x100 of all-MiniLM-L6-v2 embeddings "
-        f"of reason and reference; DIV lower is better; Distinct-n: distinct n-grams over all n-grams; Generic: "
-        f"share of reasons that are one of the 10 most frequent; UserFeat: share naming a feature of the user's "
-        f"own training reviews. "
-        f"HR@10/NDCG@10: {report['ranking_protocol']}. Recall@10/20 and full NDCG@10: every training item the "
-        f"user has not interacted with in training is ranked; the user's {split} items are relevant. RMSE/MAE with predictions clipped to "
-        f"[{low:g}, {high:g}]. SentAgree: share of reasons whose VADER polarity matches the predicted rating. "
-        f"Filtered: share the serving safety filter would replace; Ungrounded: share naming a feature absent "
-        f"from the item's training reviews.\n"
-    )
-    report["table"] = table
-    report["differences_table"] = format_differences(differences)
-    from recreason.evaluation.report import write_report
-
-    name = "report.html" if split == "test" else f"report-{split}.html"
-    report["html"] = str(write_report(out / name, report, first.dir, records, references, texts_by_system,
-                                      scorer.item_features, dataset.features))
+    _write_report_files(Path(out_dir) if out_dir else first.paths.eval, report, ev, gen_cfg, texts_by_system)
     return report
 
 

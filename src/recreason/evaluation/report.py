@@ -61,8 +61,8 @@ def metric_bars(results: dict, intervals: dict, systems: Sequence[str]) -> list[
     return images
 
 
-def loss_curves(run_dir: Path) -> str | None:
-    path = run_dir / "train_log.jsonl"
+def loss_curves(path: Path) -> str | None:
+    """The training and validation loss by step from a run's training log (RUN/train_log.jsonl)."""
     if not path.exists():
         return None
     log = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -98,10 +98,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], table_id: str 
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_report(path: Path, report: dict, run_dir: Path, records, references: Sequence[str],
+def write_report(path: Path, report: dict, train_log: Path, records, references: Sequence[str],
                  texts: dict[str, Sequence[str]], item_features: dict[str, set[str]], vocabulary,
                  samples: int = 20) -> Path:
-    """Write the report for one evaluation (``texts``: each system's reasons for ``records``, in order)."""
+    """Write the report for one evaluation (``texts``: each system's reasons for ``records``, in order;
+    ``train_log``: the first run's training log, drawn as loss curves)."""
     results, intervals = report["results"], report.get("intervals", {})
     systems = [s for s in results if any(m in results[s] for m in BARS[0])]
     matcher = FeatureMatcher(vocabulary)
@@ -114,7 +115,7 @@ def write_report(path: Path, report: dict, run_dir: Path, records, references: S
     if len(lines) > 2:
         parts.append(_table([c.strip() for c in lines[0]], [[html.escape(c.strip()) for c in row] for row in lines[2:]],
                             "metrics"))
-    curve = loss_curves(run_dir)
+    curve = loss_curves(train_log)
     if curve:
         parts += ["<h2>Training</h2>", f'<img class="plot" alt="loss curves" src="{curve}">']
     if texts:

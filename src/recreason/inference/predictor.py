@@ -1,18 +1,24 @@
 """The one way to turn (user, item) into a reason with a trained run.
 
-``recreason generate``, ``evaluate``, ``recommend``, ``serve`` and the benchmarks all call a
+``recreason generate``, ``evaluate``, ``recommend``, ``explain``, ``serve`` and the benchmarks all call a
 :class:`Predictor`; it owns the device and dtype, which prompt a pair gets (discrete text, or learned
 user/item vectors for continuous-prompt runs), the rating and interest heads, batched generation, and
-the safety and grounding checks. Serving adds only HTTP, the store, the cache and micro-batching.
+the safety and grounding checks.
+
+:meth:`Predictor.explain` is the staged call every caller shares: prompt -> generate -> rate -> finish
+(checks). Callers differ only in how texts are generated, so that stage is a hook (``generate=``): the
+server puts its cache and micro-batcher there, the batch job calls once per chunk, everyone else takes
+:meth:`Predictor.generate`. :meth:`Predictor.recommend_many` is rank -> :meth:`explain` for a group of users.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from recreason.config import GenerateConfig
 from recreason.data.records import Explained
@@ -74,6 +80,9 @@ class Explanation:
         return out
 
 
+GenerateHook = Callable[[Sequence["Prompted"], "dict | None"], list[str]]
+
+
 def default_device() -> str:
     import torch
 
@@ -104,13 +113,15 @@ class Predictor:
         self.matcher = FeatureMatcher(self.vocabulary)
         self.checker = ReasonChecker(self.vocabulary)
         self._generic: tuple[str, collections.Counter] | None = None
-        ranker_dir = self.run.dir / "ranker"
-        self.ranker = Ranker.load(ranker_dir) if (ranker_dir / "ranker.json").exists() else None
+        ranker_dir = self.run.paths.ranker
+        self.ranker = Ranker.load(ranker_dir) if Ranker.exists(ranker_dir) else None
         self.item_ratings: dict[str, list[float]] = collections.defaultdict(list)
         for r in self.train:
             self.item_ratings[r.item].append(r.rating)
         self._rating_sum = sum(r.rating for r in self.train)
         self._rating_count = len(self.train)
+        # held while profiles are read or changed: a server folds new interactions in from other threads
+        self.lock = threading.RLock()
 
     def _load(self):
         if self.system == "fine-tuned":
@@ -130,6 +141,10 @@ class Predictor:
 
     def forget_history(self) -> None:
         """Drop every profile and rating (serving refills them from its store)."""
+        with self.lock:
+            self._forget_history()
+
+    def _forget_history(self) -> None:
         for table in (self.prompter.user_profiles, self.prompter.item_profiles, self.prompter.user_history,
                       self.prompter.item_records, self.item_ratings):
             table.clear()
@@ -138,10 +153,11 @@ class Predictor:
 
     def add(self, record: Explained) -> None:
         """Fold a new interaction into the profiles and rating statistics (a cold user becomes warm)."""
-        self.prompter.add(record)
-        self.item_ratings[record.item].append(record.rating)
-        self._rating_sum += record.rating
-        self._rating_count += 1
+        with self.lock:
+            self.prompter.add(record)
+            self.item_ratings[record.item].append(record.rating)
+            self._rating_sum += record.rating
+            self._rating_count += 1
 
     def seen(self, user: str) -> set[str]:
         return {r.item for r in self.prompter.user_history.get(user, ())}
@@ -212,7 +228,7 @@ class Predictor:
         key = json.dumps({"settings": settings, "weights": checkpoint_stamp(self.run, self.checkpoint)}, sort_keys=True)
         if self._generic is not None and self._generic[0] == key:
             return self._generic[1]
-        path = self.run.dir / "generated" / "generic-table.json"
+        path = self.run.paths.generic_table
         table = None
         if path.exists():
             try:
@@ -243,13 +259,33 @@ class Predictor:
                            prompted.flags + rating_flags + checked.flags)
 
     def explain(self, requests: Iterable[Request | tuple[str, str]], options: dict | None = None,
-                progress: bool = False) -> list[Explanation]:
-        """Reasons for (user, item) pairs or :class:`Request` objects, in order."""
+                progress: bool = False, generate: GenerateHook | None = None,
+                on_unknown: Callable[[int, UnknownId], None] | None = None) -> list[Explanation | None]:
+        """Reasons for (user, item) pairs or :class:`Request` objects, in order: the staged call.
+
+        1. prompt each request (:meth:`prompt`, under :attr:`lock`); an unknown id raises :class:`UnknownId`,
+           or, with ``on_unknown``, is reported to it as ``(position, error)`` and answered with None;
+        2. generate the texts: ``generate(prompted, options)`` (the server's cache and micro-batcher), else
+           :meth:`generate` (batched, candidates chosen when ``generate.candidates`` > 1);
+        3. rate every pair in one head pass (:meth:`rate`);
+        4. finish each: safety and grounding checks (:meth:`finish`)."""
         reqs = [r if isinstance(r, Request) else Request(*r) for r in requests]
-        prompted = [self.prompt(r, n) for n, r in enumerate(reqs)]
-        texts = self.generate(prompted, options, progress)
-        ratings = self.rate([(r.user, r.item) for r in reqs])  # one head pass for the batch
-        return [self.finish(p, t, r) for p, t, r in zip(prompted, texts, ratings)]
+        prompted: list[Prompted | None] = []
+        with self.lock:
+            for n, request in enumerate(reqs):
+                try:
+                    prompted.append(self.prompt(request, n))
+                except UnknownId as exc:
+                    if on_unknown is None:
+                        raise
+                    on_unknown(n, exc)
+                    prompted.append(None)
+        ready = [p for p in prompted if p is not None]
+        texts = (generate(ready, options) if generate is not None else
+                 self.generate(ready, options, progress)) if ready else []
+        ratings = self.rate([(p.request.user, p.request.item) for p in ready])  # one head pass for the batch
+        finished = iter([self.finish(p, t, r) for p, t, r in zip(ready, texts, ratings)])
+        return [None if p is None else next(finished) for p in prompted]
 
     def explain_records(self, records: Sequence[Explained], options: dict | None = None,
                         progress: bool = False) -> list[str]:
@@ -308,10 +344,23 @@ class Predictor:
             scores = [float(len(self.item_ratings.get(c, ()))) for c in candidates]
         return sorted(zip(candidates, scores), key=lambda x: (-x[1], x[0]))[:k]
 
-    def recommend(self, user: str, k: int = 10, exclude_seen: bool = True, options: dict | None = None) -> list[Explanation]:
-        """The top ``k`` items for ``user``, each with its reason and ranking score."""
-        ranked = self.rank(user, k, exclude_seen)
-        out = self.explain([Request(user, item) for item, _ in ranked], options)
-        for e, (_, score) in zip(out, ranked):
-            e.score = score
+    def recommend_many(self, users: Sequence[str], k: int = 10, exclude_seen: bool = True,
+                       options: dict | None = None, generate: GenerateHook | None = None) -> list[list[Explanation]]:
+        """Each user's top ``k`` items (:meth:`rank`), each with its reason and ranking score: one
+        :meth:`explain` call for all of them (a batch job passes a chunk of users, the server one)."""
+        with self.lock:
+            ranked = [self.rank(user, k, exclude_seen) for user in users]
+        explained = iter(self.explain([Request(user, item) for user, items in zip(users, ranked) for item, _ in items],
+                                      options, generate=generate))
+        out = []
+        for items in ranked:
+            mine = [next(explained) for _ in items]
+            for e, (_, score) in zip(mine, items):
+                e.score = score
+            out.append(mine)
         return out
+
+    def recommend(self, user: str, k: int = 10, exclude_seen: bool = True, options: dict | None = None,
+                  generate: GenerateHook | None = None) -> list[Explanation]:
+        """The top ``k`` items for ``user``, each with its reason and ranking score."""
+        return self.recommend_many([user], k, exclude_seen, options, generate)[0]

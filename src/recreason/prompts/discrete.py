@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import json
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from recreason.config import PromptConfig

@@ -1,9 +1,13 @@
-"""The explanation service behind the HTTP API: one model per worker, a store, batching, cache, checks."""
+"""The explanation service behind the HTTP API: one model per worker, a store, batching, cache, checks.
+
+Reasons come from :meth:`Predictor.explain` (and :meth:`Predictor.recommend`), the staged call every command
+shares; the service plugs its generation hook into it (:meth:`ExplanationService._texts`: the response cache,
+then the micro-batcher) and keeps the store in step with the predictor's profiles.
+"""
 
 from __future__ import annotations
 
 import collections
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +28,13 @@ class ExplanationService:
         self.run = self.predictor.run
         self.gen_cfg = self.predictor.gen_cfg
         self.matcher = self.predictor.matcher
-        self.store = open_store(store_url or str(self.run.dir / "serving.db"))
+        self.store = open_store(store_url or str(self.run.paths.store))
         if not self.store.seeded():
             self.store.seed(self.predictor.train, str(self.predictor.dataset.root))
         self.predictor.forget_history()  # the store is the source of truth: refill from it
         self._next_index = 0
         self._seq = 0  # the store's sequence number folded in so far
-        self._lock = threading.Lock()
+        self._lock = self.predictor.lock  # one lock for the profiles, the sequence number and the cache
         self.sync()
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self.stats = collections.Counter()
@@ -103,57 +107,58 @@ class ExplanationService:
         o["num_beams"] = min(int(o["num_beams"]), self.cfg.max_beams)
         return o
 
-    def explain(self, requests: list[dict], options: dict | None = None) -> list[dict]:
-        opts = self.options(options)
-        key = tuple(sorted(opts.items()))
-        self.sync()
-        jobs = []
-        for n, req in enumerate(requests):
-            history = [h["text"] for h in req.get("history") or []]
-            request = Request(req["user_id"], req["item_id"], history, list(req.get("item_features") or []))
-            with self._lock:
-                prompted = self.predictor.prompt(request, n)
-            cache_key = (self.model_id, request.user, request.item, key, prompted.history_version,
-                         tuple(request.item_features), tuple(history))
-            jobs.append((prompted, cache_key))
-        futures = []
-        for prompted, cache_key in jobs:
+    def _texts(self, prompted: list[Prompted], options: dict | None) -> list[str]:
+        """The generation hook of :meth:`Predictor.explain`: cached texts where the same request was answered
+        for the same history and options, the micro-batcher (shared by concurrent requests) for the rest."""
+        key = tuple(sorted((options or {}).items()))
+        pending = []
+        for p in prompted:
+            req = p.request
+            cache_key = (self.model_id, req.user, req.item, key, p.history_version, tuple(req.item_features),
+                         tuple(req.history))
             with self._lock:
                 cached = self._cache.get(cache_key)
                 if cached is not None:
                     self._cache.move_to_end(cache_key)
             if cached is not None:
                 self.stats["cache_hits"] += 1
-                futures.append(cached)
+                pending.append((cache_key, cached))
             else:
-                futures.append(self.batcher.submit(key, prompted))
-        out = []
-        ratings = self.predictor.rate([(p.request.user, p.request.item) for p, _ in jobs])  # one head pass
+                pending.append((cache_key, self.batcher.submit(key, p)))
         deadline = time.monotonic() + self.cfg.request_timeout_s
-        for (prompted, cache_key), fut, rating in zip(jobs, futures, ratings):
-            text = fut if isinstance(fut, str) else fut.result(timeout=max(0.0, deadline - time.monotonic()))
-            if not isinstance(fut, str):
-                with self._lock:
-                    self._cache[cache_key] = text
-                    if len(self._cache) > self.cfg.cache_size:
-                        self._cache.popitem(last=False)
-            explanation = self.predictor.finish(prompted, text, rating)
+        texts = []
+        for cache_key, fut in pending:
+            if isinstance(fut, str):
+                texts.append(fut)
+                continue
+            text = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            with self._lock:
+                self._cache[cache_key] = text
+                if len(self._cache) > self.cfg.cache_size:
+                    self._cache.popitem(last=False)
+            texts.append(text)
+        return texts
+
+    def _rows(self, explanations) -> list[dict]:
+        out = []
+        for explanation in explanations:
             self.stats["reasons"] += 1
-            self.stats["filtered"] += int(explanation.reason != text)
+            self.stats["filtered"] += int(explanation.reason != explanation.generated)
             self.stats["ungrounded"] += int("ungrounded" in explanation.flags)
             row = explanation.to_dict()
             row.pop("generated")
             out.append(row)
         return out
 
+    def explain(self, requests: list[dict], options: dict | None = None) -> list[dict]:
+        self.sync()
+        reqs = [Request(r["user_id"], r["item_id"], [h["text"] for h in r.get("history") or []],
+                        list(r.get("item_features") or [])) for r in requests]
+        return self._rows(self.predictor.explain(reqs, self.options(options), generate=self._texts))
+
     def recommend(self, user: str, k: int, exclude_seen: bool = True, options: dict | None = None) -> list[dict]:
         self.sync()
-        with self._lock:
-            ranked = self.predictor.rank(user, k, exclude_seen)
-        reasons = self.explain([{"user_id": user, "item_id": item} for item, _ in ranked], options)
-        for r, (_, score) in zip(reasons, ranked):
-            r["score"] = score
-        return reasons
+        return self._rows(self.predictor.recommend(user, k, exclude_seen, self.options(options), generate=self._texts))
 
     def close(self) -> None:
         self.batcher.close()

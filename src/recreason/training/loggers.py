@@ -43,14 +43,15 @@ class _WandbWriter:
         self.run.finish()
 
 
-def make_writer(report_to, run_dir: Path, config: dict) -> _Writers:
-    """TensorBoard by default; Weights & Biases when installed and asked for (``train.report_to``)."""
+def make_writer(report_to, tensorboard_dir: Path, run_dir: Path, config: dict) -> _Writers:
+    """TensorBoard (into ``tensorboard_dir``) by default; Weights & Biases (beside the run in ``run_dir``) when
+    installed and asked for (``train.report_to``)."""
     writers = []
     for name in report_to or []:
         if name == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            writers.append(SummaryWriter(str(run_dir / "tensorboard")))
+            writers.append(SummaryWriter(str(tensorboard_dir)))
         elif name == "wandb":
             import importlib.util
 

@@ -32,7 +32,7 @@ from recreason.models.methods import apply_method, compile_layers, orthogonality
 from recreason.models.sharding import load_optimizer_state, load_weights, optimizer_state, shard_model, trainable_state
 from recreason.prompts.discrete import DiscretePrompter
 from recreason.ranking import fit_ranker
-from recreason.rundir import load_best_into, load_checkpoint, save_best, save_checkpoint, write_run_info
+from recreason.rundir import RunPaths, load_best_into, load_checkpoint, save_best, save_checkpoint, write_run_info
 from recreason.training.data import build_examples, collate, joint_loss, length_bucketed_batches
 from recreason.training.loggers import NullWriter, make_writer
 
@@ -241,6 +241,7 @@ class Trainer:
         self._setup_processes()
         self.progress = progress and self.main
         self.run_dir = Path(run_dir)
+        self.paths = RunPaths(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._setup_data_and_model()
         self.state = TrainState()
@@ -318,14 +319,14 @@ class Trainer:
         if self.main:
             source = gathered.items() if gathered is not None else self.model.named_parameters()
             weights = {n: p.detach().cpu().contiguous() for n, p in source if n in self.trainable_names}
-            save_checkpoint(self.run_dir / "last", weights, opt_state, self.engine.scheduler, self.rng,
+            save_checkpoint(self.paths.last, weights, opt_state, self.engine.scheduler, self.rng,
                             self.state.to_dict())
         self.accelerator.wait_for_everyone()
 
     def resume(self, or_start: bool = False) -> dict | None:
         """Load RUN/last into the model and state; returns the optimizer/scheduler/RNG part for the stage to
         restore. A run with no checkpoint is an error unless ``or_start``."""
-        last = self.run_dir / "last"
+        last = self.paths.last
         if not last.exists():
             if or_start:
                 log.info("no checkpoint in %s yet: starting from step 0", last)
@@ -377,15 +378,16 @@ class Trainer:
         if self.main:
             write_run_info(self.run_dir, self.dataset_dir, self.base_path, cfg, self.prompt_cfg)
             if self.full_config is not None:
-                (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.full_config, sort_keys=False))
+                self.paths.config.write_text(yaml.safe_dump(self.full_config, sort_keys=False))
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("training %s (%s, %s prompt, %d trainable parameters) for %s steps on %d examples", cfg.model,
                  cfg.method, cfg.prompt_mode, trainable, "+".join(str(s.steps) for s in self.stages),
                  len(self.train_examples))
-        writer = make_writer(cfg.report_to, self.run_dir, asdict(cfg)) if self.main else NullWriter()
+        writer = (make_writer(cfg.report_to, self.paths.tensorboard, self.run_dir, asdict(cfg)) if self.main
+                  else NullWriter())
         pad_id = self.tokenizer.pad_token_id
         self._start = time.time() - state.elapsed
-        log_file = open(self.run_dir / "train_log.jsonl", "a" if saved else "w") if self.main else NullWriter()
+        log_file = open(self.paths.train_log, "a" if saved else "w") if self.main else NullWriter()
         save_every = cfg.checkpoint_every or cfg.eval_every
         bar = tqdm(total=sum(s.steps for s in self.stages), initial=state.step, desc="training", unit="step",
                    disable=not self.progress)
@@ -422,7 +424,7 @@ class Trainer:
                     if state.stage_step % save_every == 0 or state.stage_step == stage.steps or state.stopped_early:
                         self.checkpoint()
                     if step in cfg.snapshot_steps:
-                        self.save_best(folder=f"snapshots/step-{step}")
+                        self.save_best(folder=RunPaths.snapshot_name(step))
                     if on_step is not None:
                         on_step(step, self.model)
                 if stage_index < len(self.stages) - 1:
@@ -454,7 +456,7 @@ class Trainer:
                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }
         if self.main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.paths.summary.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -467,6 +469,6 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, prompt
     summary = trainer.fit(resume, on_step)
     if trainer.main:
         start = time.time()
-        fit_ranker(Dataset(dataset_dir).subset(cfg.split_seed, "train"), rank_cfg).save(Path(run_dir) / "ranker")
+        fit_ranker(Dataset(dataset_dir).subset(cfg.split_seed, "train"), rank_cfg).save(RunPaths(run_dir).ranker)
         log.info("fitted the %s ranker in %.1f s", (rank_cfg or RankConfig()).model, time.time() - start)
     return summary
