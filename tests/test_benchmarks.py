@@ -21,3 +21,19 @@ def test_unpaired_difference_combines_both_intervals_as_independent_errors():
 def test_unpaired_difference_is_wider_than_either_interval_alone():
     low, high = quality.unpaired_difference(1.15, (0.76, 1.55), 0.59, (0.0, 0.78))
     assert high - low > 1.55 - 0.76 and high - low > 0.78
+
+
+def test_every_result_file_is_indexed_and_under_a_megabyte():
+    # benchmarks/results/README.md names each benchmark's current result; caches and trials stay in run directories
+    import re
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    index = (results / "README.md").read_text()
+    files = [f for f in results.rglob("*") if f.is_file() and f.name != "README.md"]
+    assert len(files) > 10
+    for f in files:
+        assert f.stat().st_size <= 1_000_000, f"{f} is over 1 MB"
+        rel = f.relative_to(results)
+        named = str(rel.with_suffix("")) in index or (
+            len(rel.parts) > 1 and rel.parts[0] != "quality" and re.sub(r"\d+$", "", rel.parts[0]) in index)
+        assert named, f"{rel} is not in benchmarks/results/README.md"
