@@ -281,21 +281,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="recreason",
-        description="Fine-tune a language model to explain recommendations: prepare -> train -> generate -> evaluate.",
-    )
-    parser.add_argument("--version", action="version", version=f"recreason {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", action="append", default=[],
-                        help="YAML config file (see configs/default.yaml); repeat to layer files, later ones win")
-    common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value, e.g. --set train.lr=5e-4 (repeatable)")
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_prepare(sub, common) -> None:
     p = sub.add_parser("prepare", parents=[common], help=cmd_prepare.__doc__, description=cmd_prepare.__doc__)
     p.add_argument("input", help="review log: Amazon dump or generic JSONL/CSV/Parquet, optionally .gz")
     p.add_argument("--out", required=True, help="dataset directory to write")
@@ -306,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-records", type=int, help="use only the first N valid reviews")
     p.set_defaults(func=cmd_prepare)
 
+
+def _add_export(sub, common) -> None:
     p = sub.add_parser("export", parents=[common], help=cmd_export.__doc__, description=cmd_export.__doc__)
     p.add_argument("source", help="prepared dataset directory (nete) or run directory (merged)")
     p.add_argument("--format", choices=["nete", "merged", "gguf"], default="nete",
@@ -320,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="splits to export as folds 1..n (default: all)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_train(sub, common) -> None:
     p = sub.add_parser("train", parents=[common], help=cmd_train.__doc__, description=cmd_train.__doc__)
     p.add_argument("dataset", help="prepared dataset directory")
     p.add_argument("--out", required=True, help="run directory to write")
@@ -339,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="like --resume, but start from step 0 when OUT has no checkpoint yet")
     p.set_defaults(func=cmd_train)
 
+
+def _add_explain(sub, common) -> None:
     p = sub.add_parser("explain", parents=[common], help=cmd_explain.__doc__, description=cmd_explain.__doc__)
     p.add_argument("--run", required=True, help="run directory from 'recreason train'")
     p.add_argument("--pairs", required=True,
@@ -351,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unknown user without history: item-only reason, or reject the row (default item-only)")
     p.set_defaults(func=cmd_explain)
 
+
+def _add_rank(sub, common) -> None:
     p = sub.add_parser("rank", parents=[common], help=cmd_rank.__doc__, description=cmd_rank.__doc__)
     p.add_argument("dataset", help="prepared dataset directory")
     p.add_argument("--out", required=True, help="folder to write (RUN/ranker is where recommend and serve look)")
@@ -358,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=1, dest="split_seed", help="which split's training part to fit on")
     p.set_defaults(func=cmd_rank)
 
+
+def _add_generate(sub, common) -> None:
     p = sub.add_parser("generate", parents=[common], help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     p.add_argument("--run", required=True, help="run directory from 'recreason train'")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"],
@@ -368,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSONL file (default: RUN/generated/SPLIT-SYSTEM.jsonl)")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_evaluate(sub, common) -> None:
     p = sub.add_parser("evaluate", parents=[common], help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     p.add_argument("--run", required=True, action="append",
                    help="run directory from 'recreason train'; repeat to compare runs on one split in one table")
@@ -380,8 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_tune(sub, common) -> None:
     p = sub.add_parser("tune", parents=[common], help="choose a run's selection weights on validation records",
-                       description=cmd_tune.__doc__)
+                       description=cmd_tune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example (what configs/full.yaml's weights came from; `make tune`):\n"
+                              "  recreason tune --run runs/full/run --reference runs/demo/run \\\n"
+                              "      --also runs/temporal/run --also-reference runs/temporal/demo \\\n"
+                              "      --config configs/demo.yaml --config configs/full.yaml\n"
+                              "then: recreason evaluate --run runs/full/run --config configs/demo.yaml "
+                              "--config configs/full.yaml --config runs/full/run/tuned.yaml")
     p.add_argument("--run", required=True, help="run directory from 'recreason train'")
     p.add_argument("--reference", help="a cheaper run on the same data (e.g. the demo configuration's) whose greedy "
                                        "generic and ungrounded rates set the bar (default: this run's greedy text)")
@@ -392,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "the first generate.generic_records)")
     p.set_defaults(func=cmd_tune)
 
+
+def _add_recommend(sub, common) -> None:
     p = sub.add_parser("recommend", parents=[common], help=cmd_recommend.__doc__, description=cmd_recommend.__doc__)
     p.add_argument("--run", required=True, help="run directory from 'recreason train'")
     p.add_argument("--user", help="user id")
@@ -407,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_recommend)
 
+
+def _add_serve(sub, common) -> None:
     p = sub.add_parser("serve", parents=[common], help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     p.add_argument("--run", "--model", dest="run", required=True, help="run directory from 'recreason train'")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -423,6 +433,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unknown user without history: item-only reason, or 404 (default item-only)")
     p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model copy")
     p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recreason",
+        description="Fine-tune a language model to explain recommendations: prepare -> train -> generate -> evaluate.",
+    )
+    parser.add_argument("--version", action="version", version=f"recreason {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", action="append", default=[],
+                        help="YAML config file (see configs/default.yaml); repeat to layer files, later ones win")
+    common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set train.lr=5e-4 (repeatable)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_prepare(sub, common)
+    _add_export(sub, common)
+    _add_train(sub, common)
+    _add_explain(sub, common)
+    _add_rank(sub, common)
+    _add_generate(sub, common)
+    _add_evaluate(sub, common)
+    _add_tune(sub, common)
+    _add_recommend(sub, common)
+    _add_serve(sub, common)
     return parser
 
 

@@ -187,16 +187,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(service: ExplanationService, api_keys: set[str] | None = None, max_body_bytes: int = 1_000_000,
-               public_metrics: bool = True) -> FastAPI:
-    """``public_metrics``: /metrics answers without an API key (for a Prometheus scraper inside the network);
-    False puts it behind the keys like every other endpoint."""
-    app = FastAPI(title="recreason", version="0.1.0",
-                  description="Personalized, grounded reasons for recommendations.")
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    metrics = Metrics()
-    seen_batches = [0]
-    seen_tokens = [0]
+def _authorizer(api_keys: set[str] | None):
+    """The dependency every protected route takes: a bearer token or X-API-Key among ``api_keys`` (none: open)."""
 
     def authorize(request: Request) -> None:
         if not api_keys:
@@ -206,6 +198,12 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
         given = key.encode("utf-8", "surrogateescape")  # bytes: any header value compares, none raises
         if not any(hmac.compare_digest(given, k.encode("utf-8")) for k in api_keys):
             raise HTTPException(status_code=401, detail="missing or invalid API key")
+
+    return authorize
+
+
+def _request_middleware(app: FastAPI, metrics: Metrics, max_body_bytes: int) -> None:
+    """Request ids, the declared body limit, no stack trace in any answer, and request metrics."""
 
     @app.middleware("http")
     async def limits_and_metrics(request: Request, call_next):
@@ -231,6 +229,10 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
         metrics.latency.labels(path).observe(time.perf_counter() - start)
         return response
 
+
+def _error_handlers(app: FastAPI) -> None:
+    """Overload (503), timeout (504), invalid input (422 naming the field), unknown ids (404)."""
+
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded):
         return JSONResponse({"detail": f"the server is busy: {exc}"}, status_code=503, headers={"Retry-After": "5"})
@@ -249,6 +251,10 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
     @app.exception_handler(UnknownId)
     async def unknown(request: Request, exc: UnknownId):
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+
+def _reason_routes(app: FastAPI, service: ExplanationService, authorize, metrics: Metrics) -> None:
+    """POST /v1/explanations, /v1/recommendations and /v1/interactions."""
 
     def record_outcomes(items):
         for e in items:
@@ -279,6 +285,10 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
     def interactions(body: InteractionRequest):
         return service.record(body.user_id, body.item_id, body.rating, body.text, body.timestamp, body.summary)
 
+
+def _user_routes(app: FastAPI, service: ExplanationService, authorize) -> None:
+    """GET /v1/users and a user's history."""
+
     @app.get("/v1/users/{user_id}/history", response_model=HistoryResponse, dependencies=[Depends(authorize)],
              responses=ERRORS)
     def history(user_id: str, limit: int = Query(10, ge=1, le=100)):
@@ -291,6 +301,13 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
     def users(limit: int = Query(100, ge=1, le=1000)):
         """Known user ids, most active first (for pickers)."""
         return {"users": service.active_users(limit)}
+
+
+def _page_and_operations(app: FastAPI, service: ExplanationService, authorize, metrics: Metrics,
+                         public_metrics: bool) -> None:
+    """The web page, /healthz and /metrics."""
+    seen_batches = [0]
+    seen_tokens = [0]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
@@ -313,6 +330,21 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
         seen_tokens[0] = service.stats["generated_tokens"]
         return PlainTextResponse(generate_latest(metrics.registry).decode())
 
+
+def create_app(service: ExplanationService, api_keys: set[str] | None = None, max_body_bytes: int = 1_000_000,
+               public_metrics: bool = True) -> FastAPI:
+    """The HTTP API over ``service``. ``public_metrics``: /metrics answers without an API key (for a Prometheus
+    scraper inside the network); False puts it behind the keys like every other endpoint."""
+    app = FastAPI(title="recreason", version="0.1.0",
+                  description="Personalized, grounded reasons for recommendations.")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    metrics = Metrics()
+    authorize = _authorizer(api_keys)
+    _request_middleware(app, metrics, max_body_bytes)
+    _error_handlers(app)
+    _reason_routes(app, service, authorize, metrics)
+    _user_routes(app, service, authorize)
+    _page_and_operations(app, service, authorize, metrics, public_metrics)
     return app
 
 
