@@ -84,7 +84,7 @@ def test_a_job_killed_with_sigkill_resumes_without_redoing_or_losing_pairs(tiny_
     killed = subprocess.run(args + ["kill"], capture_output=True, text=True, env=env, timeout=600)
     assert killed.returncode == -signal.SIGKILL and not out.exists()
     journal = (tmp_path / "out.jsonl.journal.jsonl").read_text().splitlines()
-    assert len(journal) == 4  # two chunks of two
+    assert len(journal) == 5 and json.loads(journal[0])["job"]["input"] == str(pairs.resolve())  # the job, 2 chunks of 2
     resumed = subprocess.run(args + ["resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.split() == ["4", "9"]  # 4 pairs came from the journal, 5 were new, 9 rows in all

@@ -19,25 +19,37 @@ from recreason import __version__
 log = logging.getLogger("recreason")
 
 
-def _config(args):
+def _config(args, flags: dict | None = None):
+    """The layered config; ``flags`` ({"section.key": value}) are the command's own flags, applied last and held
+    to the same ranges as --set (None: not given)."""
+    import yaml
+
     from recreason.config import load_config
 
-    return load_config(args.config, args.set)
+    given = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for key, value in (flags or {}).items() if value is not None]
+    return load_config(args.config, list(args.set) + given)
+
+
+def _bounded(kind, low, high):
+    """An argparse type: a number of ``kind`` in [low, high], or one line saying the range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low <= value <= high):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is out of range; valid: {low} to {high}")
+        return value
+    return parse
 
 
 def cmd_prepare(args) -> int:
     """Read, validate, extract explanations and split a review log into a dataset directory."""
     from recreason.data.dataset import prepare
 
-    cfg = _config(args)["prepare"]
-    if args.schema:
-        cfg.schema = args.schema
-    if args.seeds:
-        cfg.seeds = args.seeds
-    if args.split:
-        cfg.split = args.split
-    if args.max_records:
-        cfg.max_records = args.max_records
+    cfg = _config(args, {"prepare.schema": args.schema, "prepare.seeds": args.seeds, "prepare.split": args.split,
+                         "prepare.max_records": args.max_records})["prepare"]
     start = time.time()
     stats = prepare(args.input, args.out, cfg, progress=not args.quiet)
     print(
@@ -76,6 +88,9 @@ def cmd_export(args) -> int:
             reference = run.info["model"]
         if reference is None:
             raise ConfigError("GGUF export copies the tokenizer from a GGUF of the base model: pass --tokenizer-gguf")
+        from recreason.models.export import check_gguf_target
+
+        check_gguf_target(args.out, reference)  # before minutes of merging and writing
         model, _ = run.load_model(dtype="fp32", merge=True)
         out = export_gguf(model.lm, args.out, reference, args.type, name=Path(args.source).name)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB, {args.type}); run it with llama.cpp: "
@@ -94,12 +109,9 @@ def cmd_train(args) -> int:
     from recreason.config import to_dict
     from recreason.training.trainer import train
 
-    config = _config(args)
+    config = _config(args, {f"train.{flag}": getattr(args, flag) for flag in
+                            ("model", "method", "max_steps", "lr", "batch_size", "split_seed", "epochs", "seed")})
     cfg = config["train"]
-    for flag in ("model", "method", "max_steps", "lr", "batch_size", "split_seed", "epochs", "seed"):
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(cfg, flag, value)
     summary = train(args.dataset, args.out, cfg, config["prompt"], to_dict(config), progress=not args.quiet,
                     resume="or-start" if args.resume_or_start else args.resume, rank_cfg=config["rank"])
     print(f"trained {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
@@ -121,9 +133,10 @@ def cmd_explain(args) -> int:
     gen = _config(args)["generate"]
     predictor = Predictor(args.run, gen, cold_start=args.cold_start)
     stats = explain_pairs(predictor, args.pairs, args.out, args.chunk_size, progress=not args.quiet)
-    print(f"wrote {stats['rows']} reasons to {args.out} ({stats['resumed']} pairs were already done; "
-          f"{stats['reasons_per_second']:.2f} reasons/s); {stats['rejected']} rows rejected"
-          + (f" (see {stats['rejects_file']})" if stats["rejected"] else ""))
+    print(f"{stats['input_rows']} rows in {args.pairs}: {stats['rows']} explained + {stats['rejected']} rejected"
+          + (f" (see {stats['rejects_file']})" if stats["rejected"] else "")
+          + f"; wrote {args.out} ({stats['resumed']} pairs were already done, {stats['decoded']} distinct "
+          f"requests, {stats['reasons_per_second']:.2f} reasons/s)")
     return 0
 
 
@@ -132,10 +145,8 @@ def cmd_rank(args) -> int:
     from recreason.data.dataset import Dataset
     from recreason.ranking import fit_ranker
 
-    config = _config(args)
+    config = _config(args, {"rank.model": args.model})
     cfg = config["rank"]
-    if args.model:
-        cfg.model = args.model
     start = time.time()
     ranker = fit_ranker(Dataset(args.dataset).subset(args.split_seed, "train"), cfg)
     ranker.save(args.out)
@@ -150,9 +161,7 @@ def cmd_generate(args) -> int:
     from recreason.evaluation.evaluate import write_generated
     from recreason.inference import Predictor, Request
 
-    gen = _config(args)["generate"]
-    if args.max_records:
-        gen.max_records = args.max_records
+    gen = _config(args, {"generate.max_records": args.max_records})["generate"]
     predictor = Predictor(args.run, gen, system=args.system)
     run, dataset = predictor.run, predictor.dataset
     records = dataset.subset(run.split_seed, args.split)
@@ -171,10 +180,8 @@ def cmd_evaluate(args) -> int:
     """Score fine-tuned runs against the zero-shot base model, retrieval, popularity and MF baselines."""
     from recreason.evaluation.evaluate import evaluate_runs
 
-    config = _config(args)
+    config = _config(args, {"generate.max_records": args.max_records, "evaluate.split": args.split})
     gen, ev = config["generate"], config["evaluate"]
-    if args.max_records:
-        gen.max_records = args.max_records
     report = evaluate_runs(args.run, args.split or ev.split, gen, args.systems or ev.systems, ev.max_len,
                            regenerate=args.regenerate, progress=not args.quiet, out_dir=args.out,
                            bootstrap=ev.bootstrap, semantic=ev.semantic)
@@ -267,10 +274,26 @@ def cmd_serve(args) -> int:
             raise ConfigError(f"{args.api_key_file} holds no API key")
     from recreason.rundir import Run
 
+    from recreason.serving.store import check_store
+
     Run(args.run)  # fail here, before workers start, when the run is missing
+    if args.store:
+        check_store(args.store)
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    wildcard = args.host in ("0.0.0.0", "::", "")
+    if args.allowed_hosts:
+        allowed = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    else:
+        allowed = ["*"] if wildcard else ["localhost", "127.0.0.1", "::1"] + ([] if loopback else [args.host])
+    if not loopback and not args.api_key_file:
+        log.warning("serving on %s with no API key: anyone who can reach it can read histories and record "
+                    "interactions; pass --api-key-file", args.host)
+    if allowed == ["*"]:
+        log.warning("bound to every interface with no --allowed-hosts: any Host header is answered")
     # Each worker process builds its own service (one model per worker) from these settings.
     os.environ["RECREASON_SERVE"] = json.dumps({
         "run": args.run, "store": args.store, "api_key_file": args.api_key_file, "private_metrics": args.private_metrics,
+        "allowed_hosts": allowed,
         "generate": to_dict(_config(args))["generate"],
         "serve": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                   "cold_start": args.cold_start},
@@ -305,7 +328,7 @@ def _add_export(sub, common) -> None:
                         "embedded model's file)")
     p.add_argument("--merged", action="store_true", help="same as --format merged: LoRA/AdaLoRA/IA3 merged into the base")
     p.add_argument("--out", required=True, help="output directory (a .gguf file with --format gguf)")
-    p.add_argument("--seeds", type=int, nargs="+", help="splits to export as folds 1..n (default: all)")
+    p.add_argument("--seeds", type=_bounded(int, 0, 2**31 - 1), nargs="+", help="splits to export as folds 1..n (default: all)")
     p.set_defaults(func=cmd_export)
 
 
@@ -337,7 +360,7 @@ def _add_explain(sub, common) -> None:
                    help="CSV/JSONL/Parquet with user_id, item_id; optional history (texts) for unknown users and "
                         "item_features for unknown items")
     p.add_argument("--out", required=True, help="output file: .jsonl, .csv or .parquet; rerunning resumes it")
-    p.add_argument("--chunk-size", type=int, default=256, dest="chunk_size",
+    p.add_argument("--chunk-size", type=_bounded(int, 1, 100_000), default=256, dest="chunk_size",
                    help="pairs per chunk written to the journal; a killed job loses at most one (default 256)")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
                    help="unknown user without history: item-only reason, or reject the row (default item-only)")
@@ -349,7 +372,8 @@ def _add_rank(sub, common) -> None:
     p.add_argument("dataset", help="prepared dataset directory")
     p.add_argument("--out", required=True, help="folder to write (RUN/ranker is where recommend and serve look)")
     p.add_argument("--model", choices=["als", "bpr", "popularity"], help="ranking model (rank.model; default als)")
-    p.add_argument("--split-seed", type=int, default=1, dest="split_seed", help="which split's training part to fit on")
+    p.add_argument("--split-seed", type=_bounded(int, 0, 2**31 - 1), default=1, dest="split_seed",
+                   help="which split's training part to fit on")
     p.set_defaults(func=cmd_rank)
 
 
@@ -394,7 +418,7 @@ def _add_tune(sub, common) -> None:
     p.add_argument("--also", help="a run of the same configuration trained on another split (e.g. prepare --split "
                                   "temporal): the choice must meet the bar on its validation records too")
     p.add_argument("--also-reference", dest="also_reference", help="the reference run for --also's split")
-    p.add_argument("--records", type=int, help="tune on the last N validation records only (default: all after "
+    p.add_argument("--records", type=_bounded(int, 1, 10**9), help="tune on the last N validation records only (default: all after "
                                                "the first generate.generic_records)")
     p.set_defaults(func=cmd_tune)
 
@@ -406,9 +430,9 @@ def _add_recommend(sub, common) -> None:
     p.add_argument("--all-users", action="store_true", dest="all_users",
                    help="every user the run knows, written to --out as a resumable batch job")
     p.add_argument("--out", help="with --all-users: output file; the extension picks JSONL, CSV or Parquet")
-    p.add_argument("--chunk-size", type=int, default=32, dest="chunk_size",
+    p.add_argument("--chunk-size", type=_bounded(int, 1, 100_000), default=32, dest="chunk_size",
                    help="with --all-users: users per chunk written to the journal (default 32)")
-    p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    p.add_argument("-k", type=_bounded(int, 1, 1000), default=10, help="how many items, 1 to 1000 (default 10)")
     p.add_argument("--include-seen", action="store_true", help="also rank items the user already interacted with")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
                    help="unknown user: rank by popularity with item-only reasons, or fail (default item-only)")
@@ -420,18 +444,22 @@ def _add_serve(sub, common) -> None:
     p = sub.add_parser("serve", parents=[common], help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     p.add_argument("--run", "--model", dest="run", required=True, help="run directory from 'recreason train'")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=_bounded(int, 1, 65535), default=8000, help="port to listen on (default 8000)")
     p.add_argument("--store", help="store URL: sqlite:///PATH or postgresql://USER@HOST/DB (needs recreason[postgres]); "
                                  "default: the SQLite file RUN/serving.db, seeded from the dataset on first start")
     p.add_argument("--api-key-file", help="file with one accepted API key per line (default: no keys)")
     p.add_argument("--private-metrics", action="store_true", dest="private_metrics",
                    help="/metrics needs an API key too (default: open, for a Prometheus scraper)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="generations batched together (default 16)")
-    p.add_argument("--max-wait-ms", type=float, default=50.0,
+    p.add_argument("--max-batch-size", type=_bounded(int, 1, 1024), default=16,
+                   help="generations batched together, 1 to 1024 (default 16)")
+    p.add_argument("--max-wait-ms", type=_bounded(float, 0.0, 10_000.0), default=50.0,
                    help="how long the first queued request waits for others to join its batch (default 50)")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
                    help="unknown user without history: item-only reason, or 404 (default item-only)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model copy")
+    p.add_argument("--allowed-hosts", dest="allowed_hosts",
+                   help="comma-separated Host names the server answers (default: localhost, 127.0.0.1 and ::1, plus "
+                        "--host when it is one address; '*' for any): a guard against DNS rebinding")
+    p.add_argument("--workers", type=_bounded(int, 1, 64), default=1, help="worker processes, each with its own model copy")
     p.set_defaults(func=cmd_serve)
 
 

@@ -10,6 +10,7 @@ the bottom of the package: it imports nothing else of recreason but its errors.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -208,6 +209,52 @@ SECTIONS = {
 }
 
 
+BIG = 10**9
+# The valid range of every number (inclusive), and the choices of every word, checked when a config is read, so a
+# bad value stops with one line naming the key, the value and the range before any work starts. A key with no
+# entry here takes any value of its type (free text: prompt.system, train.model, ...).
+LIMITS: dict[str, dict[str, tuple]] = {
+    "prepare": {"rating_min": (-1e6, 1e6), "rating_max": (-1e6, 1e6), "max_reject_fraction": (0.0, 1.0),
+                "min_feature_df": (1, BIG), "min_words": (1, 1000), "max_words": (1, 1000), "seeds": (0, 2**31 - 1),
+                "n_process": (1, 256), "max_records": (1, 10**12), "max_record_bytes": (100, 2**31 - 1),
+                "max_review_chars": (1, 10**8), "max_id_chars": (1, 10**5), "min_timestamp": (0, 2**40),
+                "max_timestamp": (0, 2**40), "max_row_lines": (1, 10**4)},
+    "prompt": {"user_features": (0, 100), "item_features": (0, 100), "history": (0, 100), "attributes": (0, 100),
+               "evidence": (0, 100)},
+    "train": {"lora_r": (1, 4096), "lora_alpha": (1, 65536), "lora_dropout": (0.0, 0.99),
+              "lora_top_layers": (1, 10**4), "adapter_size": (1, 65536), "num_virtual_tokens": (1, 4096),
+              "personal_lr": (1e-12, 10.0), "rating_weight": (0.0, 1000.0), "stage1_steps": (1, BIG),
+              "stage1_lr": (1e-12, 10.0), "split_seed": (0, 2**31 - 1), "max_prompt_tokens": (1, 65536),
+              "max_target_tokens": (1, 65536), "batch_size": (1, 65536), "grad_accum": (1, 65536),
+              "lr": (1e-12, 10.0), "weight_decay": (0.0, 10.0), "warmup_ratio": (0.0, 1.0),
+              "max_grad_norm": (1e-6, 1e6), "epochs": (1e-6, 10**4), "max_steps": (1, BIG),
+              "max_train_records": (1, 10**12), "eval_every": (1, BIG), "max_eval_records": (1, 10**9),
+              "checkpoint_every": (1, BIG), "patience": (1, 10**4), "snapshot_steps": (1, BIG),
+              "seed": (0, 2**32 - 1), "num_threads": (1, 4096)},
+    "generate": {"max_new_tokens": (1, 4096), "batch_size": (1, 4096), "num_beams": (1, 64),
+                 "temperature": (1e-4, 100.0), "top_p": (1e-6, 1.0), "seed": (0, 2**32 - 1),
+                 "max_records": (1, 10**12), "candidates": (1, 256), "sample_temperature": (1e-4, 100.0),
+                 "sample_top_p": (1e-6, 1.0), "weight_likelihood": (-1e4, 1e4), "weight_grounded": (-1e4, 1e4),
+                 "weight_ungrounded": (-1e4, 1e4), "weight_user": (-1e4, 1e4), "weight_generic": (-1e4, 1e4),
+                 "weight_consensus": (-1e4, 1e4), "weight_consensus_bleu": (-1e4, 1e4),
+                 "weight_length": (-1e4, 1e4), "generic_records": (0, 10**6)},
+    "rank": {"factors": (1, 4096), "regularization": (0.0, 1e6), "iterations": (1, 10**4), "alpha": (0.0, 1e6),
+             "learning_rate": (1e-9, 10.0), "popularity_weight": (0.0, 1e6), "seed": (0, 2**32 - 1)},
+    "evaluate": {"max_len": (1, 1000), "bootstrap": (0, 10**6)},
+}
+CHOICES: dict[str, dict[str, tuple]] = {
+    "prepare": {"schema": ("auto", "amazon", "generic"), "split": ("random", "temporal")},
+    "train": {"method": METHODS, "optimizer": ("adamw", "sgd"), "scheduler": ("linear", "cosine"),
+              "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2"), "target": ("sentence", "summary"),
+              "prompt_mode": ("discrete", "continuous", "hybrid"), "rating_head": ("mf", "mlp"),
+              "precision": ("bf16", "fp16", "fp32"), "report_to": ("tensorboard", "wandb")},
+    "generate": {"precision": ("bf16", "fp32")},
+    "rank": {"model": ("als", "bpr", "popularity")},
+    "evaluate": {"split": ("train", "validation", "test"), "systems": ("zero-shot", "retrieval", "fine-tuned")},
+}
+MAX_DECODE_ROWS = 8192  # generate.batch_size x generate.candidates sequences decoded at once
+
+
 def _coerce(value: Any, annotation: str, where: str) -> Any:
     """Numbers YAML reads as strings (``5e-4`` under YAML 1.1) become the field's numeric type."""
     if isinstance(value, str) and value.lower() not in ("null", "none"):
@@ -224,12 +271,81 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
     return value
 
 
-def _apply(obj, values: dict[str, Any], where: str) -> None:
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_one(value: Any, kind: str, limits: tuple | None, choices: tuple | None, where: str) -> None:
+    """One scalar against its kind ("int", "float", "str", "bool") and its range or choices."""
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        wanted = {"bool": "true or false", "int": "an integer", "float": "a finite number"}.get(kind, "a string")
+        raise ConfigError(f"{where}: expected {wanted}, got {_shown(value)}")
+    if limits is not None and not limits[0] <= value <= limits[1]:
+        raise ConfigError(f"{where}: {_shown(value)} is out of range; valid: {limits[0]:g} to {limits[1]:g}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: {_shown(value)} is not one of {', '.join(map(str, choices))}")
+
+
+def check_value(section: str, key: str, value: Any, annotation: str, where: str) -> None:
+    """``value`` against the field's type (``annotation``), :data:`LIMITS` and :data:`CHOICES`; a
+    :class:`ConfigError` of one line naming the key, the value and what is valid otherwise."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" not in kinds:
+            raise ConfigError(f"{where}: null is not valid; expected {annotation}")
+        return
+    limits, choices = LIMITS.get(section, {}).get(key), CHOICES.get(section, {}).get(key)
+    base = kinds[0]
+    if base.startswith(("list[", "Sequence[")):
+        inner = base[base.index("[") + 1:-1]
+        if not isinstance(value, (list, tuple)) or len(value) > 1000:
+            raise ConfigError(f"{where}: expected a list of {inner} (at most 1000), got {_shown(value)}")
+        for item in value:
+            _check_one(item, inner, limits, choices, where)
+        return
+    _check_one(value, base, limits, choices, where)
+
+
+def _apply(obj, values: dict[str, Any], where: str, section: str = "") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {_shown(values)}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(fields))}")
-        setattr(obj, key, _coerce(value, str(fields[key].type), f"{where}: {key}"))
+        annotation = str(fields[key].type)
+        value = _coerce(value, annotation, f"{where}: {key}")
+        check_value(section, key, value, annotation, f"{where}: {key}")
+        setattr(obj, key, value)
+
+
+def check_together(config: dict[str, Any]) -> None:
+    """Rules between keys of one section, checked once every layer is applied."""
+    prepare, gen = config["prepare"], config["generate"]
+    if prepare.rating_min >= prepare.rating_max:
+        raise ConfigError(f"prepare.rating_min ({prepare.rating_min:g}) must be below prepare.rating_max "
+                          f"({prepare.rating_max:g})")
+    if prepare.min_words > prepare.max_words:
+        raise ConfigError(f"prepare.min_words ({prepare.min_words}) must not exceed prepare.max_words "
+                          f"({prepare.max_words})")
+    if prepare.min_timestamp >= prepare.max_timestamp:
+        raise ConfigError("prepare.min_timestamp must be below prepare.max_timestamp")
+    if not prepare.seeds:
+        raise ConfigError("prepare.seeds: give at least one split seed")
+    if gen.batch_size * gen.candidates * max(1, gen.num_beams) > MAX_DECODE_ROWS:
+        raise ConfigError(f"generate.batch_size x generate.candidates x generate.num_beams = "
+                          f"{gen.batch_size * gen.candidates * max(1, gen.num_beams)} sequences decoded at once; "
+                          f"at most {MAX_DECODE_ROWS}: lower the batch size")
+    config["train"].validate()
 
 
 def load_config(paths=None, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -247,13 +363,19 @@ def load_config(paths=None, overrides: list[str] | None = None) -> dict[str, Any
         for section, values in data.items():
             if section not in SECTIONS:
                 raise ConfigError(f"{path}: unknown section {section!r}; valid: {', '.join(SECTIONS)}")
-            _apply(config[section], values or {}, f"{path}: {section}")
+            _apply(config[section], values or {}, f"{path}: {section}", section)
     for item in overrides or []:
+        label = item if item.isprintable() and len(item) <= 80 else _shown(item)  # one line in every message
         key, sep, raw = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in SECTIONS:
-            raise ConfigError(f"--set {item!r}: expected section.key=value with section in {', '.join(SECTIONS)}")
-        _apply(config[section], {name: yaml.safe_load(raw)}, f"--set {item}")
+            raise ConfigError(f"--set {label}: expected section.key=value with section in {', '.join(SECTIONS)}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {label}: the value is not valid YAML") from None
+        _apply(config[section], {name: value}, f"--set {label}", section)
+    check_together(config)
     return config
 
 

@@ -12,21 +12,26 @@ pairs file go to ``OUT.rejects.jsonl`` with their line and reason; they never st
 from __future__ import annotations
 
 import csv
-import io
+import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
 
+from recreason.data.readers import Limits, iter_records
 from recreason.errors import ConfigError, DataError, UnknownId
 from recreason.inference import Predictor, Request
+from recreason.inference.predictor import (MAX_FEATURE_CHARS, MAX_HISTORY, MAX_HISTORY_CHARS, MAX_ID_CHARS,
+                                           MAX_ITEM_FEATURES)
+from recreason.rundir import checkpoint_stamp
 
 FORMATS = (".jsonl", ".csv", ".parquet")
-MAX_FIELD = 10_000  # characters of one id or history text in a pairs file
+PAIR_FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".ndjson", ".parquet")
+MAX_PAIR_BYTES = 1_000_000  # one pairs row
 
 
 @dataclass
@@ -37,26 +42,36 @@ class Pair:
     history: list[str]
     item_features: list[str]
 
+    def key(self) -> tuple:
+        """What the reason depends on: equal keys are decoded once per job."""
+        return self.user, self.item, tuple(self.history), tuple(self.item_features)
+
 
 def _output_format(out: Path) -> str:
     suffix = out.suffix.lower()
     if suffix not in FORMATS:
         raise ConfigError(f"--out {out}: the extension names the format; use one of {', '.join(FORMATS)}")
+    if out.exists() and out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name the output file")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: {out.parent} is a file, not a folder")
     return suffix
 
 
-def _text_list(value, field: str) -> list[str]:
+def _text_list(value, field: str, most: int, chars: int) -> list[str]:
     if value is None or value == "":
         return []
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.lstrip().startswith("[") else [value]
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise ValueError(f"{field}: not a JSON list of strings") from None
     if isinstance(value, list):
         value = [v.get("text") if isinstance(v, dict) else v for v in value]  # history may be [{"text": ...}]
-    if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= MAX_FIELD for v in value):
-        raise ValueError(f"{field}: expected a list of strings of at most {MAX_FIELD} characters")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{field}: expected a list of strings")
+    if len(value) > most or any(len(v) > chars for v in value):
+        raise ValueError(f"{field}: at most {most} texts of at most {chars} characters each (the API's limits)")
     return value
 
 
@@ -70,77 +85,79 @@ def _pair(line: int, row) -> Pair:
             value = str(value)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{field}: missing or empty")
-        if len(value) > MAX_FIELD:
-            raise ValueError(f"{field}: longer than {MAX_FIELD} characters")
+        if len(value) > MAX_ID_CHARS:
+            raise ValueError(f"{field}: longer than {MAX_ID_CHARS} characters")
+        if not value.isprintable():
+            raise ValueError(f"{field}: holds control or unprintable characters")
         ids.append(value.strip())
-    return Pair(line, ids[0], ids[1], _text_list(row.get("history"), "history"),
-                _text_list(row.get("item_features"), "item_features"))
+    return Pair(line, ids[0], ids[1], _text_list(row.get("history"), "history", MAX_HISTORY, MAX_HISTORY_CHARS),
+                _text_list(row.get("item_features"), "item_features", MAX_ITEM_FEATURES, MAX_FEATURE_CHARS))
 
 
 def read_pairs(path: Path) -> tuple[list[Pair], list[dict]]:
-    """(valid pairs, rejects with line and reason) from a CSV, JSONL or Parquet pairs file."""
-    if not path.exists() or path.is_dir():
+    """(valid pairs, rejects with line and reason) from a CSV/TSV, JSONL or Parquet pairs file (optionally .gz).
+    Every row is one or the other: a malformed row, invalid UTF-8 or a row over the limits is a reject with
+    its line, and reading goes on (``recreason prepare``'s reader)."""
+    if not path.exists():
         raise DataError(f"{path}: no such pairs file")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give the pairs file")
+    kind = "".join(s for s in path.suffixes[-2:] if s != ".gz")[-8:].lower()
+    if not any(kind.endswith(f) for f in PAIR_FORMATS):
+        raise DataError(f"{path}: pairs must be {', '.join(PAIR_FORMATS)} (optionally .gz)")
     pairs, rejects = [], []
-
-    def take(line: int, row, raw: str = "") -> None:
+    header_checked = False
+    for line, raw, row, problem in iter_records(path, Limits(max_record_bytes=MAX_PAIR_BYTES)):
+        if problem is None and not header_checked:
+            header_checked = True
+            if kind.endswith((".csv", ".tsv")) and not {"user_id", "item_id"} <= set(row):
+                raise DataError(f"{path}: the header must name user_id and item_id columns")
+        if problem is not None:
+            rejects.append({"line": line, "reason": problem, "raw": raw[:500]})
+            continue
         try:
             pairs.append(_pair(line, row))
         except ValueError as exc:
             rejects.append({"line": line, "reason": str(exc), "raw": raw[:500]})
-
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'recreason[parquet]'") from None
-        for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            take(n, row)
-        return pairs, rejects
-    with open(path, "rb") as fh:
-        data = fh.read().decode("utf-8-sig", errors="replace")
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        for n, raw in enumerate(data.splitlines(), 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                rejects.append({"line": n, "reason": f"malformed JSON: {exc}", "raw": raw[:500]})
-                continue
-            take(n, row, raw)
-    elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(data, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        if not reader.fieldnames or not {"user_id", "item_id"} <= set(reader.fieldnames):
-            raise DataError(f"{path}: the header must name user_id and item_id columns")
-        line = 1
-        try:
-            for row in reader:
-                take(line + 1, row)
-                line = reader.line_num
-        except csv.Error as exc:
-            rejects.append({"line": line + 1, "reason": f"malformed CSV: {exc}", "raw": ""})
-    else:
-        raise DataError(f"{path}: pairs must be .csv, .tsv, .jsonl or .parquet")
     return pairs, rejects
 
 
-class Journal:
-    """Finished rows, appended chunk by chunk and flushed, read back (minus a torn last line) on resume."""
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    def __init__(self, out: Path):
+
+class Journal:
+    """Finished rows, appended chunk by chunk and flushed, read back (minus a torn last line) on resume. Its
+    first line names the job (input file and its hash, run, options): a journal of another job is refused,
+    saying what differs, instead of mixing two jobs' rows."""
+
+    def __init__(self, out: Path, job: dict):
         self.path = out.with_name(out.name + ".journal.jsonl")
         self.rows: list[dict] = []
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as fh:
-                for raw in fh:
-                    try:
-                        self.rows.append(json.loads(raw))
-                    except json.JSONDecodeError:  # the chunk being written when the job was killed
-                        break
-            with open(self.path, "w", encoding="utf-8") as fh:  # drop the torn tail
-                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows)
+            with open(self.path, encoding="utf-8", errors="replace") as fh:
+                lines = fh.read().split("\n")
+            try:
+                head = json.loads(lines[0]).get("job")
+            except (json.JSONDecodeError, AttributeError):
+                head = None
+            if head != job:
+                differ = sorted(k for k in set(job) | set(head or {}) if (head or {}).get(k) != job.get(k))
+                raise ConfigError(f"{self.path} is the journal of another job ({', '.join(differ) or 'unreadable'} "
+                                  f"differ{'s' if len(differ) == 1 else ''}); delete it to start over, or give "
+                                  "another --out")
+            for raw in lines[1:]:
+                try:
+                    self.rows.append(json.loads(raw))
+                except json.JSONDecodeError:  # the chunk being written when the job was killed
+                    break
+        with open(self.path, "w", encoding="utf-8") as fh:  # the head, and the rows without a torn tail
+            fh.write(json.dumps({"job": job}, ensure_ascii=False) + "\n")
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows)
 
     def append(self, rows: list[dict]) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -177,15 +194,18 @@ def write_rows(out: Path, rows: list[dict]) -> None:
 
 
 def _run_chunks(jobs: list, out: Path, chunk_size: int, work: Callable[[list], list[dict]], key, progress: bool,
-                desc: str, on_chunk=None) -> dict:
-    journal = Journal(out)
+                desc: str, job: dict, on_chunk=None, on_resume=None) -> dict:
+    if chunk_size < 1:
+        raise ConfigError("the chunk size must be at least 1")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out, job)
     done = {key(r) for r in journal.rows}
+    for row in journal.rows if on_resume is not None else ():
+        on_resume(row)
     todo = [j for j in jobs if key(j) not in done]
     start = time.time()
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="pair", disable=not progress)
     written = 0
-    if chunk_size < 1:
-        raise ConfigError("the chunk size must be at least 1")
     for n in range(0, len(todo), chunk_size):
         chunk = todo[n : n + chunk_size]
         rows = work(chunk)
@@ -211,30 +231,53 @@ def _row(explanation, **extra) -> dict:
                                             "features", "flags")}, **({"score": row["score"]} if "score" in row else {})}
 
 
+def _job(kind: str, predictor: Predictor, options: dict | None, **extra) -> dict:
+    """What a journal's rows depend on: the job, the run's weights and the decoding settings."""
+    stamp = hashlib.sha256(checkpoint_stamp(predictor.run, predictor.checkpoint).encode()).hexdigest()[:16]
+    job = {"kind": kind, "run": str(predictor.run.dir.resolve()), "weights": stamp,
+           "generate": asdict(predictor.gen_cfg), "options": options or {}, **extra}
+    return json.loads(json.dumps(job, default=str))  # as it reads back from the journal
+
+
 def explain_pairs(predictor: Predictor, pairs_file: str | Path, out: str | Path, chunk_size: int = 256,
                   options: dict | None = None, progress: bool = True, on_chunk=None) -> dict:
-    """Reasons for every valid pair of ``pairs_file``, one row per pair (its input ``line`` first)."""
-    out = Path(out)
+    """Reasons for every valid pair of ``pairs_file``, one row per pair (its input ``line`` first). Pairs asking
+    for the same reason (same user, item, history and features) are decoded once. Every input row ends up
+    explained or rejected: ``rows + rejected == input_rows``."""
+    out, pairs_file = Path(out), Path(pairs_file)
     _output_format(out)
-    pairs, rejects = read_pairs(Path(pairs_file))
+    pairs, rejects = read_pairs(pairs_file)
+    input_rows = len(pairs) + len(rejects)
+    job = _job("explain", predictor, options, input=str(pairs_file.resolve()), bytes=pairs_file.stat().st_size,
+               sha256=file_digest(pairs_file))
+    by_line = {p.line: p for p in pairs}
+    answered: dict[tuple, dict] = {}  # a pair's key -> its row (or its reject), for duplicates
 
     def work(chunk: list[Pair]) -> list[dict]:
-        rows = []
+        fresh = list({p.key(): p for p in chunk if p.key() not in answered}.values())
 
         def reject(position: int, exc: UnknownId) -> None:  # journaled like a result: a resumed job reports it
-            p = chunk[position]
-            rows.append({"line": p.line, "rejected": str(exc).split(": ", 1)[-1], "raw": f"{p.user},{p.item}"})
+            p = fresh[position]
+            answered[p.key()] = {"rejected": str(exc).split(": ", 1)[-1], "raw": f"{p.user},{p.item}"}
 
-        explained = predictor.explain([Request(p.user, p.item, p.history, p.item_features) for p in chunk], options,
+        explained = predictor.explain([Request(p.user, p.item, p.history, p.item_features) for p in fresh], options,
                                       on_unknown=reject)
-        rows += [_row(e, line=p.line) for p, e in zip(chunk, explained) if e is not None]
-        return rows
+        for p, e in zip(fresh, explained):
+            if e is not None:
+                answered[p.key()] = _row(e)
+        return [{"line": p.line, **answered[p.key()]} for p in chunk]
+
+    def resumed(row: dict) -> None:
+        pair = by_line.get(row.get("line"))
+        if pair is not None:
+            answered.setdefault(pair.key(), {k: v for k, v in row.items() if k != "line"})
 
     stats = _run_chunks(pairs, out, chunk_size, work, key=lambda x: x["line"] if isinstance(x, dict) else x.line,
-                        progress=progress, desc="explaining", on_chunk=on_chunk)
+                        progress=progress, desc="explaining", job=job, on_chunk=on_chunk, on_resume=resumed)
     rejects += stats.pop("journal_rejects")
     _write_rejects(out, rejects)
-    return {**stats, "rejected": len(rejects), "rejects_file": str(_rejects_path(out))}
+    return {**stats, "rejected": len(rejects), "input_rows": input_rows,
+            "decoded": len(answered), "rejects_file": str(_rejects_path(out))}
 
 
 def recommend_all(predictor: Predictor, k: int, out: str | Path, chunk_size: int = 32, options: dict | None = None,
@@ -242,14 +285,18 @@ def recommend_all(predictor: Predictor, k: int, out: str | Path, chunk_size: int
     """Every known user's top ``k`` with a reason each: one row per (user, item), ``rank`` from 1."""
     out = Path(out)
     _output_format(out)
+    if not 1 <= k <= 1000:
+        raise ConfigError(f"-k {k} is out of range; valid: 1 to 1000")
     users = users if users is not None else sorted(predictor.prompter.user_profiles)
+    job = _job("recommend", predictor, options, k=k,
+               users=hashlib.sha256("\n".join(users).encode("utf-8", "surrogateescape")).hexdigest())
 
     def work(chunk: list[str]) -> list[dict]:
         return [_row(e, rank=rank) for recs in predictor.recommend_many(chunk, k, options=options)
                 for rank, e in enumerate(recs, 1)]
 
     stats = _run_chunks(users, out, chunk_size, work, key=lambda x: x["user_id"] if isinstance(x, dict) else x,
-                        progress=progress, desc="recommending", on_chunk=on_chunk)
+                        progress=progress, desc="recommending", job=job, on_chunk=on_chunk)
     stats.pop("journal_rejects")
     return stats
 

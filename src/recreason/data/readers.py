@@ -19,6 +19,7 @@ import csv
 import gzip
 import io
 import json
+import re
 import math
 import zlib
 from dataclasses import dataclass
@@ -75,13 +76,17 @@ def _base_suffix(path: Path) -> str:
 
 def _physical_lines(path: Path) -> Iterator[tuple[int, bytes | None, str | None]]:
     """(line number, bytes, None) per line split on \\n only (a bare CR stays inside its record), or
-    (line, None, reason) once when the file ends early. Opening problems are whole-file errors."""
+    (line, None, reason) once when the file ends early. A file whose lines all end in a bare CR (old Mac
+    line ends: a CR and no LF in the first block read) is split on CR instead. Opening problems are whole-file
+    errors."""
     try:
         fh = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-        if path.suffix == ".gz":
-            fh.peek(1)  # a file named .gz that is not gzip fails here, before any record
-    except (OSError, EOFError) as exc:
+        head = fh.peek(65536)[:65536]  # a file named .gz that is not gzip fails here, before any record
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from None
+    if b"\r" in head and b"\n" not in head:
+        yield from _cr_lines(fh)
+        return
     lineno = 0
     with fh:
         while True:
@@ -96,6 +101,23 @@ def _physical_lines(path: Path) -> Iterator[tuple[int, bytes | None, str | None]
             if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
                 line = line[3:]  # a UTF-8 byte order mark
             yield lineno, line, None
+
+
+def _cr_lines(fh) -> Iterator[tuple[int, bytes | None, str | None]]:
+    with fh:
+        try:
+            data = fh.read()
+        except (EOFError, OSError, zlib.error) as exc:
+            yield 1, None, f"the file is damaged ({exc})"
+            return
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for lineno, line in enumerate(data.split(b"\r"), 1):
+        if line:
+            yield lineno, line + b"\n", None
+
+
+CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # raw control bytes other than tab, LF and CR
 
 
 def _decode(line: bytes) -> str:
@@ -117,8 +139,13 @@ def _iter_jsonl(path: Path, limits: Limits):
             yield lineno, raw[:2000], None, f"record is {len(line)} bytes, more than prepare.max_record_bytes " \
                                             f"({limits.max_record_bytes})"
             continue
+        control = CONTROL.search(line)
+        if control:  # JSON allows them only escaped (\\u0001); a raw one is damage, not text
+            yield lineno, raw[:2000], None, f"malformed record: raw control character 0x{control.group()[0]:02x} " \
+                                            f"at byte {control.start()}"
+            continue
         try:
-            row = json.loads(_decode(line), strict=False)  # control characters (a bare CR) inside strings are text
+            row = json.loads(_decode(line), strict=False)  # a bare CR or tab inside a string is text
         except json.JSONDecodeError as exc:
             yield lineno, raw, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
             continue
@@ -203,8 +230,11 @@ def _iter_csv(path: Path, kind: str, limits: Limits):
         yield lines[-1][0], "", None, ended
 
 
-def _iter_raw(path: Path, limits: Limits | None = None) -> Iterator[tuple[int, str, dict[str, Any] | None, str | None]]:
-    """Yield (line, raw text, parsed row or None, problem or None); a problem is a reject, never an exception."""
+def iter_records(path: Path, limits: Limits | None = None) -> Iterator[tuple[int, str, dict[str, Any] | None, str | None]]:
+    """Yield (line, raw text, parsed row or None, problem or None) for every record of a JSONL, CSV/TSV or Parquet
+    file (optionally .gz): a problem (invalid UTF-8, malformed JSON or CSV, a record over the limits) is a reject
+    with its line, never an exception, so every record is accounted for. Only a file that cannot be read at all
+    raises :class:`DataError`."""
     limits = limits or Limits()
     kind = _base_suffix(path)
     if kind in (".jsonl", ".json", ".ndjson", ""):
@@ -359,7 +389,7 @@ def read_reviews(
     seen: dict[tuple[str, str, int], int] = {}
     total = 0
     detected = None if schema == "auto" else schema
-    for lineno, raw, row, error in _iter_raw(path, limits):
+    for lineno, raw, row, error in iter_records(path, limits):
         total += 1
         if error is not None:
             rejects.append(Reject(lineno, error, raw))

@@ -33,6 +33,13 @@ from recreason.rundir import Run, checkpoint_stamp
 from recreason.text import FeatureMatcher, tokenize
 
 SYSTEMS = ("fine-tuned", "zero-shot")
+# What a caller may send about users and items the run does not know, wherever the request comes from (the HTTP
+# API and the batch jobs hold requests to these): a prompt's size, and so a decode's memory, stays bounded.
+MAX_ID_CHARS = 200
+MAX_ITEM_FEATURES = 20  # caller-given features of an unknown item
+MAX_FEATURE_CHARS = 60  # characters of one such feature
+MAX_HISTORY = 50  # texts describing an unknown user
+MAX_HISTORY_CHARS = 4000  # characters of one such text
 
 
 @dataclass

@@ -52,11 +52,19 @@ def is_profane(text: str) -> bool:
     return profanity_filter().contains_profanity(text)
 
 
+FALLBACK = "Recommended because it matches what you have liked before."
+
+
 def template(item_features: list[str]) -> str:
     if not item_features:
-        return "Recommended because it matches what you have liked before."
+        return FALLBACK
     shown = item_features[:2]
     return f"Recommended for its {' and '.join(shown)}, which other buyers mention."
+
+
+def unsafe(text: str) -> bool:
+    """Whether ``text`` would be filtered as profanity or personal data (a template may not say it either)."""
+    return is_profane(text) or bool(EMAIL.search(text) or PHONE.search(text) or URL.search(text))
 
 
 class ReasonChecker:
@@ -81,6 +89,11 @@ class ReasonChecker:
         if any(f not in known for f in mentioned):
             flags.append("ungrounded")
         if any(f in REPLACE_FLAGS for f in flags):
-            shown = list(highlight or item_features)
-            return Checked(template(shown), flags, shown[:2], replaced=True)
+            # the template names only features that pass the filter themselves: a caller's item_features can be
+            # the very text that was filtered ("visit www.evil-example.com"), and must not come back through it
+            shown = [f for f in (highlight or item_features) if not unsafe(f)][:2]
+            replacement = template(shown)
+            if unsafe(replacement):  # words that pass alone can still meet across the joint
+                shown, replacement = [], FALLBACK
+            return Checked(replacement, flags, shown, replaced=True)
         return Checked(text, flags, mentioned)

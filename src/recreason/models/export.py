@@ -68,8 +68,28 @@ def _copy_tokenizer(writer, reference: Path) -> None:
             writer.add_key_value(field.name, value, kind)
 
 
+def check_gguf_target(out: str | Path, reference_gguf: str | Path) -> None:
+    """Refuse, before any weight is loaded, an output that cannot be written (an existing folder, a path under
+    a file) and a tokenizer reference that is not a GGUF file."""
+    out, reference = Path(out), Path(reference_gguf)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name the .gguf file to write")
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a folder")
+    try:
+        with open(reference, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ConfigError(f"--tokenizer-gguf {reference}: cannot be read ({exc.strerror or exc})") from None
+    if magic != b"GGUF":
+        raise ConfigError(f"--tokenizer-gguf {reference} is not a GGUF file (it does not start with 'GGUF')")
+
+
 def export_gguf(lm, out: str | Path, reference_gguf: str | Path, dtype: str = "f16", name: str = "recreason") -> Path:
-    """Write ``lm`` (a merged LlamaForCausalLM-like model) to ``out`` as GGUF."""
+    """Write ``lm`` (a merged LlamaForCausalLM-like model) to ``out`` as GGUF, through a temporary file beside it
+    that is removed if anything fails."""
+    check_gguf_target(out, reference_gguf)
     import gguf
     import torch
 
@@ -81,6 +101,16 @@ def export_gguf(lm, out: str | Path, reference_gguf: str | Path, dtype: str = "f
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        _write_gguf(gguf, torch, lm, config, tmp, Path(reference_gguf), dtype, name)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _write_gguf(gguf, torch, lm, config, tmp: Path, reference: Path, dtype: str, name: str) -> None:
     writer = gguf.GGUFWriter(str(tmp), "llama")
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -100,7 +130,7 @@ def export_gguf(lm, out: str | Path, reference_gguf: str | Path, dtype: str = "f
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     writer.add_file_type(file_type)
-    _copy_tokenizer(writer, Path(reference_gguf))
+    _copy_tokenizer(writer, reference)
     state = lm.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
     for key, tensor in state.items():
@@ -123,5 +153,3 @@ def export_gguf(lm, out: str | Path, reference_gguf: str | Path, dtype: str = "f
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tmp.replace(out)
-    return out

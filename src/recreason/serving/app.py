@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 import logging
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Sequence
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,15 +15,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from recreason.errors import UnknownId
+from recreason.inference.predictor import (MAX_FEATURE_CHARS, MAX_HISTORY, MAX_HISTORY_CHARS, MAX_ID_CHARS,
+                                           MAX_ITEM_FEATURES)
 from recreason.serving.batching import Overloaded
 from recreason.serving.service import ExplanationService
 
 log = logging.getLogger("recreason.serving")
 
-MAX_ID = 200
-MAX_TEXT = 4000
-MAX_FEATURE = 60  # characters of one caller-given item feature
-MAX_FEATURES = 20
+MAX_ID = MAX_ID_CHARS
+MAX_TEXT = MAX_HISTORY_CHARS
+MAX_FEATURE = MAX_FEATURE_CHARS  # characters of one caller-given item feature
+MAX_FEATURES = MAX_ITEM_FEATURES
 
 
 class Strict(BaseModel):
@@ -41,7 +43,7 @@ class HistoryEntry(Strict):
 class ExplainItem(Strict):
     user_id: str = Field(min_length=1, max_length=MAX_ID)
     item_id: str = Field(min_length=1, max_length=MAX_ID)
-    history: list[HistoryEntry] | None = Field(None, max_length=50, description="for users unknown to the model")
+    history: list[HistoryEntry] | None = Field(None, max_length=MAX_HISTORY, description="for users unknown to the model")
     item_features: list[Annotated[str, Field(min_length=1, max_length=MAX_FEATURE)]] | None = Field(
         None, max_length=MAX_FEATURES, description="for items unknown to the model (quoted in the prompt as data)")
 
@@ -153,6 +155,35 @@ ERRORS = {401: {"model": Problem, "description": "missing or invalid API key"},
           413: {"model": Problem, "description": "request body too large"},
           503: {"model": Problem, "description": "too many generations waiting; retry after Retry-After seconds"},
           504: {"model": Problem, "description": "the reasons took longer than the request timeout"}}
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port, lower-cased: ``[::1]:8000`` -> ``::1``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0].rstrip(".") if header.count(":") == 1 else header.rstrip(".")
+
+
+class HostCheck:
+    """ASGI middleware: answers 400 to a Host header outside ``allowed`` ("*": any). A server on loopback with no
+    API key is otherwise open to DNS rebinding: a web page the user visits can point its own name at 127.0.0.1
+    and read histories or write interactions through the user's browser."""
+
+    def __init__(self, app, allowed):
+        self.app, self.allowed = app, {h.lower() for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "*" not in self.allowed:
+            header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in self.allowed:
+                response = JSONResponse({"detail": f"Host {header[:100]!r} is not served here (--allowed-hosts)"},
+                                        status_code=400)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -316,7 +347,7 @@ def _page_and_operations(app: FastAPI, service: ExplanationService, authorize, m
 
     @app.get("/healthz")
     def healthz():
-        return {"status": "ok", "model": str(Path(service.run.dir).name)}
+        return {"status": "ok", "model": service.model_tag}  # a digest: which model, not where it lives
 
     @app.get("/metrics", response_class=PlainTextResponse,
              dependencies=[] if public_metrics else [Depends(authorize)])
@@ -332,12 +363,15 @@ def _page_and_operations(app: FastAPI, service: ExplanationService, authorize, m
 
 
 def create_app(service: ExplanationService, api_keys: set[str] | None = None, max_body_bytes: int = 1_000_000,
-               public_metrics: bool = True) -> FastAPI:
+               public_metrics: bool = True, allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The HTTP API over ``service``. ``public_metrics``: /metrics answers without an API key (for a Prometheus
-    scraper inside the network); False puts it behind the keys like every other endpoint."""
+    scraper inside the network); False puts it behind the keys like every other endpoint. ``allowed_hosts``:
+    the Host headers answered (``recreason serve``: the loopback names by default); None: any."""
     app = FastAPI(title="recreason", version="0.1.0",
                   description="Personalized, grounded reasons for recommendations.")
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
     metrics = Metrics()
     authorize = _authorizer(api_keys)
     _request_middleware(app, metrics, max_body_bytes)
@@ -361,4 +395,5 @@ def app_from_environment() -> FastAPI:
         keys = {x.strip() for x in Path(settings["api_key_file"]).read_text().splitlines() if x.strip()}
     service = ExplanationService(settings["run"], settings.get("store"), GenerateConfig(**settings["generate"]),
                                  ServeConfig(**settings["serve"]))
-    return create_app(service, keys, public_metrics=not settings.get("private_metrics", False))
+    return create_app(service, keys, public_metrics=not settings.get("private_metrics", False),
+                      allowed_hosts=settings.get("allowed_hosts"))

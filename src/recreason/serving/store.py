@@ -234,6 +234,30 @@ class PostgresStore(_SQLStore):
         self._pool.close()
 
 
+def check_store(url: str, timeout_s: int = 5) -> None:
+    """Refuse, in one line and before any worker starts, a store that cannot be opened: a SQLite file in a folder
+    that does not exist (or a folder given as the file), a PostgreSQL server that does not answer in
+    ``timeout_s`` seconds."""
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError("a postgresql:// store needs psycopg: pip install 'recreason[postgres]'") from None
+        try:
+            psycopg.connect(url, connect_timeout=timeout_s).close()
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"--store: cannot reach the PostgreSQL server ({first})") from None
+        return
+    if "://" in url and not url.startswith("sqlite:///"):
+        open_store(url)  # the unsupported-scheme message
+    path = Path(url[len("sqlite:///"):] if url.startswith("sqlite:///") else url)
+    if path.is_dir():
+        raise ConfigError(f"--store {path} is a folder; name the SQLite file")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--store {path}: the folder {path.parent} does not exist")
+
+
 def open_store(url: str) -> Store:
     """``sqlite:///path/to/file.db``, a plain path, or ``postgresql://user@host/db``."""
     if url.startswith("sqlite:///"):
