@@ -90,3 +90,22 @@ def test_a_config_file_is_held_to_the_same_ranges(tmp_path):
     bad.write_text("generate: [1, 2]\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config([bad])
+
+
+def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, caplog):
+    # an AVX2-only CPU emulates bf16 matrix products (57x slower than fp32 on one): auto must pick fp32 there
+    import torch
+
+    from recreason.models import registry
+
+    assert registry.resolve_precision("auto", "cuda:0") == "bf16"
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert registry.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+        assert registry.resolve_precision("fp32", "cpu") == "fp32"
+    registry._warned_bf16.discard("cpu")
+    with caplog.at_level("WARNING"):
+        assert registry.resolve_precision("bf16", "cpu") == "bf16"  # asked for explicitly: kept, with a warning
+    assert "tens of times slower" in caplog.text
+    assert load_config(None)["train"].precision == "auto" and load_config(None)["generate"].precision == "auto"

@@ -102,7 +102,8 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between resumable checkpoints in RUN/last (default: eval_every)
     patience: int = 3  # validation passes without improvement before stopping
     snapshot_steps: list[int] = field(default_factory=list)  # also keep the weights at these steps (RUN/snapshots/)
-    precision: str = "bf16"  # bf16 (autocast; frozen base weights stored in bf16) | fp16 (GPU, loss scaling) | fp32
+    precision: str = "auto"  # auto (bf16 where native: GPU, AVX-512 BF16/AMX CPU; else fp32) | bf16 (autocast; frozen
+    # base weights stored in bf16) | fp16 (GPU, loss scaling) | fp32
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard and/or wandb
     seed: int = 42
     num_threads: int | None = None  # torch threads; default: all cores
@@ -123,8 +124,8 @@ class TrainConfig:
                              "adalora, prefix, prompt, two_stage, compile or fp16 yet")
         if self.target not in ("sentence", "summary"):
             raise ConfigError(f"train.target must be 'sentence' or 'summary', got {self.target!r}")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"train.precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.prompt_mode not in ("discrete", "continuous", "hybrid"):
             raise ConfigError(f"train.prompt_mode must be discrete, continuous or hybrid, got {self.prompt_mode!r}")
         if self.rating_head not in (None, "mf", "mlp"):
@@ -146,7 +147,7 @@ class GenerateConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    precision: str = "bf16"  # bf16 | fp32: weights used for generation
+    precision: str = "auto"  # auto (bf16 where native, else fp32) | bf16 | fp32: weights used for generation
     max_records: int | None = None  # generate for the first N records of the split only
     # Choose, don't just decode: with candidates > 1 the greedy text and candidates - 1 samples are scored
     # and the best is kept (recreason.inference.selection). 1 = plain decoding with the settings above.
@@ -247,8 +248,8 @@ CHOICES: dict[str, dict[str, tuple]] = {
     "train": {"method": METHODS, "optimizer": ("adamw", "sgd"), "scheduler": ("linear", "cosine"),
               "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2"), "target": ("sentence", "summary"),
               "prompt_mode": ("discrete", "continuous", "hybrid"), "rating_head": ("mf", "mlp"),
-              "precision": ("bf16", "fp16", "fp32"), "report_to": ("tensorboard", "wandb")},
-    "generate": {"precision": ("bf16", "fp32")},
+              "precision": ("auto", "bf16", "fp16", "fp32"), "report_to": ("tensorboard", "wandb")},
+    "generate": {"precision": ("auto", "bf16", "fp32")},
     "rank": {"model": ("als", "bpr", "popularity")},
     "evaluate": {"split": ("train", "validation", "test"), "systems": ("zero-shot", "retrieval", "fine-tuned")},
 }

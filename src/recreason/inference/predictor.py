@@ -27,6 +27,7 @@ from recreason.generation.generate import generate_candidates, generate_texts
 from recreason.inference.safety import ReasonChecker
 from recreason.inference.selection import choose, generic_table
 from recreason.models.personalized import INTEREST_LABELS, interest_class
+from recreason.models.registry import resolve_precision
 from recreason.prompts.discrete import DiscretePrompter, render, uses_soft_prompt
 from recreason.ranking import Ranker
 from recreason.rundir import Run, checkpoint_stamp
@@ -111,7 +112,7 @@ class Predictor:
         self.checkpoint = checkpoint
         self.cold_start = cold_start
         self.device = device or default_device()
-        self.dtype = "bf16" if self.gen_cfg.precision == "bf16" else "fp32"
+        self.dtype = "bf16" if resolve_precision(self.gen_cfg.precision, self.device) == "bf16" else "fp32"
         self.model, self.tokenizer = self._load()
         self.dataset = dataset or self.run.dataset()
         self.train = self.dataset.subset(self.run.split_seed, "train")

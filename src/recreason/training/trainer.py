@@ -30,6 +30,7 @@ from recreason.data.dataset import Dataset
 from recreason.errors import ConfigError, DataError, NotARun
 from recreason.models.methods import apply_method, compile_layers, orthogonality_penalty, uses_position_ids
 from recreason.models.sharding import load_optimizer_state, load_weights, optimizer_state, shard_model, trainable_state
+from recreason.models.registry import resolve_precision
 from recreason.prompts.discrete import DiscretePrompter
 from recreason.ranking import fit_ranker
 from recreason.rundir import RunPaths, load_best_into, load_checkpoint, save_best, save_checkpoint, write_run_info
@@ -266,6 +267,7 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ConfigError(f"train.batch_size {cfg.batch_size} is the global batch: it must divide by "
                               f"{self.world} processes")
+        cfg.precision = resolve_precision(cfg.precision, self.device)  # what ran is what run.json records
         if cfg.precision == "fp16" and self.device == "cpu":
             raise ConfigError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
 
