@@ -131,6 +131,16 @@ def cmd_explain(args) -> int:
     from recreason.jobs import explain_pairs
 
     gen = _config(args)["generate"]
+    if args.engine == "ray":
+        from recreason.jobs.cluster import explain_pairs_ray
+
+        stats = explain_pairs_ray(args.run, gen, args.pairs, args.out, args.chunk_size, workers=args.workers,
+                                  address=args.address, fmt=args.format, cold_start=args.cold_start,
+                                  progress=not args.quiet)
+        print(f"{stats['input_rows']} rows in {args.pairs}: {stats['rows']} explained + {stats['rejected']} rejected"
+              f"; {stats['shards']} shards in {args.out} ({stats['resumed_shards']} were already done, "
+              f"{stats['reasons_per_second']:.2f} reasons/s on {args.workers} worker(s))")
+        return 0
     predictor = Predictor(args.run, gen, cold_start=args.cold_start)
     stats = explain_pairs(predictor, args.pairs, args.out, args.chunk_size, progress=not args.quiet)
     print(f"{stats['input_rows']} rows in {args.pairs}: {stats['rows']} explained + {stats['rejected']} rejected"
@@ -236,6 +246,17 @@ def cmd_recommend(args) -> int:
     from recreason.inference import Predictor
 
     gen = _config(args)["generate"]
+    if args.all_users and args.engine == "ray":
+        from recreason.jobs.cluster import recommend_all_ray
+
+        if not args.out:
+            raise ConfigError("--all-users writes shards: give --out DIR")
+        stats = recommend_all_ray(args.run, gen, args.k, args.out, args.chunk_size, workers=args.workers,
+                                  address=args.address, fmt=args.format, cold_start=args.cold_start,
+                                  progress=not args.quiet)
+        print(f"wrote {stats['rows']} recommendations in {stats['shards']} shards to {args.out} "
+              f"({stats['resumed_shards']} were already done; {stats['reasons_per_second']:.2f} reasons/s)")
+        return 0
     predictor = Predictor(args.run, gen, cold_start=args.cold_start)
     if args.all_users:
         from recreason.jobs import recommend_all
@@ -364,7 +385,19 @@ def _add_explain(sub, common) -> None:
                    help="pairs per chunk written to the journal; a killed job loses at most one (default 256)")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
                    help="unknown user without history: item-only reason, or reject the row (default item-only)")
+    _add_engine(p)
     p.set_defaults(func=cmd_explain)
+
+
+def _add_engine(p) -> None:
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (default): this machine, through a journal; ray: shards on a Ray cluster, --out is "
+                        "then a folder of part-NNNNN files with a manifest, and a rerun skips the shards done")
+    p.add_argument("--address", help="with --engine ray: the cluster's address (default: start a local instance)")
+    p.add_argument("--workers", type=_bounded(int, 1, 10_000), default=1,
+                   help="with --engine ray: actors, each holding the run's model once (default 1)")
+    p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl",
+                   help="with --engine ray: the shards' format (default jsonl)")
 
 
 def _add_rank(sub, common) -> None:
@@ -437,6 +470,7 @@ def _add_recommend(sub, common) -> None:
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
                    help="unknown user: rank by popularity with item-only reasons, or fail (default item-only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_engine(p)
     p.set_defaults(func=cmd_recommend)
 
 

@@ -296,6 +296,21 @@ class Run:
     def method(self) -> str:
         return self.info["method"]
 
+    def fingerprint(self, checkpoint: str = "best") -> str:
+        """A digest of what the run's reasons depend on: run.json and every byte of the checkpoint's files (not
+        their paths or times), so the same run copied to another machine has the same fingerprint and a
+        retrained one another (stored reasons are matched to the run that wrote them by it)."""
+        import hashlib
+
+        digest = hashlib.sha256(self.paths.info.read_bytes())
+        folder = self.paths.checkpoint(checkpoint)
+        for f in sorted(f for f in folder.rglob("*") if f.is_file()) if folder.exists() else []:
+            digest.update(str(f.relative_to(folder)).encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
+
     @property
     def split_seed(self) -> int:
         return self.info["split_seed"]

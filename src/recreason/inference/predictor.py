@@ -140,6 +140,14 @@ class Predictor:
         lm, tokenizer, _ = load_model(self.run.info["base_model_path"], dtype=self.dtype, device=self.device)
         return RecReasonModel(lm).eval(), tokenizer
 
+    @property
+    def model_tag(self) -> str:
+        """Which model writes this predictor's reasons (:meth:`Run.fingerprint`; ``zero-shot:`` + base model)."""
+        if getattr(self, "_model_tag", None) is None:
+            self._model_tag = (self.run.fingerprint(self.checkpoint) if self.system == "fine-tuned"
+                               else f"zero-shot:{self.run.info['base_model_path']}")
+        return self._model_tag
+
     # ----- what the predictor knows -------------------------------------------------------------
     def known_user(self, user: str) -> bool:
         return user in self.prompter.user_profiles

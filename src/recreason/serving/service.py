@@ -8,7 +8,6 @@ then the micro-batcher) and keeps the store in step with the predictor's profile
 from __future__ import annotations
 
 import collections
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 from recreason.config import GenerateConfig, ServeConfig
 from recreason.data.records import Explained
 from recreason.inference import Predictor, Prompted, Request
-from recreason.rundir import checkpoint_stamp
 from recreason.serving.batching import MicroBatcher
 from recreason.serving.store import Interaction, open_store
 from recreason.text import tokenize
@@ -44,7 +42,7 @@ class ExplanationService:
         self.batcher = MicroBatcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.max_wait_ms / 1000,
                                     on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue)
         self.model_id = f"{self.run.dir.resolve()}"
-        self.model_tag = hashlib.sha256(f"{self.model_id}|{checkpoint_stamp(self.run)}".encode()).hexdigest()[:12]
+        self.model_tag = self.predictor.model_tag
 
     # ----- data --------------------------------------------------------------------------------
     def _as_record(self, inter: Interaction) -> Explained:

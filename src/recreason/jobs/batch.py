@@ -225,10 +225,39 @@ def _run_chunks(jobs: list, out: Path, chunk_size: int, work: Callable[[list], l
             "reasons_per_second": written / seconds if seconds > 0 else 0.0, "journal_rejects": rejected}
 
 
-def _row(explanation, **extra) -> dict:
+def row_from(explanation, model: str = "", **extra) -> dict:
+    """An output row: ``extra`` (line or rank) first, the reason and its figures, then ``model`` (the fingerprint
+    of the run that wrote it: ``serve --reasons`` serves a stored reason only from the same run)."""
     row = explanation.to_dict()
     return {**extra, **{k: row[k] for k in ("user_id", "item_id", "reason", "predicted_rating", "interest",
-                                            "features", "flags")}, **({"score": row["score"]} if "score" in row else {})}
+                                            "features", "flags")}, **({"score": row["score"]} if "score" in row else {}),
+            "model": model}
+
+
+def explain_rows(predictor: Predictor, chunk: list[Pair], options: dict | None,
+                 answered: dict[tuple, dict] | None = None) -> list[dict]:
+    """One row per pair of ``chunk`` (its ``line`` first; a ``rejected`` reason for an unknown id), each distinct
+    request decoded once: ``answered`` (a pair's key -> its row) carries what was decoded before. Both engines
+    write these rows."""
+    answered = {} if answered is None else answered
+    fresh = list({p.key(): p for p in chunk if p.key() not in answered}.values())
+
+    def reject(position: int, exc: UnknownId) -> None:  # journaled like a result: a resumed job reports it
+        p = fresh[position]
+        answered[p.key()] = {"rejected": str(exc).split(": ", 1)[-1], "raw": f"{p.user},{p.item}"}
+
+    explained = predictor.explain([Request(p.user, p.item, p.history, p.item_features) for p in fresh], options,
+                                  on_unknown=reject)
+    for p, e in zip(fresh, explained):
+        if e is not None:
+            answered[p.key()] = row_from(e, model=predictor.model_tag)
+    return [{"line": p.line, **answered[p.key()]} for p in chunk]
+
+
+def recommend_rows(predictor: Predictor, users: list[str], k: int, options: dict | None) -> list[dict]:
+    """Each user's top ``k`` with a reason each, ``rank`` from 1: one row per (user, item)."""
+    return [row_from(e, rank=rank, model=predictor.model_tag)
+            for recs in predictor.recommend_many(users, k, options=options) for rank, e in enumerate(recs, 1)]
 
 
 def _job(kind: str, predictor: Predictor, options: dict | None, **extra) -> dict:
@@ -254,18 +283,7 @@ def explain_pairs(predictor: Predictor, pairs_file: str | Path, out: str | Path,
     answered: dict[tuple, dict] = {}  # a pair's key -> its row (or its reject), for duplicates
 
     def work(chunk: list[Pair]) -> list[dict]:
-        fresh = list({p.key(): p for p in chunk if p.key() not in answered}.values())
-
-        def reject(position: int, exc: UnknownId) -> None:  # journaled like a result: a resumed job reports it
-            p = fresh[position]
-            answered[p.key()] = {"rejected": str(exc).split(": ", 1)[-1], "raw": f"{p.user},{p.item}"}
-
-        explained = predictor.explain([Request(p.user, p.item, p.history, p.item_features) for p in fresh], options,
-                                      on_unknown=reject)
-        for p, e in zip(fresh, explained):
-            if e is not None:
-                answered[p.key()] = _row(e)
-        return [{"line": p.line, **answered[p.key()]} for p in chunk]
+        return explain_rows(predictor, chunk, options, answered)
 
     def resumed(row: dict) -> None:
         pair = by_line.get(row.get("line"))
@@ -292,8 +310,7 @@ def recommend_all(predictor: Predictor, k: int, out: str | Path, chunk_size: int
                users=hashlib.sha256("\n".join(users).encode("utf-8", "surrogateescape")).hexdigest())
 
     def work(chunk: list[str]) -> list[dict]:
-        return [_row(e, rank=rank) for recs in predictor.recommend_many(chunk, k, options=options)
-                for rank, e in enumerate(recs, 1)]
+        return recommend_rows(predictor, chunk, k, options)
 
     stats = _run_chunks(users, out, chunk_size, work, key=lambda x: x["user_id"] if isinstance(x, dict) else x,
                         progress=progress, desc="recommending", job=job, on_chunk=on_chunk)
