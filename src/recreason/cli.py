@@ -311,6 +311,18 @@ def cmd_serve(args) -> int:
                     "interactions; pass --api-key-file", args.host)
     if allowed == ["*"]:
         log.warning("bound to every interface with no --allowed-hosts: any Host header is answered")
+    if args.reasons:  # loaded once, before the workers start; each worker answers stored pairs from the store
+        from recreason.serving.precomputed import import_reasons
+        from recreason.serving.store import open_store
+
+        run = Run(args.run)
+        store = open_store(args.store or str(run.paths.store))
+        try:
+            loaded = import_reasons(store, args.reasons, run.fingerprint())
+        finally:
+            store.close()
+        print(f"stored {loaded['stored']} precomputed reasons from {args.reasons}"
+              + (f"; {loaded['other_runs']} rows written by another run were left out" if loaded["other_runs"] else ""))
     # Each worker process builds its own service (one model per worker) from these settings.
     os.environ["RECREASON_SERVE"] = json.dumps({
         "run": args.run, "store": args.store, "api_key_file": args.api_key_file, "private_metrics": args.private_metrics,
@@ -490,6 +502,9 @@ def _add_serve(sub, common) -> None:
                    help="how long the first queued request waits for others to join its batch (default 50)")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
                    help="unknown user without history: item-only reason, or 404 (default item-only)")
+    p.add_argument("--reasons", help="a batch job's output (recreason explain / recommend --all-users: a file or a "
+                                     "folder of Ray shards) to answer from the store without the model; rows of "
+                                     "another run are left out")
     p.add_argument("--allowed-hosts", dest="allowed_hosts",
                    help="comma-separated Host names the server answers (default: localhost, 127.0.0.1 and ::1, plus "
                         "--host when it is one address; '*' for any): a guard against DNS rebinding")

@@ -77,6 +77,7 @@ class Explanation(BaseModel):
     interest: str | None
     features: list[str]
     flags: list[str]
+    precomputed: bool = Field(False, description="read from the store (serve --reasons), not generated now")
 
 
 class ExplainResponse(BaseModel):
@@ -310,6 +311,15 @@ def _reason_routes(app: FastAPI, service: ExplanationService, authorize, metrics
         result = service.recommend(body.user_id, body.k, body.exclude_seen, body.options.generation())
         record_outcomes(result)
         return {"user_id": body.user_id, "recommendations": result}
+
+    @app.get("/v1/recommendations", response_model=RecommendResponse, dependencies=[Depends(authorize)],
+             responses=ERRORS)
+    def recommendations_get(user_id: str = Query(..., min_length=1, max_length=MAX_ID),
+                            k: int = Query(10, ge=1, le=100)):
+        """The user's top ``k`` with default decoding: a precomputed list when the store holds one."""
+        result = service.recommend(user_id, k, True, None)
+        record_outcomes(result)
+        return {"user_id": user_id, "recommendations": result}
 
     @app.post("/v1/interactions", response_model=InteractionResponse, dependencies=[Depends(authorize)],
               responses=ERRORS)

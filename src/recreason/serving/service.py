@@ -148,17 +148,45 @@ class ExplanationService:
             self.stats["ungrounded"] += int("ungrounded" in explanation.flags)
             row = explanation.to_dict()
             row.pop("generated")
-            out.append(row)
+            out.append({**row, "precomputed": False})
         return out
 
+    @staticmethod
+    def _stored(row: dict) -> dict:
+        keep = ("user_id", "item_id", "reason", "predicted_rating", "interest", "features", "flags", "score")
+        return {**{k: row.get(k) for k in keep if k != "score" or row.get("score") is not None},
+                "features": list(row.get("features") or []), "flags": list(row.get("flags") or []),
+                "precomputed": True}
+
     def explain(self, requests: list[dict], options: dict | None = None) -> list[dict]:
+        """Reasons in request order: stored ones (``serve --reasons``) for plain requests with default decoding,
+        the rest generated live through :meth:`Predictor.explain`."""
         self.sync()
+        plain = not any(v is not None for v in (options or {}).values())
+        stored = {}
+        if plain:
+            pairs = [(r["user_id"], r["item_id"]) for r in requests if not r.get("history") and not r.get("item_features")]
+            stored = self.store.stored_reasons(self.model_tag, pairs) if pairs else {}
+        live = [r for r in requests if r.get("history") or r.get("item_features")
+                or (r["user_id"], r["item_id"]) not in stored]
         reqs = [Request(r["user_id"], r["item_id"], [h["text"] for h in r.get("history") or []],
-                        list(r.get("item_features") or [])) for r in requests]
-        return self._rows(self.predictor.explain(reqs, self.options(options), generate=self._texts))
+                        list(r.get("item_features") or [])) for r in live]
+        generated = iter(self._rows(self.predictor.explain(reqs, self.options(options), generate=self._texts))
+                         if reqs else [])
+        self.stats["precomputed"] += len(requests) - len(live)
+        return [next(generated) if r in live else self._stored(stored[(r["user_id"], r["item_id"])])
+                for r in requests]
 
     def recommend(self, user: str, k: int, exclude_seen: bool = True, options: dict | None = None) -> list[dict]:
+        """The user's top ``k``: the stored list (``serve --reasons`` with a ``recommend --all-users`` output) when
+        there is one of at least ``k`` for default decoding and unchanged history, without touching the model;
+        else ranked and explained live."""
         self.sync()
+        if exclude_seen and not any(v is not None for v in (options or {}).values()):
+            stored = self.store.stored_recommendations(self.model_tag, user, k)
+            if len(stored) == k:
+                self.stats["precomputed"] += k
+                return [self._stored(r) for r in stored]
         return self._rows(self.predictor.recommend(user, k, exclude_seen, self.options(options), generate=self._texts))
 
     def close(self) -> None:

@@ -70,11 +70,28 @@ class Store(ABC):
     def items(self) -> list[str]:
         ...
 
+    @abstractmethod
+    def put_reasons(self, rows: list[dict], model: str, kind: str) -> int:
+        """Store a batch job's rows (``kind``: explain or recommend) as written by the run ``model`` (its
+        fingerprint), each with the user's history version now; returns how many."""
+
+    @abstractmethod
+    def stored_reasons(self, model: str, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        """The stored rows of ``model`` for ``pairs`` whose user's history has not changed since they were stored."""
+
+    @abstractmethod
+    def stored_recommendations(self, model: str, user: str, k: int) -> list[dict]:
+        """The user's stored top-K rows of ``model``, by rank, if the user's history has not changed since."""
+
     def close(self) -> None:
         pass
 
 
 _COLUMNS = 'seq, "user", item, rating, text, timestamp, features, summary'
+# Precomputed reasons (serve --reasons): a batch job's rows, keyed by the run that wrote them (its fingerprint).
+REASONS_TABLE = ('CREATE TABLE IF NOT EXISTS reasons (model TEXT NOT NULL, kind TEXT NOT NULL, "user" TEXT NOT NULL, '
+                 'item TEXT NOT NULL, rank INTEGER, version BIGINT NOT NULL, body TEXT NOT NULL, '
+                 'PRIMARY KEY (model, kind, "user", item))')
 
 
 class _SQLStore(Store):
@@ -157,6 +174,48 @@ class _SQLStore(Store):
             row = conn.execute(self._q('SELECT version FROM user_versions WHERE "user" = ?'), (user,)).fetchone()
         return row[0] if row else 0
 
+    def _versions(self, conn, users) -> dict[str, int]:
+        found = {}
+        for user in set(users):
+            row = conn.execute(self._q('SELECT version FROM user_versions WHERE "user" = ?'), (user,)).fetchone()
+            found[user] = row[0] if row else 0
+        return found
+
+    def put_reasons(self, rows: list[dict], model: str, kind: str) -> int:
+        with self._transaction() as conn:
+            versions = self._versions(conn, [r["user_id"] for r in rows])
+            conn.cursor().executemany(self._q(
+                'INSERT INTO reasons (model, kind, "user", item, rank, version, body) VALUES (?, ?, ?, ?, ?, ?, ?) '
+                'ON CONFLICT (model, kind, "user", item) DO UPDATE SET rank = excluded.rank, '
+                'version = excluded.version, body = excluded.body'),
+                [(model, kind, r["user_id"], r["item_id"], r.get("rank"), versions[r["user_id"]],
+                  json.dumps(r, ensure_ascii=False)) for r in rows])
+        return len(rows)
+
+    def stored_reasons(self, model: str, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        found: dict[tuple[str, str], dict] = {}
+        with self._transaction(write=False) as conn:
+            versions = self._versions(conn, [u for u, _ in pairs])
+            for user, item in set(pairs):
+                rows = conn.execute(self._q(
+                    'SELECT version, body FROM reasons WHERE model = ? AND "user" = ? AND item = ? ORDER BY kind'),
+                    (model, user, item)).fetchall()
+                for version, body in rows:
+                    if version == versions[user]:
+                        found[(user, item)] = json.loads(body)
+                        break
+        return found
+
+    def stored_recommendations(self, model: str, user: str, k: int) -> list[dict]:
+        with self._transaction(write=False) as conn:
+            version = self._versions(conn, [user])[user]
+            rows = conn.execute(self._q(
+                "SELECT version, body FROM reasons WHERE model = ? AND kind = 'recommend' AND \"user\" = ? "
+                "ORDER BY rank LIMIT ?"), (model, user, k)).fetchall()
+        if not rows or any(v != version for v, _ in rows):
+            return []
+        return [json.loads(body) for _, body in rows]
+
     def items(self) -> list[str]:
         with self._transaction(write=False) as conn:
             return [r[0] for r in conn.execute("SELECT DISTINCT item FROM interactions ORDER BY item").fetchall()]
@@ -171,6 +230,7 @@ class SQLiteStore(_SQLStore):
         'CREATE TABLE IF NOT EXISTS user_versions ("user" TEXT PRIMARY KEY, version INTEGER NOT NULL)',
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS log_seq (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)",
+        REASONS_TABLE,
     ]
 
     def __init__(self, path: str | Path):
@@ -210,6 +270,7 @@ class PostgresStore(_SQLStore):
         'CREATE TABLE IF NOT EXISTS user_versions ("user" TEXT PRIMARY KEY, version BIGINT NOT NULL)',
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS log_seq (id INTEGER PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL)",
+        REASONS_TABLE,
     ]
     PLACEHOLDER = "%s"
     CREATE_LOCK = "SELECT pg_advisory_xact_lock(74151)"
