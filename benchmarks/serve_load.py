@@ -41,49 +41,93 @@ def pairs_for(run_dir: str, n: int) -> list[tuple[str, str]]:
     return [(r.user, r.item) for r in test[:n]]
 
 
-def load_server(args, pairs) -> dict:
+def drive(base: str, pairs, clients: int, seconds: float, repeat: bool = False) -> dict:
+    """``clients`` threads POST one (user, item) each to /v1/explanations for ``seconds`` (each pair once, or round
+    and round with ``repeat``); reasons/s, latency quantiles, errors, and how many answers were precomputed."""
+    latencies: list[float] = []
+    errors, precomputed = [0], [0]
+    lock = threading.Lock()
+    queue = list(pairs)
+    position = [0]
+    stop = time.monotonic() + seconds
+
+    def client():
+        with httpx.Client(timeout=120) as http:
+            while time.monotonic() < stop:
+                with lock:
+                    if repeat:
+                        user, item = pairs[position[0] % len(pairs)]
+                        position[0] += 1
+                    elif not queue:
+                        return
+                    else:
+                        user, item = queue.pop()
+                start = time.perf_counter()
+                r = http.post(f"{base}/v1/explanations", json={"items": [{"user_id": user, "item_id": item}]})
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(time.perf_counter() - start)
+                        precomputed[0] += bool(r.json()["explanations"][0].get("precomputed"))
+                    else:
+                        errors[0] += 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
+    return {"reasons_per_s": len(latencies) / elapsed, "requests": len(latencies), "errors": errors[0],
+            "precomputed": precomputed[0], "p50_s": q[49], "p95_s": q[94], "p99_s": q[98]}
+
+
+def load_server(args, pairs, extra: list[str] | None = None) -> dict:
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     Path(f"{args.tmp}/load.db").unlink(missing_ok=True)
     server, base = start_server(["--run", args.run, "--max-batch-size", str(args.clients), "--max-wait-ms", str(args.max_wait_ms),
                                  "--store", f"sqlite:///{args.tmp}/load.db",
-                                 "--set", f"generate.max_new_tokens={args.max_new_tokens}"])
+                                 "--set", f"generate.max_new_tokens={args.max_new_tokens}", *(extra or [])])
     try:
-        latencies: list[float] = []
-        errors = [0]
-        lock = threading.Lock()
-        queue = list(pairs)
-        stop = time.monotonic() + args.seconds
-
-        def client():
-            with httpx.Client(timeout=120) as http:
-                while time.monotonic() < stop:
-                    with lock:
-                        if not queue:
-                            return
-                        user, item = queue.pop()
-                    start = time.perf_counter()
-                    r = http.post(f"{base}/v1/explanations", json={"items": [{"user_id": user, "item_id": item}]})
-                    with lock:
-                        if r.status_code == 200:
-                            latencies.append(time.perf_counter() - start)
-                        else:
-                            errors[0] += 1
-
-        started = time.monotonic()
-        threads = [threading.Thread(target=client) for _ in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - started
+        result = drive(base, pairs, args.clients, args.seconds)
         metrics = httpx.get(f"{base}/metrics").text
     finally:
         server.terminate()
         server.wait(timeout=30)
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
-    return {"reasons_per_s": len(latencies) / elapsed, "requests": len(latencies), "errors": errors[0],
-            "p50_s": q[49], "p95_s": q[94], "p99_s": q[98],
-            "batch_size_lines": [line for line in metrics.splitlines() if line.startswith("recreason_batch_size_")]}
+    return {**result, "batch_size_lines": [line for line in metrics.splitlines()
+                                           if line.startswith("recreason_batch_size_")]}
+
+
+def precomputed_and_live(args, pairs) -> dict:
+    """One server run: the first ``--precomputed`` pairs explained by the batch job and loaded with --reasons,
+    then driven round and round for ``--seconds`` (answered from the store), then distinct other pairs generated
+    live for ``--seconds``."""
+    import subprocess
+    import sys
+
+    Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    stored, live = pairs[:args.precomputed], pairs[args.precomputed:]
+    pairs_file, reasons = Path(args.tmp) / "stored-pairs.jsonl", Path(args.tmp) / "stored-reasons.jsonl"
+    pairs_file.write_text("".join(json.dumps({"user_id": u, "item_id": i}) + "\n" for u, i in stored))
+    reasons.unlink(missing_ok=True)
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "recreason.cli", "explain", "--run", args.run, "--pairs", str(pairs_file),
+                    "--out", str(reasons), "--quiet", "--set", f"generate.max_new_tokens={args.max_new_tokens}",
+                    "--set", "generate.batch_size=50"], check=True)
+    batch_seconds = time.monotonic() - start
+    Path(f"{args.tmp}/load.db").unlink(missing_ok=True)
+    server, base = start_server(["--run", args.run, "--max-batch-size", str(args.clients), "--max-wait-ms",
+                                 str(args.max_wait_ms), "--store", f"sqlite:///{args.tmp}/load.db",
+                                 "--set", f"generate.max_new_tokens={args.max_new_tokens}", "--reasons", str(reasons)])
+    try:
+        from_store = drive(base, stored, args.clients, args.seconds, repeat=True)
+        generated = drive(base, live, args.clients, args.seconds)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {"stored_pairs": len(stored), "batch_job_seconds": batch_seconds, "precomputed": from_store,
+            "live": generated}
 
 
 def plain_generate(args, pairs) -> dict:
@@ -154,10 +198,23 @@ def main() -> None:
     parser.add_argument("--skip-references", action="store_true", help="measure the server only")
     parser.add_argument("--tmp", default="/tmp/recreason-load")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_load.json"))
+    parser.add_argument("--precomputed", type=int, default=0,
+                        help="explain this many pairs with the batch job first, serve them with --reasons and measure "
+                             "them (round and round) and then live pairs in one server run (to "
+                             "serve_load_precomputed.json)")
     parser.add_argument("--only-llama-cpp", action="store_true", dest="only_llama_cpp",
                         help="measure llama.cpp on the exported fine-tuned model only (to serve_load_llama_cpp.json)")
     args = parser.parse_args()
     pairs = pairs_for(args.run, 2000)
+    if args.precomputed:
+        result = precomputed_and_live(args, pairs)
+        for name in ("precomputed", "live"):
+            r = result[name]
+            print(f"{name}: {r['reasons_per_s']:.1f} reasons/s, p50 {r['p50_s'] * 1000:.1f} ms, p95 "
+                  f"{r['p95_s'] * 1000:.1f} ms, {r['errors']} errors, {r['precomputed']} of {r['requests']} from the store")
+        out = Path(args.out).with_name("serve_load_precomputed.json")
+        out.write_text(json.dumps({"args": vars(args), **result}, indent=2) + "\n")
+        return
     if args.only_llama_cpp:
         Path(args.tmp).mkdir(parents=True, exist_ok=True)
         result = llama_cpp(args, pairs)

@@ -107,3 +107,28 @@ def test_fsdp_run_killed_mid_training_resumes_to_the_same_result(prepared_dir, t
     a = json.loads((tmp_path / "a" / "summary.json").read_text())
     b = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert b["steps"] == 4 and b["best_validation_loss"] == pytest.approx(a["best_validation_loss"], rel=1e-6)
+
+
+def test_two_nodes_rendezvous_and_follow_the_single_process_curve(prepared_dir, tiny_model_dir, tmp_path):
+    """The multi-node launch the README documents, as two "nodes" on one machine: two torchrun launchers with
+    --nnodes 2 and a c10d rendezvous on 127.0.0.1, one process each; node 0 writes the run."""
+    single, _ = _train(prepared_dir, tiny_model_dir, tmp_path / "one", 1)
+    out = tmp_path / "nodes"
+    args = ["train", str(prepared_dir), "--out", str(out), "--quiet", "--model", str(tiny_model_dir),
+            "--max-steps", "4", "--batch-size", "8", "--lr", "0.01",
+            "--set", "train.eval_every=2", "--set", "train.max_eval_records=16", "--set", "train.precision=fp32",
+            "--set", "train.lora_r=4", "--set", "train.lora_dropout=0.0"]
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                               "--rdzv-id=recreason-test", "--local-addr=127.0.0.1", "-m", "recreason.cli", *args],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and [e["step"] for e in log] == [2, 4]
+    for a, b in zip(single, log):
+        assert b["validation_loss"] == pytest.approx(a["validation_loss"], rel=2e-3)
