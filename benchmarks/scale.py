@@ -4,7 +4,8 @@
 
 1. The same test pairs explained by the local engine and by the Ray engine with 1 and 2 workers (a local Ray
    instance on this machine; each worker holds the model once and gets its share of the cores), greedy, batches of
-   50, at most 24 new tokens: reasons per second of decoding (model loading excluded), and the rows compared.
+   50, at most 24 new tokens: reasons per second of decoding (model loading excluded), and the rows compared; and
+   the local engine choosing among 32 candidates (full.yaml's count, 4 prompts a batch) on a few pairs.
 2. `benchmarks/serve_load.py --precomputed`: one server run answering stored pairs (`serve --reasons`) and then
    live pairs, at 16 clients: p95 latency of each.
 
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--run", required=True)
     parser.add_argument("--pairs", type=int, default=300)
     parser.add_argument("--chunk-size", type=int, default=50)
+    parser.add_argument("--candidate-pairs", type=int, default=16, help="pairs decoded with 32 candidates each")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--seconds", type=float, default=30, help="each serving phase (stored, then live)")
     parser.add_argument("--clients", type=int, default=16)
@@ -58,6 +60,15 @@ def main() -> None:
     result["local"] = {"reasons_per_s": local["reasons_per_second"], "seconds": local["seconds"]}
     print("local", result["local"], flush=True)
     expected = [json.loads(x) for x in (tmp / "local.jsonl").read_text().splitlines()]
+    # the shipped candidate count (configs/full.yaml: 32, 4 prompts a batch) on the first --candidate-pairs pairs
+    few = tmp / "few.jsonl"
+    few.write_text("".join(pairs_file.read_text().splitlines(True)[:args.candidate_pairs]))
+    choosing = Predictor(args.run, GenerateConfig(batch_size=4, candidates=32, max_new_tokens=args.max_new_tokens))
+    choosing.generic_table(choosing.gen_cfg)  # measured once per run and kept; not part of the per-reason cost
+    chosen = explain_pairs(choosing, few, tmp / "chosen.jsonl", args.chunk_size)
+    result["local_32_candidates"] = {"reasons_per_s": chosen["reasons_per_second"], "seconds": chosen["seconds"],
+                                     "pairs": args.candidate_pairs}
+    print("local, 32 candidates", result["local_32_candidates"], flush=True)
     start_ray(None, 2)
     for workers, name in ((1, "ray_1_worker"), (2, "ray_2_workers")):
         stats = explain_pairs_ray(args.run, gen, pairs_file, tmp / name, args.chunk_size, workers=workers)

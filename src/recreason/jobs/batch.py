@@ -130,6 +130,12 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def differing(old: dict | None, new: dict) -> str:
+    """What differs between a saved job and this one, for the refusal: "input, sha256 differ"."""
+    keys = sorted(k for k in set(new) | set(old or {}) if (old or {}).get(k) != new.get(k))
+    return f"{', '.join(keys)} differ{'s' if len(keys) == 1 else ''}" if keys and old else "unreadable"
+
+
 class Journal:
     """Finished rows, appended chunk by chunk and flushed, read back (minus a torn last line) on resume. Its
     first line names the job (input file and its hash, run, options): a journal of another job is refused,
@@ -146,10 +152,8 @@ class Journal:
             except (json.JSONDecodeError, AttributeError):
                 head = None
             if head != job:
-                differ = sorted(k for k in set(job) | set(head or {}) if (head or {}).get(k) != job.get(k))
-                raise ConfigError(f"{self.path} is the journal of another job ({', '.join(differ) or 'unreadable'} "
-                                  f"differ{'s' if len(differ) == 1 else ''}); delete it to start over, or give "
-                                  "another --out")
+                raise ConfigError(f"{self.path} is the journal of another job ({differing(head, job)}); delete it "
+                                  "to start over, or give another --out")
             for raw in lines[1:]:
                 try:
                     self.rows.append(json.loads(raw))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from recreason.config import GenerateConfig
 from recreason.errors import ConfigError
-from recreason.jobs.batch import Pair, file_digest, read_pairs, write_rows
+from recreason.jobs.batch import Pair, differing, file_digest, read_pairs, write_rows
 
 SHARD_FORMATS = ("jsonl", "parquet")
 
@@ -97,10 +97,9 @@ class ShardWriter:
             except json.JSONDecodeError:
                 saved = {}
             if saved.get("job") != job:
-                old = saved.get("job") or {}
-                differ = sorted(k for k in set(job) | set(old) if old.get(k) != job.get(k))
-                raise ConfigError(f"{self.manifest} is the manifest of another job ({', '.join(differ) or 'unreadable'}"
-                                  " differ); give another --out or delete the folder to start over")
+                raise ConfigError(f"{self.manifest} is the manifest of another job "
+                                  f"({differing(saved.get('job'), job)}); give another --out or delete the folder "
+                                  "to start over")
             self.done = {k: v for k, v in saved.get("shards", {}).items() if (out / v["file"]).exists()}
 
     def path(self, shard: int) -> Path:
