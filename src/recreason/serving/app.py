@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Sequence
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from recreason.errors import UnknownId
@@ -222,7 +223,7 @@ class BodyLimit:
 def _authorizer(api_keys: set[str] | None):
     """The dependency every protected route takes: a bearer token or X-API-Key among ``api_keys`` (none: open)."""
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:  # async: no thread hop before the fast path
         if not api_keys:
             return
         header = request.headers.get("authorization", "")
@@ -234,32 +235,51 @@ def _authorizer(api_keys: set[str] | None):
     return authorize
 
 
-def _request_middleware(app: FastAPI, metrics: Metrics, max_body_bytes: int) -> None:
-    """Request ids, the declared body limit, no stack trace in any answer, and request metrics."""
+class RequestMiddleware:
+    """ASGI middleware: a request id on every answer (the caller's X-Request-ID when it is sane), the declared body
+    limit (413), no stack trace in any answer (500 naming the request id, the trace in the log) and request
+    metrics. Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which costs a stored answer about a tenth
+    of its time."""
 
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int):
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         start = time.perf_counter()
-        given = request.headers.get("x-request-id", "")
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if given.isascii() and given.replace("-", "").isalnum() and len(given) <= 64 \
             else uuid.uuid4().hex
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            response = JSONResponse({"detail": f"request body larger than {max_body_bytes} bytes"}, status_code=413)
+        status, started = [500], [False]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0], started[0] = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        length = headers.get(b"content-length", b"").decode("latin-1") if b"content-length" in headers else None
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            await JSONResponse({"detail": f"request body larger than {self.max_body_bytes} bytes"},
+                               status_code=413)(scope, receive, send_with_id)
         else:
             try:
-                response = await call_next(request)
+                await self.app(scope, receive, send_with_id)
             except Exception:  # noqa: BLE001 - never leak a stack trace; log it with the request id
-                log.exception("request %s %s failed (request id %s)", request.method, request.url.path, request_id)
-                response = JSONResponse({"detail": f"internal error (request id {request_id})"}, status_code=500)
-        if response.status_code >= 500:
-            log.error("%s %s answered %d (request id %s)", request.method, request.url.path, response.status_code,
+                log.exception("request %s %s failed (request id %s)", scope.get("method"), scope.get("path"),
+                              request_id)
+                if started[0]:
+                    raise
+                await JSONResponse({"detail": f"internal error (request id {request_id})"},
+                                   status_code=500)(scope, receive, send_with_id)
+        if status[0] >= 500:
+            log.error("%s %s answered %d (request id %s)", scope.get("method"), scope.get("path"), status[0],
                       request_id)
-        response.headers["X-Request-ID"] = request_id
-        path = request.scope.get("route").path if request.scope.get("route") else "other"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
+        path = scope["route"].path if scope.get("route") is not None else "other"
+        self.metrics.requests.labels(path, str(status[0])).inc()
+        self.metrics.latency.labels(path).observe(time.perf_counter() - start)
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -296,12 +316,15 @@ def _reason_routes(app: FastAPI, service: ExplanationService, authorize, metrics
 
     @app.post("/v1/explanations", response_model=ExplainResponse, dependencies=[Depends(authorize)],
               responses=ERRORS)
-    def explanations(body: ExplainRequest):
+    async def explanations(body: ExplainRequest):
         items = [i.model_dump() for i in body.items]
         for item in items:
             if item["history"]:
                 item["history"] = [dict(h) for h in item["history"]]
-        result = service.explain(items, body.options.generation())
+        options = body.options.generation()
+        result = service.stored_only(items, options)  # all stored: answered here, without a thread or the model
+        if result is None:
+            result = await run_in_threadpool(service.explain, items, options)
         record_outcomes(result)
         return {"explanations": result}
 
@@ -384,7 +407,7 @@ def create_app(service: ExplanationService, api_keys: set[str] | None = None, ma
         app.add_middleware(HostCheck, allowed=allowed_hosts)
     metrics = Metrics()
     authorize = _authorizer(api_keys)
-    _request_middleware(app, metrics, max_body_bytes)
+    app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
     _error_handlers(app)
     _reason_routes(app, service, authorize, metrics)
     _user_routes(app, service, authorize)

@@ -43,6 +43,7 @@ class ExplanationService:
                                     on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue)
         self.model_id = f"{self.run.dir.resolve()}"
         self.model_tag = self.predictor.model_tag
+        self.has_stored = self.store.has_reasons(self.model_tag)  # serve --reasons loaded rows of this run
 
     # ----- data --------------------------------------------------------------------------------
     def _as_record(self, inter: Interaction) -> Explained:
@@ -162,7 +163,7 @@ class ExplanationService:
         """Reasons in request order: stored ones (``serve --reasons``) for plain requests with default decoding,
         the rest generated live through :meth:`Predictor.explain`."""
         self.sync()
-        plain = not any(v is not None for v in (options or {}).values())
+        plain = self.has_stored and not any(v is not None for v in (options or {}).values())
         stored = {}
         if plain:
             pairs = [(r["user_id"], r["item_id"]) for r in requests if not r.get("history") and not r.get("item_features")]
@@ -177,12 +178,26 @@ class ExplanationService:
         return [next(generated) if r in live else self._stored(stored[(r["user_id"], r["item_id"])])
                 for r in requests]
 
+    def stored_only(self, requests: list[dict], options: dict | None = None) -> list[dict] | None:
+        """The answers to ``requests`` when every one is a plain request of a stored pair (the server's fast path:
+        no thread, no model), else None."""
+        if not self.has_stored or any(v is not None for v in (options or {}).values()) or \
+                any(r.get("history") or r.get("item_features") for r in requests):
+            return None
+        # no sync() here: stored_reasons compares each user's history version in the store itself
+        pairs = [(r["user_id"], r["item_id"]) for r in requests]
+        stored = self.store.stored_reasons(self.model_tag, pairs)
+        if len(stored) < len(set(pairs)):
+            return None
+        self.stats["precomputed"] += len(requests)
+        return [self._stored(stored[pair]) for pair in pairs]
+
     def recommend(self, user: str, k: int, exclude_seen: bool = True, options: dict | None = None) -> list[dict]:
         """The user's top ``k``: the stored list (``serve --reasons`` with a ``recommend --all-users`` output) when
         there is one of at least ``k`` for default decoding and unchanged history, without touching the model;
         else ranked and explained live."""
         self.sync()
-        if exclude_seen and not any(v is not None for v in (options or {}).values()):
+        if self.has_stored and exclude_seen and not any(v is not None for v in (options or {}).values()):
             stored = self.store.stored_recommendations(self.model_tag, user, k)
             if len(stored) == k:
                 self.stats["precomputed"] += k

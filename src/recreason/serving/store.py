@@ -80,6 +80,10 @@ class Store(ABC):
         """The stored rows of ``model`` for ``pairs`` whose user's history has not changed since they were stored."""
 
     @abstractmethod
+    def has_reasons(self, model: str) -> bool:
+        """Whether any rows of ``model`` are stored (a server without them skips the lookups)."""
+
+    @abstractmethod
     def stored_recommendations(self, model: str, user: str, k: int) -> list[dict]:
         """The user's stored top-K rows of ``model``, by rank, if the user's history has not changed since."""
 
@@ -205,6 +209,10 @@ class _SQLStore(Store):
                         found[(user, item)] = json.loads(body)
                         break
         return found
+
+    def has_reasons(self, model: str) -> bool:
+        with self._transaction(write=False) as conn:
+            return conn.execute(self._q("SELECT 1 FROM reasons WHERE model = ? LIMIT 1"), (model,)).fetchone() is not None
 
     def stored_recommendations(self, model: str, user: str, k: int) -> list[dict]:
         with self._transaction(write=False) as conn:
