@@ -121,6 +121,7 @@ class Predictor:
         self.matcher = FeatureMatcher(self.vocabulary)
         self.checker = ReasonChecker(self.vocabulary)
         self._generic: tuple[str, collections.Counter] | None = None
+        self._model_tag: str | None = None
         ranker_dir = self.run.paths.ranker
         self.ranker = Ranker.load(ranker_dir) if Ranker.exists(ranker_dir) else None
         self.item_ratings: dict[str, list[float]] = collections.defaultdict(list)
@@ -143,7 +144,7 @@ class Predictor:
     @property
     def model_tag(self) -> str:
         """Which model writes this predictor's reasons (:meth:`Run.fingerprint`; ``zero-shot:`` + base model)."""
-        if getattr(self, "_model_tag", None) is None:
+        if self._model_tag is None:
             self._model_tag = (self.run.fingerprint(self.checkpoint) if self.system == "fine-tuned"
                                else f"zero-shot:{self.run.info['base_model_path']}")
         return self._model_tag

@@ -168,15 +168,16 @@ class ExplanationService:
         if plain:
             pairs = [(r["user_id"], r["item_id"]) for r in requests if not r.get("history") and not r.get("item_features")]
             stored = self.store.stored_reasons(self.model_tag, pairs) if pairs else {}
-        live = [r for r in requests if r.get("history") or r.get("item_features")
-                or (r["user_id"], r["item_id"]) not in stored]
+        is_live = [bool(r.get("history") or r.get("item_features")) or (r["user_id"], r["item_id"]) not in stored
+                   for r in requests]
+        live = [r for r, flag in zip(requests, is_live) if flag]
         reqs = [Request(r["user_id"], r["item_id"], [h["text"] for h in r.get("history") or []],
                         list(r.get("item_features") or [])) for r in live]
         generated = iter(self._rows(self.predictor.explain(reqs, self.options(options), generate=self._texts))
                          if reqs else [])
         self.stats["precomputed"] += len(requests) - len(live)
-        return [next(generated) if r in live else self._stored(stored[(r["user_id"], r["item_id"])])
-                for r in requests]
+        return [next(generated) if flag else self._stored(stored[(r["user_id"], r["item_id"])])
+                for r, flag in zip(requests, is_live)]
 
     def stored_only(self, requests: list[dict], options: dict | None = None) -> list[dict] | None:
         """The answers to ``requests`` when every one is a plain request of a stored pair (the server's fast path:
