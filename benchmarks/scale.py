@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30, help="each serving phase (stored, then live)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/scale.json"))
+    parser.add_argument("--only-serving", action="store_true",
+                        help="measure part 2 only and replace its figures in --out, keeping the engines' (after a "
+                             "change to serving alone)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -46,7 +49,7 @@ def main() -> None:
     from recreason.jobs import explain_pairs
     from recreason.jobs.cluster import explain_pairs_ray, read_shards, start_ray
     from recreason.models.registry import resolve_precision
-    from serve_load import pairs_for, precomputed_and_live
+    from serve_load import pairs_for
 
     gen = GenerateConfig(batch_size=50, max_new_tokens=args.max_new_tokens)
     tmp = Path(tempfile.mkdtemp(prefix="recreason-scale-"))
@@ -55,6 +58,10 @@ def main() -> None:
     pairs_file.write_text("".join(json.dumps({"user_id": u, "item_id": i}) + "\n" for u, i in pairs))
     result: dict = {"pairs": len(pairs), "cores": os.cpu_count(), "cpu": torch.backends.cpu.get_cpu_capability(),
                     "precision": resolve_precision(gen.precision, "cpu"), "max_new_tokens": args.max_new_tokens}
+    if args.only_serving:
+        result = {**json.loads(Path(args.out).read_text()), **serving(args, tmp)}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     local = explain_pairs(Predictor(args.run, gen), pairs_file, tmp / "local.jsonl", args.chunk_size)
     result["local"] = {"reasons_per_s": local["reasons_per_second"], "seconds": local["seconds"]}
@@ -79,15 +86,22 @@ def main() -> None:
 
     ray.shutdown()
     time.sleep(2)
+    result.update(serving(args, tmp))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def serving(args, tmp: Path) -> dict:
+    """Part 2: one server run, stored pairs then live ones."""
+    from serve_load import pairs_for, precomputed_and_live
+
     load = argparse.Namespace(run=args.run, clients=args.clients, seconds=args.seconds, max_wait_ms=50,
                               max_new_tokens=args.max_new_tokens, tmp=str(tmp / "serve"), precomputed=args.pairs)
     served = precomputed_and_live(load, pairs_for(args.run, 2000))
-    result["precomputed_p95_ms"] = served["precomputed"]["p95_s"] * 1000
-    result["live_p95_ms"] = served["live"]["p95_s"] * 1000
-    result["serving"] = served
+    result = {"precomputed_p95_ms": served["precomputed"]["p95_s"] * 1000, "live_p95_ms": served["live"]["p95_s"] * 1000,
+              "serving": served}
     print(f"stored: p95 {result['precomputed_p95_ms']:.1f} ms, {served['precomputed']['errors']} errors; live: p95 "
           f"{result['live_p95_ms']:.0f} ms, {served['live']['reasons_per_s']:.2f} reasons/s", flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
+from loadgen import drive
 from recreason.serving.launch import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,48 +38,6 @@ def pairs_for(run_dir: str, n: int) -> list[tuple[str, str]]:
     rng = random.Random(0)
     rng.shuffle(test)
     return [(r.user, r.item) for r in test[:n]]
-
-
-def drive(base: str, pairs, clients: int, seconds: float, repeat: bool = False) -> dict:
-    """``clients`` threads POST one (user, item) each to /v1/explanations for ``seconds`` (each pair once, or round
-    and round with ``repeat``); reasons/s, latency quantiles, errors, and how many answers were precomputed."""
-    latencies: list[float] = []
-    errors, precomputed = [0], [0]
-    lock = threading.Lock()
-    queue = list(pairs)
-    position = [0]
-    stop = time.monotonic() + seconds
-
-    def client():
-        with httpx.Client(timeout=120) as http:
-            while time.monotonic() < stop:
-                with lock:
-                    if repeat:
-                        user, item = pairs[position[0] % len(pairs)]
-                        position[0] += 1
-                    elif not queue:
-                        return
-                    else:
-                        user, item = queue.pop()
-                start = time.perf_counter()
-                r = http.post(f"{base}/v1/explanations", json={"items": [{"user_id": user, "item_id": item}]})
-                with lock:
-                    if r.status_code == 200:
-                        latencies.append(time.perf_counter() - start)
-                        precomputed[0] += bool(r.json()["explanations"][0].get("precomputed"))
-                    else:
-                        errors[0] += 1
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
-    return {"reasons_per_s": len(latencies) / elapsed, "requests": len(latencies), "errors": errors[0],
-            "precomputed": precomputed[0], "p50_s": q[49], "p95_s": q[94], "p99_s": q[98]}
 
 
 def load_server(args, pairs, extra: list[str] | None = None) -> dict:
@@ -121,7 +78,7 @@ def precomputed_and_live(args, pairs) -> dict:
                                  str(args.max_wait_ms), "--store", f"sqlite:///{args.tmp}/load.db",
                                  "--set", f"generate.max_new_tokens={args.max_new_tokens}", "--reasons", str(reasons)])
     try:
-        from_store = drive(base, stored, args.clients, args.seconds, repeat=True)
+        from_store = drive(base, stored, args.clients, args.seconds, repeat=True, server_pid=server.pid)
         generated = drive(base, live, args.clients, args.seconds)
     finally:
         server.terminate()

@@ -56,6 +56,7 @@ def test_stored_pairs_are_answered_from_the_store_without_the_model(served, monk
     mixed = client.post("/v1/explanations", json={"items": body["items"][:1] + [
         {"user_id": records[5].user, "item_id": records[5].item}]}).json()["explanations"]
     assert [a["precomputed"] for a in mixed] == [True, False] and calls == [1]
+    assert mixed[0] == answer[0]  # the route's stored row (a mixed request) reads as the front door's
     top = client.get("/v1/recommendations", params={"user_id": users[0], "k": 2}).json()["recommendations"]
     assert calls == [1] and len(top) == 2 and all(r["precomputed"] for r in top)
     assert top[0]["score"] >= top[1]["score"]
@@ -72,3 +73,25 @@ def test_a_user_whose_history_changed_gets_live_reasons_again(served):
     assert not client.post("/v1/explanations", json=item_body).json()["explanations"][0]["precomputed"]
     with_options = {**item_body, "options": {"max_new_tokens": 3}}
     assert not client.post("/v1/explanations", json=with_options).json()["explanations"][0]["precomputed"]
+
+
+def test_the_front_door_checks_keys_and_bodies_as_the_route_does(served, monkeypatch):
+    """StoredAnswers answers all-stored requests before routing: with the same key check (401 without one) and the
+    same request model (422 naming the field), and without ever calling the model or the service's live path."""
+    from fastapi.testclient import TestClient
+
+    from recreason.serving.app import create_app
+
+    _, service, records, _, _, _ = served
+    monkeypatch.setattr(service, "explain", lambda *a, **k: (_ for _ in ()).throw(AssertionError("live path")))
+    client = TestClient(create_app(service, api_keys={"secret"}))
+    body = {"items": [{"user_id": records[0].user, "item_id": records[0].item}]}
+    assert client.post("/v1/explanations", json=body).status_code == 401
+    assert client.post("/v1/explanations", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
+    ok = client.post("/v1/explanations", json=body, headers={"Authorization": "Bearer secret"})
+    assert ok.status_code == 200 and ok.json()["explanations"][0]["precomputed"] and ok.headers["x-request-id"]
+    bad = client.post("/v1/explanations", json={"items": [{"user_id": "", "item_id": records[0].item}]},
+                      headers={"X-API-Key": "secret"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "items.0.user_id"
+    metrics = client.get("/metrics").text
+    assert 'recreason_requests_total{path="/v1/explanations",status="200"} 1.0' in metrics
