@@ -229,12 +229,46 @@ def test_one_prefill_per_prompt_gives_the_candidates_of_a_prefill_per_draw(tiny_
         baseline_passes = [shape for shape in rows_seen if shape[1] > 1]
     finally:
         hook.remove()
-    assert [rows for rows, _ in prompt_passes] == [3, 2]  # two batches of prompts, each prompt once
+    # two batches of prompts: their shared header (the chat template's system turn) once, then each prompt's own part
+    assert [rows for rows, _ in prompt_passes] == [1, 3, 1, 2]
+    assert prompt_passes[0][1] == prompt_passes[2][1] >= 8
     assert [rows for rows, _ in baseline_passes] == [12, 8]  # the same batches, each prompt four times
     assert [[(c.text, c.greedy, c.count) for c in cands] for cands in shared] == \
         [[(c.text, c.greedy, c.count) for c in cands] for cands in each]
     assert [c.logprob for cands in shared for c in cands] == \
         pytest.approx([c.logprob for cands in each for c in cands], abs=1e-4)
+
+
+def test_the_shared_header_is_computed_once_and_changes_no_reason(tiny_run):
+    """Greedy batches compute the prompts' common header once (the chat template's system turn, the user's part when
+    one user's items are explained together) and write exactly the reasons of each prompt decoded alone."""
+    import torch
+
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import generate_texts, shared_header
+    from recreason.inference import Predictor, Request
+
+    batch = {"input_ids": torch.tensor([[0, 0, 5, 6, 7, 8], [5, 6, 7, 9, 9, 9], [0, 5, 6, 7, 8, 1]]),
+             "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])}
+    assert shared_header(batch) == 3  # 5 6 7, whatever the padding
+    same = {"input_ids": torch.tensor([[5, 6, 7], [5, 6, 7]]), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    assert shared_header(same) == 2  # each prompt keeps its last token to start decoding from
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=6, precision="fp32"))
+    records = predictor.dataset.subset(1, "test")[:6]
+    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    cfg = GenerateConfig(max_new_tokens=8, batch_size=6, precision="fp32")
+    rows_seen: list[tuple[int, int]] = []
+    embed = predictor.model.lm.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
+    try:
+        together = generate_texts(predictor.model, predictor.tokenizer, prompts, cfg, progress=False)
+    finally:
+        hook.remove()
+    header, own = rows_seen[0], rows_seen[1]
+    longest = max(len(predictor.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    assert header[0] == 1 and header[1] >= 8 and own == (6, longest - header[1] - 1)
+    alone = [generate_texts(predictor.model, predictor.tokenizer, [p], cfg, progress=False)[0] for p in prompts]
+    assert together == alone
 
 
 def test_candidate_selection_runs_in_every_path(tiny_run, tmp_path):

@@ -85,6 +85,9 @@ def generate_texts(
     outputs: list[str] = [""] * len(prompts)
     torch.manual_seed(cfg.seed)
     for idx, batch, extra in _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
+        lm = _shared_prefill_lm(model, extra) if cfg.num_beams == 1 and not cfg.do_sample else None
+        if lm is not None and shared_header(batch) >= MIN_SHARED_HEADER:  # the shared header computed once
+            extra["cache"], batch = prefill(lm, batch, 1)
         new = _generate(model, batch, **_decode_kwargs(cfg, tokenizer), **extra)
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             outputs[i] = clean_output(text)
@@ -175,19 +178,69 @@ def _shared_prefill_lm(model, extra: dict):
     return model
 
 
-def prefill(lm, batch: dict, n: int):
-    """The KV cache of every prompt token but the last, computed once per prompt and repeated for its ``n``
-    draws. ``generate`` then starts from it and runs only the last prompt token before decoding. Without it
-    every draw recomputed the whole prompt: with 16 draws of a 150-token prompt that was most of the work
-    (``benchmarks/candidate_speed.py``). Positions follow the left padding as ``generate``
-    numbers them, so the draws see the same positions as a prefill of each copy would give."""
-    mask = batch["attention_mask"]
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    out = lm(input_ids=batch["input_ids"][:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-             use_cache=True, logits_to_keep=1)
-    cache = out.cache
-    cache.batch_repeat_interleave(n)
-    return cache
+MIN_SHARED_HEADER = 8  # tokens every prompt of a batch must share before their header is computed once
+
+
+def shared_header(batch: dict) -> int:
+    """How many leading tokens every prompt of a left-padded batch shares (the chat template's system turn, and the
+    user's part when one user's items are explained together), leaving each prompt at least one token of its own."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    lengths = mask.sum(1)
+    width = ids.shape[1]
+    shortest = int(lengths.min())
+    if ids.shape[0] < 2 or shortest < 2:
+        return 0
+    rows = torch.stack([ids[r, width - int(lengths[r]):width - int(lengths[r]) + shortest - 1]
+                        for r in range(ids.shape[0])])
+    differs = (rows != rows[:1]).any(0)
+    return int(differs.float().argmax()) if bool(differs.any()) else shortest - 1
+
+
+def prefill(lm, batch: dict, n: int) -> tuple:
+    """(KV cache of every prompt token but the last, repeated for each prompt's ``n`` draws; the batch laid out as
+    the cache was computed). ``generate`` then starts from the cache and runs only the last prompt token before
+    decoding. The prompts' shared header (:func:`shared_header`, at least :data:`MIN_SHARED_HEADER` tokens) is
+    computed once for the batch: the batch is laid out as the header, then each prompt's own tokens left-padded
+    after it (a mask hides the padding, positions count real tokens only, so every token sees what a prefill of
+    its prompt alone gives it). Without the cache every draw recomputed the whole prompt: with 16 draws of a
+    150-token prompt that was most of the work (``benchmarks/candidate_speed.py``)."""
+    header = shared_header(batch)
+    if header >= MIN_SHARED_HEADER:
+        batch = _after_header(batch, header)
+        mask = batch["attention_mask"]
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        ids = batch["input_ids"]
+        cache = lm(input_ids=ids[:1, :header], attention_mask=mask[:1, :header], position_ids=positions[:1, :header],
+                   use_cache=True, logits_to_keep=1).cache
+        cache.batch_repeat_interleave(ids.shape[0])
+        if ids.shape[1] - 1 > header:
+            cache = lm(input_ids=ids[:, header:-1], attention_mask=mask[:, :-1], position_ids=positions[:, header:-1],
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).cache
+    else:
+        mask = batch["attention_mask"]
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = lm(input_ids=batch["input_ids"][:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                   use_cache=True, logits_to_keep=1).cache
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    return cache, batch
+
+
+def _after_header(batch: dict, header: int) -> dict:
+    """The left-padded batch re-laid as: the shared header, padding, then each prompt's own tokens."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    lengths = mask.sum(1)
+    width = ids.shape[1]
+    new_ids, new_mask = ids.clone(), torch.zeros_like(mask)
+    for r in range(ids.shape[0]):
+        start = width - int(lengths[r])
+        new_ids[r, :header] = ids[r, start:start + header]
+        new_mask[r, :header] = 1
+        own = int(lengths[r]) - header
+        new_ids[r, header:width - own] = ids[0, 0]  # padding: masked, any token
+        new_ids[r, width - own:] = ids[r, start + header:]
+        new_mask[r, width - own:] = 1
+    return {**batch, "input_ids": new_ids, "attention_mask": new_mask}
 
 
 def prompt_seed(seed: int, prompt: str, sample: int) -> int:
@@ -220,7 +273,8 @@ def generate_candidates(
         ids = {k: v.repeat_interleave(n, 0) for k, v in extra.items()}
         lm = _shared_prefill_lm(model, extra) if shared_prefill and n > 1 and batch["input_ids"].shape[1] > 1 else None
         if lm is not None:  # the prompt's cache is computed once and copied to each of its draws
-            ids["cache"] = prefill(lm, batch, n)
+            ids["cache"], laid = prefill(lm, batch, n)
+            expanded = {k: v.repeat_interleave(n, 0) for k, v in laid.items()}
         result = _generate(model, expanded, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                            return_dict_in_generate=True, output_logits=True,
