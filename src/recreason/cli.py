@@ -240,6 +240,27 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    """Teach a run to write in one greedy decode the reason it would choose among its candidates: decode
+    generate.candidates candidates for distill.pairs training records (kept in RUN/candidates/, resumable), choose
+    with generate's selection weights, and train a second stage from RUN's weights into --out (distill.mode:
+    chosen | mixed | preference). --out is a run like any other: evaluate, serve and export take it."""
+    from recreason.jobs.distill import distill
+
+    config = _config(args, {"distill.mode": args.mode, "distill.pairs": args.pairs})
+    result = distill(args.run, args.out, config, progress=not args.quiet,
+                     resume="or-start" if args.resume_or_start else False)
+    from recreason.rundir import RunPaths
+
+    print(f"distilled {args.run} into {args.out} ({result['mode']}): {result['train_pairs']} training pairs x "
+          f"{result['candidates']} candidates decoded and chosen in {result['decode_seconds']:.0f} s "
+          f"({result['chosen_is_greedy']} chosen texts were the greedy one), trained {result['steps']} steps in "
+          f"{result['train_seconds']:.0f} s; best validation loss {result['best_validation_loss']:.4f}")
+    print(f"what it was trained on: {RunPaths(args.out).distill_targets}; evaluate it greedily with "
+          f"recreason evaluate --run {args.out} --set generate.candidates=1")
+    return 0
+
+
 def cmd_recommend(args) -> int:
     """Top-K unseen items for a user (the run's ranker; popularity for unknown users), each with a reason."""
     from recreason.errors import ConfigError
@@ -468,6 +489,26 @@ def _add_tune(sub, common) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+def _add_distill(sub, common) -> None:
+    p = sub.add_parser("distill", parents=[common], help="train a run on the reasons it chooses among candidates",
+                       description=cmd_distill.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example (configs/distill.yaml holds the measured settings):\n"
+                              "  recreason distill --run runs/full/run --out runs/full/distilled \\\n"
+                              "      --config configs/demo.yaml --config configs/full.yaml --config configs/distill.yaml\n"
+                              "then: recreason evaluate --run runs/full/distilled --config configs/demo.yaml "
+                              "--set generate.candidates=1")
+    p.add_argument("--run", required=True, help="the run to distil (from 'recreason train')")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--mode", choices=("chosen", "mixed", "preference"),
+                   help="chosen texts as targets | chosen and the reviews | DPO chosen vs lowest-scored "
+                        "(default: distill.mode, chosen)")
+    p.add_argument("--pairs", type=_bounded(int, 1, 10**12),
+                   help="training records to decode candidates for (default: distill.pairs, 2000)")
+    p.add_argument("--resume-or-start", action="store_true", dest="resume_or_start",
+                   help="continue the second stage from OUT/last when it exists (decoded candidates are always kept)")
+    p.set_defaults(func=cmd_distill)
+
+
 def _add_recommend(sub, common) -> None:
     p = sub.add_parser("recommend", parents=[common], help=cmd_recommend.__doc__, description=cmd_recommend.__doc__)
     p.add_argument("--run", required=True, help="run directory from 'recreason train'")
@@ -535,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub, common)
     _add_evaluate(sub, common)
     _add_tune(sub, common)
+    _add_distill(sub, common)
     _add_recommend(sub, common)
     _add_serve(sub, common)
     return parser

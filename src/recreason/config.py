@@ -105,6 +105,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where native: GPU, AVX-512 BF16/AMX CPU; else fp32) | bf16 (autocast; frozen
     # base weights stored in bf16) | fp16 (GPU, loss scaling) | fp32
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard and/or wandb
+    init_from: str | None = None  # a run whose best weights start this training (`recreason distill` sets it)
+    preference_beta: float = 0.1  # DPO's beta, for examples that carry a rejected text (`distill.mode: preference`)
+    preference_sft_weight: float = 1.0  # + this x the chosen text's NLL beside the preference loss
     seed: int = 42
     num_threads: int | None = None  # torch threads; default: all cores
 
@@ -166,6 +169,16 @@ class GenerateConfig:
 
 
 @dataclass
+class DistillConfig:
+    """`recreason distill`: a second training stage on the run's own chosen reasons (docs/design.md)."""
+    mode: str = "chosen"  # chosen: the chosen candidate is the target | mixed: chosen and the reference, both |
+    # preference: DPO, the chosen candidate against the lowest-scored one, from the run's weights as reference
+    pairs: int | None = 2000  # training records whose candidates are decoded (the cost); null: all of them
+    validation_pairs: int = 64  # validation records decoded: early stopping measures their chosen texts' loss
+    seed: int = 0  # which training and validation records are drawn
+
+
+@dataclass
 class RankConfig:
     # Defaults: the grid point benchmarks/ranking.py chose on the validation split of each of seeds 1-3.
     model: str = "als"  # als | bpr (the implicit library) | popularity
@@ -207,6 +220,7 @@ SECTIONS = {
     "generate": GenerateConfig,
     "rank": RankConfig,
     "evaluate": EvaluateConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -231,7 +245,8 @@ LIMITS: dict[str, dict[str, tuple]] = {
               "max_grad_norm": (1e-6, 1e6), "epochs": (1e-6, 10**4), "max_steps": (1, BIG),
               "max_train_records": (1, 10**12), "eval_every": (1, BIG), "max_eval_records": (1, 10**9),
               "checkpoint_every": (1, BIG), "patience": (1, 10**4), "snapshot_steps": (1, BIG),
-              "seed": (0, 2**32 - 1), "num_threads": (1, 4096)},
+              "seed": (0, 2**32 - 1), "num_threads": (1, 4096), "preference_beta": (1e-6, 1e4),
+              "preference_sft_weight": (0.0, 1e4)},
     "generate": {"max_new_tokens": (1, 4096), "batch_size": (1, 4096), "num_beams": (1, 64),
                  "temperature": (1e-4, 100.0), "top_p": (1e-6, 1.0), "seed": (0, 2**32 - 1),
                  "max_records": (1, 10**12), "candidates": (1, 256), "sample_temperature": (1e-4, 100.0),
@@ -242,6 +257,7 @@ LIMITS: dict[str, dict[str, tuple]] = {
     "rank": {"factors": (1, 4096), "regularization": (0.0, 1e6), "iterations": (1, 10**4), "alpha": (0.0, 1e6),
              "learning_rate": (1e-9, 10.0), "popularity_weight": (0.0, 1e6), "seed": (0, 2**32 - 1)},
     "evaluate": {"max_len": (1, 1000), "bootstrap": (0, 10**6)},
+    "distill": {"pairs": (1, 10**12), "validation_pairs": (1, 10**9), "seed": (0, 2**32 - 1)},
 }
 CHOICES: dict[str, dict[str, tuple]] = {
     "prepare": {"schema": ("auto", "amazon", "generic"), "split": ("random", "temporal")},
@@ -251,6 +267,7 @@ CHOICES: dict[str, dict[str, tuple]] = {
               "precision": ("auto", "bf16", "fp16", "fp32"), "report_to": ("tensorboard", "wandb")},
     "generate": {"precision": ("auto", "bf16", "fp32")},
     "rank": {"model": ("als", "bpr", "popularity")},
+    "distill": {"mode": ("chosen", "mixed", "preference")},
     "evaluate": {"split": ("train", "validation", "test"), "systems": ("zero-shot", "retrieval", "fine-tuned")},
 }
 MAX_DECODE_ROWS = 8192  # generate.batch_size x generate.candidates sequences decoded at once

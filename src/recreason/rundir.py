@@ -60,6 +60,21 @@ class RunPaths:
         return self.root / "run.json"
 
     @property
+    def distill(self) -> Path:
+        """`recreason distill`'s record of a distilled run: :attr:`distill_targets` and :attr:`distill_summary`."""
+        return self.root / "distill"
+
+    @property
+    def distill_targets(self) -> Path:
+        """Per training record: the chosen, rejected and greedy candidates and the review."""
+        return self.distill / "targets.jsonl"
+
+    @property
+    def distill_summary(self) -> Path:
+        """What the distillation decoded, chose and trained, and its cost in seconds."""
+        return self.distill / "summary.json"
+
+    @property
     def config(self) -> Path:
         return self.root / "config.yaml"
 

@@ -154,6 +154,12 @@ class TermTable:
         score[self.blocked] = -np.inf
         return tuple(score.argmax(1).tolist())
 
+    def worst(self, cfg: GenerateConfig) -> tuple[int, ...]:
+        """The index of each record's lowest-scoring usable candidate (the rejected text of preference training)."""
+        score = self.scores(cfg)
+        score[self.blocked] = np.inf
+        return tuple(score.argmin(1).tolist())
+
 
 def candidate_score(candidate: Candidate, item_features: set[str], user_features: set[str],
                     generic: collections.Counter, cfg: GenerateConfig, matcher: FeatureMatcher,

@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +35,8 @@ from recreason.models.registry import resolve_precision
 from recreason.prompts.discrete import DiscretePrompter
 from recreason.ranking import fit_ranker
 from recreason.rundir import RunPaths, load_best_into, load_checkpoint, save_best, save_checkpoint, write_run_info
-from recreason.training.data import build_examples, collate, joint_loss, length_bucketed_batches
+from recreason.training.data import (build_examples, collate, joint_loss, length_bucketed_batches, preference_loss,
+                                     reference_logps)
 from recreason.training.loggers import NullWriter, make_writer
 
 log = logging.getLogger(__name__)
@@ -195,7 +197,10 @@ class StepEngine:
         Returns (loss, loss parts, whether an optimizer step was taken)."""
         cfg = self.cfg
         with autocast_context(cfg.precision, self.device):
-            loss, parts = joint_loss(self.net, batch, cfg.rating_weight)
+            if "pairs" in batch:  # (chosen, rejected) rows: the preference objective
+                loss, parts = preference_loss(self.net, batch, cfg.preference_beta, cfg.preference_sft_weight)
+            else:
+                loss, parts = joint_loss(self.net, batch, cfg.rating_weight)
         if cfg.method == "adalora" and not self.personal_only:
             penalty = orthogonality_penalty(self.model.lm)
             if penalty is not None:
@@ -228,12 +233,20 @@ class Trainer:
     RUN/last. With ``cfg.two_stage`` a first stage trains only the user/item vectors and heads with the
     language model frozen, then the main stage trains everything with a fresh optimizer (PEPLER); each
     stage stops early on the validation objective.
+
+    ``targets`` / ``valid_targets``: texts to train / validate on by record index instead of the records' own
+    explanations (only records with an entry are used); ``rejected``: a text not to prefer per training record,
+    which makes the objective DPO against the starting weights (``cfg.init_from``) plus the chosen texts' NLL.
+    `recreason distill` passes the reasons a run chose among its own candidates.
     """
 
     def __init__(self, dataset_dir: str | Path, run_dir: str | Path, cfg: TrainConfig,
-                 prompt_cfg: PromptConfig | None = None, full_config: dict | None = None, progress: bool = True):
+                 prompt_cfg: PromptConfig | None = None, full_config: dict | None = None, progress: bool = True,
+                 targets: Mapping[int, Sequence[str]] | None = None,
+                 valid_targets: Mapping[int, Sequence[str]] | None = None, rejected: Mapping[int, str] | None = None):
         cfg.validate()
         self.cfg = cfg
+        self.targets, self.valid_targets, self.rejected = targets, valid_targets, rejected
         self.prompt_cfg = prompt_cfg or PromptConfig()
         self.dataset_dir, self.full_config = str(dataset_dir), full_config
         seed_everything(cfg.seed)
@@ -281,15 +294,28 @@ class Trainer:
         n_train = min(len(train_records), cfg.max_train_records or len(train_records))
         estimated = cfg.max_steps or max(1, math.ceil(n_train / cfg.batch_size / cfg.grad_accum * cfg.epochs))
         self.model, self.tokenizer, self.base_path = build_model(cfg, train_records, self.device, estimated)
+        if cfg.init_from:
+            load_best_into(self.model, Path(cfg.init_from))
+            log.info("starting from the best weights of %s", cfg.init_from)
+        if self.targets is not None:
+            train_records = [r for r in train_records if r.index in self.targets]
+        if self.valid_targets is not None:
+            valid_records = [r for r in valid_records if r.index in self.valid_targets]
         if cfg.max_train_records and cfg.max_train_records < len(train_records):
             train_records = self.rng.sample(train_records, cfg.max_train_records)
         if cfg.max_eval_records and cfg.max_eval_records < len(valid_records):
             valid_records = random.Random(cfg.seed + 1).sample(valid_records, cfg.max_eval_records)
         self.model.train()
-        self.train_examples, _ = build_examples(train_records, prompter, self.tokenizer, cfg, model=self.model)
-        self.valid_examples, _ = build_examples(valid_records, prompter, self.tokenizer, cfg, model=self.model)
+        self.train_examples, _ = build_examples(train_records, prompter, self.tokenizer, cfg, model=self.model,
+                                                texts=self.targets, rejected=self.rejected)
+        self.valid_examples, _ = build_examples(valid_records, prompter, self.tokenizer, cfg, model=self.model,
+                                                texts=self.valid_targets)
         if not self.train_examples:
             raise DataError(f"{self.dataset_dir}: no training examples with a non-empty {cfg.target!r} target")
+        if self.rejected is not None:
+            if not cfg.init_from:
+                raise ConfigError("preference training needs train.init_from: the run whose weights are the reference")
+            reference_logps(self.model, self.train_examples, self.tokenizer.pad_token_id, self.device)
         if self.world > 1 and cfg.fsdp:
             shard_model(self.model, self.device)  # in place: FSDP2 keeps the module and its parameter names
             net = self.model

@@ -1,0 +1,167 @@
+"""Reason quality against decoding cost: runs (a full run, its distilled second stage) at several candidate counts.
+
+    python benchmarks/quality_cost.py --system "full run=runs/full/run" --system "distilled=runs/full/distilled" \
+        --candidates 1 4 8 16 32 --config configs/demo.yaml --config configs/full.yaml [--records N] [--name seed1]
+
+For each run the test records' candidates are decoded at each count in turn (kept in RUN/candidates/,
+recreason.inference.candidates: a count reuses the smaller count's draws, each seeded by its prompt and index, and
+decodes only the rest, so all counts together cost one decode at the largest); each count's choice is made with
+the selection weights of the config, and scored with one TextScorer (the same bootstrap resamples for every row, so
+each row's paired difference to the reference row, the first system at the largest count, is exact).
+
+Seconds per reason are measured side by side in this process: the first ``--timing-records`` records decoded
+afresh at every count for every run (prompts batched so that a batch holds about 128 sequences), so the ratios
+are comparable; run it alone on the machine.
+
+Each (system, count) row is one look at the split; the file says how many looks were taken in all.
+
+Writes benchmarks/results/quality/cost.json (``--name cost``; {"systems": {NAME: {"records", "candidates",
+"seconds_per_reason", metrics..., "intervals": {...}, "vs_reference": {...}}}}) and cost.png (ROUGE-L and BLEU-4
+against seconds per reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "quality"
+METRICS = ("BLEU-1", "BLEU-4", "ROUGE-L", "USR", "FMR", "FCR", "Generic", "Ungrounded")
+ROWS_PER_BATCH = 128
+
+
+def seconds_per_reason(predictor, prompted, records, gen, k: int) -> float:
+    """Decode ``records``' candidates afresh at count ``k`` (no cache) and choose: seconds per reason."""
+    from recreason.generation.generate import generate_candidates
+    from recreason.inference import candidates as cache
+
+    cfg = replace(gen, candidates=k, batch_size=max(1, min(50, ROWS_PER_BATCH // k)))
+    generic = predictor.generic_table(gen)  # measured once per run and kept: not part of a reason's cost
+    start = time.perf_counter()
+    for i in range(0, len(records), cfg.batch_size):
+        part = slice(i, i + cfg.batch_size)
+        decoded = generate_candidates(predictor.model, predictor.tokenizer, [p.prompt for p in prompted[part]], cfg,
+                                      users=[r.user for r in records[part]], items=[r.item for r in records[part]])
+        if k > 1:
+            table, _ = cache.term_table(predictor, prompted[part], decoded, generic)
+            table.choose(cfg)
+    return (time.perf_counter() - start) / len(records)
+
+
+def measure(name: str, run: str, gen, counts: list[int], records_limit: int | None, timing_records: int,
+            scorer_box: list, split: str = "test") -> dict:
+    from recreason.evaluation.evaluate import TextScorer, select_records
+    from recreason.inference import Predictor
+    from recreason.inference import candidates as cache
+
+    top = replace(gen, candidates=max(counts), max_records=records_limit)
+    predictor = Predictor(run, top)
+    records, refs = select_records(predictor.run, predictor.dataset, split, top)
+    if not scorer_box:
+        scorer_box.append(TextScorer(records, refs, predictor.train, predictor.dataset.features, 20,
+                                     bootstrap=top_bootstrap[0], semantic=False))
+    scorer = scorer_box[0]
+    if [r.index for r in scorer.records] != [r.index for r in records]:
+        raise SystemExit(f"{run}: not the same test records as the first system's (same dataset and split needed)")
+    generic = predictor.generic_table(top)
+    rows = {}
+    for k in counts:  # ascending: each count's cache reuses the smaller one's draws and decodes the rest
+        prompted, cands, _ = cache.decode(predictor, split, records, replace(top, candidates=k))
+        if k == 1:
+            texts = [c[0].text for c in cands]
+        else:
+            table, words = cache.term_table(predictor, prompted, cands, generic)
+            texts = [w[j] for w, j in zip(words, table.choose(replace(top, candidates=k)))]
+        label = f"{name}, {k} candidate{'s' if k > 1 else ''}"
+        timing = (seconds_per_reason(predictor, prompted[:timing_records], records[:timing_records], top, k)
+                  if timing_records else None)
+        rows[label] = {"run": run, "records": len(records), "candidates": k, "seconds_per_reason": timing,
+                       **{m: v for m, v in scorer.score(label, texts).items() if isinstance(v, float)}}
+        print(f"{label}: {timing or float('nan'):.2f} s/reason, " + ", ".join(f"{m} {rows[label][m]:.4g}" for m in METRICS),
+              flush=True)
+    return rows
+
+
+top_bootstrap = [1000]
+
+
+def plot(systems: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric in zip(axes, ("ROUGE-L", "BLEU-4")):
+        runs = {}
+        for label, row in systems.items():
+            runs.setdefault(label.rsplit(", ", 1)[0], []).append(row)
+        for name, rows in runs.items():
+            rows = sorted(rows, key=lambda r: r["candidates"])
+            ax.plot([r["seconds_per_reason"] for r in rows], [r[metric] for r in rows], marker="o", label=name)
+            for r in rows:
+                ax.annotate(str(r["candidates"]), (r["seconds_per_reason"], r[metric]), textcoords="offset points",
+                            xytext=(3, 3), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds of CPU per reason (log)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("reason quality against decoding cost (points: candidates decoded)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", action="append", required=True, metavar="NAME=RUN",
+                        help="a run to measure (repeatable); the first at the largest count is the reference row")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--config", action="append", default=None,
+                        help="decoding and selection weights (default: configs/demo.yaml then configs/full.yaml)")
+    parser.add_argument("--set", action="append", default=[], help="a config override, as recreason's --set")
+    parser.add_argument("--records", type=int, default=None, help="the first N test records (default: all)")
+    parser.add_argument("--timing-records", type=int, default=16, help="records decoded afresh per count to time "
+                        "it (0: no timing, e.g. when comparing choices on validation)")
+    parser.add_argument("--split", default="test", choices=("validation", "test"),
+                        help="validation to choose between configurations; test once per configuration named")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--name", default="cost", help="results file stem (cost; cost-temporal1 for later reviews)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from recreason.config import load_config
+    from recreason.evaluation import intervals as intervals_mod
+
+    top_bootstrap[0] = args.bootstrap
+    configs = args.config or [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "full.yaml"]
+    gen = load_config(configs, args.set)["generate"]
+    counts = sorted(set(args.candidates))
+    scorer_box: list = []
+    systems: dict = {}
+    for spec in args.system:
+        name, _, run = spec.partition("=")
+        systems.update(measure(name, run, gen, counts, args.records, args.timing_records, scorer_box, args.split))
+    scorer = scorer_box[0]
+    reference = next(label for label, row in systems.items() if row["candidates"] == counts[-1])
+    for label, row in systems.items():
+        row["intervals"] = scorer.intervals.get(label, {})
+        if label != reference and scorer.samples is not None:
+            row["vs_reference"] = intervals_mod.paired_difference(scorer.sentence_scores[label],
+                                                                  scorer.sentence_scores[reference], scorer.samples)
+    result = {"split": args.split, "configs": [str(c) for c in configs], "overrides": args.set,
+              "reference": reference, "looks_at_test": len(systems) if args.split == "test" else 0, "timing_records": args.timing_records,
+              "systems": systems}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if all(row["seconds_per_reason"] for row in systems.values()):
+        plot(systems, OUT / f"{args.name}.png")
+    print(f"wrote {OUT / (args.name + '.json')} and {args.name}.png ({len(systems)} looks at the test split)")
+
+
+if __name__ == "__main__":
+    main()
