@@ -41,7 +41,7 @@ def seconds_per_reason(predictor, prompted, records, gen, k: int) -> float:
     from recreason.inference import candidates as cache
 
     cfg = replace(gen, candidates=k, batch_size=max(1, min(50, ROWS_PER_BATCH // k)))
-    generic = predictor.generic_table(gen)  # measured once per run and kept: not part of a reason's cost
+    generic = predictor.generic_table(gen) if k > 1 else None  # measured once per run and kept: not a reason's cost
     start = time.perf_counter()
     for i in range(0, len(records), cfg.batch_size):
         part = slice(i, i + cfg.batch_size)
@@ -54,28 +54,29 @@ def seconds_per_reason(predictor, prompted, records, gen, k: int) -> float:
 
 
 def measure(name: str, run: str, gen, counts: list[int], records_limit: int | None, timing_records: int,
-            scorer_box: list, split: str = "test") -> dict:
+            scorer_box: list, split: str = "test", from_end: bool = False) -> dict:
     from recreason.evaluation.evaluate import TextScorer, select_records
     from recreason.inference import Predictor
     from recreason.inference import candidates as cache
 
-    top = replace(gen, candidates=max(counts), max_records=records_limit)
+    top = replace(gen, candidates=max(counts), max_records=None if from_end else records_limit)
     predictor = Predictor(run, top)
     records, refs = select_records(predictor.run, predictor.dataset, split, top)
+    if from_end and records_limit:  # the split's last records (validation: those tuning and distillation decode)
+        records, refs = records[-records_limit:], refs[-records_limit:]
     if not scorer_box:
         scorer_box.append(TextScorer(records, refs, predictor.train, predictor.dataset.features, 20,
                                      bootstrap=top_bootstrap[0], semantic=False))
     scorer = scorer_box[0]
     if [r.index for r in scorer.records] != [r.index for r in records]:
         raise SystemExit(f"{run}: not the same test records as the first system's (same dataset and split needed)")
-    generic = predictor.generic_table(top)
     rows = {}
     for k in counts:  # ascending: each count's cache reuses the smaller one's draws and decodes the rest
         prompted, cands, _ = cache.decode(predictor, split, records, replace(top, candidates=k))
         if k == 1:
             texts = [c[0].text for c in cands]
         else:
-            table, words = cache.term_table(predictor, prompted, cands, generic)
+            table, words = cache.term_table(predictor, prompted, cands, predictor.generic_table(top))
             texts = [w[j] for w, j in zip(words, table.choose(replace(top, candidates=k)))]
         label = f"{name}, {k} candidate{'s' if k > 1 else ''}"
         timing = (seconds_per_reason(predictor, prompted[:timing_records], records[:timing_records], top, k)
@@ -119,8 +120,9 @@ def plot(systems: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--system", action="append", required=True, metavar="NAME=RUN",
-                        help="a run to measure (repeatable); the first at the largest count is the reference row")
+    parser.add_argument("--system", action="append", required=True, metavar="NAME=RUN[@K,K]",
+                        help="a run to measure (repeatable), at --candidates or at its own counts after @; the first "
+                             "system at its largest count is the reference row")
     parser.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--config", action="append", default=None,
                         help="decoding and selection weights (default: configs/demo.yaml then configs/full.yaml)")
@@ -128,6 +130,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=None, help="the first N test records (default: all)")
     parser.add_argument("--timing-records", type=int, default=16, help="records decoded afresh per count to time "
                         "it (0: no timing, e.g. when comparing choices on validation)")
+    parser.add_argument("--from-end", action="store_true", help="the last --records records instead of the first")
     parser.add_argument("--split", default="test", choices=("validation", "test"),
                         help="validation to choose between configurations; test once per configuration named")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -145,9 +148,14 @@ def main() -> None:
     systems: dict = {}
     for spec in args.system:
         name, _, run = spec.partition("=")
-        systems.update(measure(name, run, gen, counts, args.records, args.timing_records, scorer_box, args.split))
+        run, at, own = run.partition("@")
+        mine = sorted({int(k) for k in own.split(",")}) if at else counts
+        systems.update(measure(name, run, gen, mine, args.records, args.timing_records, scorer_box, args.split,
+                               args.from_end))
     scorer = scorer_box[0]
-    reference = next(label for label, row in systems.items() if row["candidates"] == counts[-1])
+    first = next(iter(systems.values()))["run"]
+    reference = max((label for label, row in systems.items() if row["run"] == first),
+                    key=lambda label: systems[label]["candidates"])
     for label, row in systems.items():
         row["intervals"] = scorer.intervals.get(label, {})
         if label != reference and scorer.samples is not None:

@@ -1,8 +1,11 @@
-"""The comparison helpers of benchmarks/quality.py (a report over the library), checked against values worked by hand."""
+"""The comparison helpers of benchmarks/quality.py (a report over the library), checked against values worked by hand,
+and benchmarks/quality_cost.py's choice at each count against what `evaluate` writes."""
 
 import math
 import sys
 from pathlib import Path
+
+import pytest
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -37,3 +40,30 @@ def test_every_result_file_is_indexed_and_under_a_megabyte():
         named = str(rel.with_suffix("")) in index or (
             len(rel.parts) > 1 and rel.parts[0] != "quality" and re.sub(r"\d+$", "", rel.parts[0]) in index)
         assert named, f"{rel} is not in benchmarks/results/README.md"
+
+
+def test_quality_cost_scores_at_each_count_the_reasons_evaluate_writes(tiny_run, tmp_path):
+    """benchmarks/quality_cost.py chooses at K candidates from the cache filled count by count (each count reusing
+    the smaller one's draws): its metrics at K are those of the reasons `evaluate` writes decoding K candidates."""
+    import shutil
+    from dataclasses import replace
+
+    import quality_cost
+    from recreason.config import GenerateConfig
+    from recreason.evaluation.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run, ignore=shutil.ignore_patterns("generated", "eval*", "candidates"))
+    gen = GenerateConfig(max_new_tokens=6, precision="fp32", generic_records=8, batch_size=4, max_records=12,
+                         weight_consensus_bleu=8.0, weight_length=0.2)
+    box: list = []
+    quality_cost.top_bootstrap[0] = 0
+    rows = quality_cost.measure("tiny", str(run), gen, [1, 3], 12, 2, box, split="validation")
+    assert [r["candidates"] for r in rows.values()] == [1, 3]
+    assert all(r["seconds_per_reason"] > 0 and r["records"] == 12 for r in rows.values())
+    for k, row in zip((1, 3), rows.values()):
+        report = evaluate_run(run, "validation", replace(gen, candidates=k), systems=["fine-tuned"], progress=False,
+                              bootstrap=0, semantic=False)
+        written = report["results"]["fine-tuned"]
+        assert {m: written[m] for m in ("BLEU-1", "BLEU-4", "ROUGE-L", "USR")} == \
+            pytest.approx({m: row[m] for m in ("BLEU-1", "BLEU-4", "ROUGE-L", "USR")}, abs=1e-9)
