@@ -168,7 +168,7 @@ def main() -> None:
     (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     if all(row["seconds_per_reason"] for row in systems.values()):
         plot(systems, OUT / f"{args.name}.png")
-    print(f"wrote {OUT / (args.name + '.json')} and {args.name}.png ({len(systems)} looks at the test split)")
+    print(f"wrote {OUT / (args.name + '.json')} ({result['looks_at_test']} looks at the test split)")
 
 
 if __name__ == "__main__":
