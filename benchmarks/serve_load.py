@@ -52,8 +52,48 @@ def load_server(args, pairs, extra: list[str] | None = None) -> dict:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    return {**result, "batch_size_lines": [line for line in metrics.splitlines()
-                                           if line.startswith("recreason_batch_size_")]}
+    tokens = next((float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("recreason_generated_tokens_total ")), 0.0)
+    return {**result, "generated_tokens": tokens,
+            "batch_size_lines": [line for line in metrics.splitlines() if line.startswith("recreason_batch_size_")]}
+
+
+def matmul_peak() -> tuple[float, str]:
+    """(GFLOP/s, precision): the best of 5 timings of a decoder-sized product (benchmarks/matmul_precision.py) in
+    the precision serving resolves to, measured before the server starts so that nothing shares the cores."""
+    import torch
+
+    from matmul_precision import gflops
+    from recreason.models.registry import resolve_precision
+
+    precision = resolve_precision("auto", "cpu")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return max(gflops(dtype, 20) for _ in range(5)), precision
+
+
+def flop_bound(args, pairs, served: dict, peak: tuple[float, str]) -> dict:
+    """The share of this machine's matrix-product peak the server's reasons used: FLOP per reason = 2 x (decoder
+    matrix weights x (prompt + generated tokens) + vocabulary projection x generated tokens), attention left out
+    (small at these lengths), with the prompts of the pairs served and the generated tokens the server counted;
+    the peak from :func:`matmul_peak`."""
+    import torch
+
+    predictor = _predictor(args)
+    lm = predictor.model.lm
+    vocab = lm.get_output_embeddings().weight.numel()
+    decoder = sum(m.weight.numel() for name, m in lm.named_modules()
+                  if isinstance(m, torch.nn.Linear) and ".layers." in name)
+    served_pairs = pairs[:served["requests"]]
+    prompt_tokens = [len(predictor.tokenizer(_prompt(predictor, u, i), add_special_tokens=False)["input_ids"])
+                     for u, i in served_pairs]
+    generated = served["generated_tokens"] / max(served["requests"], 1)
+    prompt = sum(prompt_tokens) / max(len(prompt_tokens), 1)
+    per_reason = 2 * (decoder * (prompt + generated) + vocab * generated)
+    peak, precision = peak[0] * 1e9, peak[1]
+    return {"gflop_per_reason": per_reason / 1e9, "prompt_tokens": prompt, "generated_tokens": generated,
+            "peak_gflop_s": peak / 1e9, "precision": precision, "threads": torch.get_num_threads(),
+            "achieved_gflop_s": served["reasons_per_s"] * per_reason / 1e9,
+            "share_of_bound": served["reasons_per_s"] * per_reason / peak}
 
 
 def precomputed_and_live(args, pairs) -> dict:
@@ -181,12 +221,19 @@ def main() -> None:
         out.write_text(json.dumps({"args": vars(args), "llama_cpp_fine_tuned": result}, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return
+    peak = matmul_peak()
     results = {"server": load_server(args, pairs)}
     s = results["server"]
     print(f"server with {args.clients} clients: {s['reasons_per_s']:.2f} reasons/s, p50 {s['p50_s']:.2f} s, "
           f"p95 {s['p95_s']:.2f} s, p99 {s['p99_s']:.2f} s, {s['errors']} errors", flush=True)
+    bound = results["flop_bound"] = flop_bound(args, pairs, s, peak)
+    print(f"FLOP bound: {bound['gflop_per_reason']:.1f} GFLOP a reason ({bound['prompt_tokens']:.0f} prompt + "
+          f"{bound['generated_tokens']:.1f} generated tokens), {bound['achieved_gflop_s']:.1f} of a measured "
+          f"{bound['peak_gflop_s']:.1f} GFLOP/s peak ({bound['precision']}, {bound['threads']} threads): "
+          f"{100 * bound['share_of_bound']:.0f}% of the bound", flush=True)
     if args.skip_references:
         print(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps({"args": vars(args), **results}, indent=2) + "\n")
         return
     results["transformers_one_at_a_time"] = plain_generate(args, pairs)
     results["llama_cpp_single_stream"] = llama_cpp(args, pairs)

@@ -27,7 +27,6 @@ from recreason.errors import ConfigError, DataError, UnknownId
 from recreason.inference import Predictor, Request
 from recreason.inference.predictor import (MAX_FEATURE_CHARS, MAX_HISTORY, MAX_HISTORY_CHARS, MAX_ID_CHARS,
                                            MAX_ITEM_FEATURES)
-from recreason.rundir import checkpoint_stamp
 
 FORMATS = (".jsonl", ".csv", ".parquet")
 PAIR_FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".ndjson", ".parquet")
@@ -265,9 +264,9 @@ def recommend_rows(predictor: Predictor, users: list[str], k: int, options: dict
 
 
 def _job(kind: str, predictor: Predictor, options: dict | None, **extra) -> dict:
-    """What a journal's rows depend on: the job, the run's weights and the decoding settings."""
-    stamp = hashlib.sha256(checkpoint_stamp(predictor.run, predictor.checkpoint).encode()).hexdigest()[:16]
-    job = {"kind": kind, "run": str(predictor.run.dir.resolve()), "weights": stamp,
+    """What a journal's rows depend on: the job, the run's weights (its fingerprint, the ``model`` of every row and of
+    a Ray job's manifest) and the decoding settings."""
+    job = {"kind": kind, "run": str(predictor.run.dir.resolve()), "weights": predictor.model_tag,
            "generate": asdict(predictor.gen_cfg), "options": options or {}, **extra}
     return json.loads(json.dumps(job, default=str))  # as it reads back from the journal
 
@@ -297,7 +296,7 @@ def explain_pairs(predictor: Predictor, pairs_file: str | Path, out: str | Path,
     stats = _run_chunks(pairs, out, chunk_size, work, key=lambda x: x["line"] if isinstance(x, dict) else x.line,
                         progress=progress, desc="explaining", job=job, on_chunk=on_chunk, on_resume=resumed)
     rejects += stats.pop("journal_rejects")
-    _write_rejects(out, rejects)
+    write_rejects(_rejects_path(out), rejects)
     return {**stats, "rejected": len(rejects), "input_rows": input_rows,
             "decoded": len(answered), "rejects_file": str(_rejects_path(out))}
 
@@ -326,10 +325,13 @@ def _rejects_path(out: Path) -> Path:
     return out.with_name(out.name + ".rejects.jsonl")
 
 
-def _write_rejects(out: Path, rejects: list[dict]) -> None:
-    path = _rejects_path(out)
+def write_rejects(path: Path, rejects: list[dict]) -> None:
+    """The rejected rows, by input line, written whole or not at all (a temporary file moved over ``path``); none:
+    no file."""
     if not rejects:
         path.unlink(missing_ok=True)
         return
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in sorted(rejects, key=lambda r: r["line"]))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sorted(rejects, key=lambda r: r["line"])),
+                   encoding="utf-8")
+    os.replace(tmp, path)

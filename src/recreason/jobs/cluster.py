@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from recreason.config import GenerateConfig
 from recreason.errors import ConfigError
-from recreason.jobs.batch import Pair, differing, file_digest, read_pairs, write_rows
+from recreason.jobs.batch import Pair, differing, file_digest, read_pairs, write_rejects, write_rows
 
 SHARD_FORMATS = ("jsonl", "parquet")
 
@@ -188,7 +188,7 @@ def explain_pairs_ray(run: str, gen: GenerateConfig, pairs_file: str | Path, out
                         "explaining (ray)", on_shard)
     input_rows = len(pairs) + len(rejects)
     rejects += writer.rejected()
-    _write_rejects(out / "rejects.jsonl", rejects)
+    write_rejects(out / "rejects.jsonl", rejects)
     return {**stats, "input_rows": input_rows, "rejected": len(rejects), "rejects_file": str(out / "rejects.jsonl")}
 
 
@@ -215,16 +215,6 @@ def recommend_all_ray(run: str, gen: GenerateConfig, k: int, out: str | Path, ch
     shards = [users[n:n + chunk_size] for n in range(0, len(users), chunk_size)]
     return _run_shards(ray, actors, shards, lambda a, shard: a.recommend.remote(shard, k, options), writer, progress,
                        "recommending (ray)", on_shard)
-
-
-def _write_rejects(path: Path, rejects: list[dict]) -> None:
-    if not rejects:
-        path.unlink(missing_ok=True)
-        return
-    tmp = path.with_name(".rejects.jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sorted(rejects, key=lambda r: r["line"])),
-                   encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_shards(out: str | Path) -> list[dict]:
