@@ -215,7 +215,7 @@ def prefill(lm, batch: dict, n: int) -> tuple:
         cache.batch_repeat_interleave(ids.shape[0])
         if ids.shape[1] - 1 > header:
             cache = lm(input_ids=ids[:, header:-1], attention_mask=mask[:, :-1], position_ids=positions[:, header:-1],
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).cache
+                       cache=cache, use_cache=True, logits_to_keep=1).cache
     else:
         mask = batch["attention_mask"]
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
