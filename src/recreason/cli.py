@@ -31,6 +31,17 @@ def _config(args, flags: dict | None = None):
     return load_config(args.config, list(args.set) + given)
 
 
+def _mapping(text: str) -> dict[str, str]:
+    """An argparse type: ``a=b,c=d`` -> {"a": "b", "c": "d"}, or one line saying what is wrong."""
+    pairs = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        ours, sep, theirs = part.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=COLUMN pairs separated by commas, got {part!r}")
+        pairs[ours.strip()] = theirs.strip()
+    return pairs
+
+
 def _bounded(kind, low, high):
     """An argparse type: a number of ``kind`` in [low, high], or one line saying the range."""
     def parse(text: str):
@@ -49,7 +60,9 @@ def cmd_prepare(args) -> int:
     from recreason.data.dataset import prepare
 
     cfg = _config(args, {"prepare.schema": args.schema, "prepare.seeds": args.seeds, "prepare.split": args.split,
-                         "prepare.max_records": args.max_records})["prepare"]
+                         "prepare.max_records": args.max_records, "prepare.items": args.items,
+                         "prepare.columns": args.columns, "prepare.item_columns": args.item_columns,
+                         "prepare.language": args.language})["prepare"]
     start = time.time()
     stats = prepare(args.input, args.out, cfg, progress=not args.quiet)
     print(
@@ -57,8 +70,13 @@ def cmd_prepare(args) -> int:
         f"(see {Path(args.out) / 'rejects.jsonl'}), {stats['skipped_no_explanation']} without an explanation "
         f"sentence (see skipped.jsonl), {stats['explained']} explained"
     )
-    print(f"{stats['users']} users, {stats['items']} items, {stats['features']} features; {cfg.split} splits for "
-          f"seeds {list(stats['splits'])}: {next(iter(stats['splits'].values()))}")
+    print(f"{stats['users']} users, {stats['items']} items, {stats['features']} features ({stats['language']}); "
+          f"{cfg.split} splits for seeds {list(stats['splits'])}: {next(iter(stats['splits'].values()))}")
+    if "item_table" in stats:
+        t = stats["item_table"]
+        print(f"item table: {t['rows']} rows, {t['rejected']} rejected (see item_rejects.jsonl); "
+              f"{t['log_items_described']} of the log's items described, {t['log_items_with_title']} with a title, "
+              f"{t['log_items_without_metadata']} without")
     print(f"dataset written to {args.out} in {time.time() - start:.0f} s")
     return 0
 
@@ -367,6 +385,16 @@ def _add_prepare(sub, common) -> None:
     p.add_argument("--split", choices=["random", "temporal"],
                    help="random 8:1:1 (default) or temporal: test on the latest reviews, validate on the ones before")
     p.add_argument("--max-records", type=int, help="use only the first N valid reviews")
+    p.add_argument("--items", metavar="FILE",
+                   help="item table beside the log: Amazon metadata lines (Python dict literals, read safely), JSONL, "
+                        "CSV or Parquet; titles, categories, genres and tags enter the prompt and the web page")
+    p.add_argument("--columns", type=_mapping, metavar="OURS=THEIRS,...",
+                   help="names of the log's columns, e.g. user_id=user_md5,item_id=douban_id,text=content,"
+                        "timestamp=comment_time (user, item and time are accepted as short names)")
+    p.add_argument("--item-columns", type=_mapping, dest="item_columns", metavar="OURS=THEIRS,...",
+                   help="names of the item table's id and title columns, e.g. item_id=MOVIE_ID,title=NAME")
+    p.add_argument("--language", choices=["auto", "en", "zh"],
+                   help="language of the reviews: en (spaCy), zh (jieba) or auto (default: zh when most are Chinese)")
     p.set_defaults(func=cmd_prepare)
 
 

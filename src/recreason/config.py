@@ -37,6 +37,7 @@ class PrepareConfig:
     max_words: int = 30
     seeds: Sequence[int] = field(default_factory=lambda: [1])
     split: str = "random"  # random | temporal (test = the latest reviews, validation just before them)
+    cold_users: bool = False  # true: only items are kept in training, test may hold users never seen (sparse logs)
     n_process: int = 1
     max_records: int | None = None  # read only the first N valid reviews (for quick trials)
     # Limits that protect the pipeline: a record past one of them is rejected with its line and reason.
@@ -46,6 +47,13 @@ class PrepareConfig:
     min_timestamp: int = 0  # seconds since the epoch (1970-01-01)
     max_timestamp: int = 4_102_444_800  # 2100-01-01
     max_row_lines: int = 20  # physical lines one quoted CSV row may span
+    language: str = "auto"  # en (spaCy) | zh (jieba) | auto: zh when most reviews are written in Han characters
+    # A log whose columns have other names: our name -> the file's (user_id, item_id, rating, text, timestamp,
+    # summary, title, attributes; user, item and time are accepted for the first three), e.g. {user_id: user_md5}.
+    columns: dict[str, str] = field(default_factory=dict)
+    items: str | None = None  # an item table beside the log (Amazon metadata lines, JSONL, CSV, Parquet)
+    item_columns: dict[str, str] = field(default_factory=dict)  # our name (item_id, title) -> the table's
+    item_attributes: list[str] = field(default_factory=list)  # the table's columns to keep (empty: every short one)
 
 
 @dataclass
@@ -260,7 +268,8 @@ LIMITS: dict[str, dict[str, tuple]] = {
     "distill": {"pairs": (1, 10**12), "validation_pairs": (1, 10**9), "seed": (0, 2**32 - 1)},
 }
 CHOICES: dict[str, dict[str, tuple]] = {
-    "prepare": {"schema": ("auto", "amazon", "generic"), "split": ("random", "temporal")},
+    "prepare": {"schema": ("auto", "amazon", "generic"), "split": ("random", "temporal"),
+                "language": ("auto", "en", "zh")},
     "train": {"method": METHODS, "optimizer": ("adamw", "sgd"), "scheduler": ("linear", "cosine"),
               "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2"), "target": ("sentence", "summary"),
               "prompt_mode": ("discrete", "continuous", "hybrid"), "rating_head": ("mf", "mlp"),
@@ -323,6 +332,13 @@ def check_value(section: str, key: str, value: Any, annotation: str, where: str)
         return
     limits, choices = LIMITS.get(section, {}).get(key), CHOICES.get(section, {}).get(key)
     base = kinds[0]
+    if base.startswith("dict["):
+        if not isinstance(value, dict) or len(value) > 1000:
+            raise ConfigError(f"{where}: expected a mapping of names to names, got {_shown(value)}")
+        for name, other in value.items():
+            _check_one(name, "str", None, None, where)
+            _check_one(other, "str", None, None, f"{where}.{name}")
+        return
     if base.startswith(("list[", "Sequence[")):
         inner = base[base.index("[") + 1:-1]
         if not isinstance(value, (list, tuple)) or len(value) > 1000:

@@ -6,6 +6,7 @@ Layout of a dataset directory::
     features.json          feature vocabulary -> document frequency
     splits/<seed>/{train,validation,test}.index   space-separated record indices
     rejects.jsonl          invalid input records: line, reason, raw text
+    item_rejects.jsonl     invalid rows of the item table (with --items)
     skipped.jsonl          valid reviews without an explanation sentence, with the reason
     stats.json             counts and settings
 """
@@ -22,11 +23,13 @@ from pathlib import Path
 from typing import Iterable
 
 from recreason.config import PrepareConfig
-from recreason.data.extract import ExtractConfig, extract
+from recreason.data.extract import ExtractConfig, detect_language, extract
+from recreason.data.items import read_items
 from recreason.data.readers import Limits, read_reviews
 from recreason.data.records import DataError, Explained
 from recreason.data.split import SPLIT_METHODS, split_indices
 from recreason.errors import ConfigError
+from recreason.text import tokenize
 
 SPLITS = ("train", "validation", "test")
 
@@ -62,6 +65,11 @@ class Dataset:
     def rating_range(self) -> tuple[float, float]:
         r = self.stats.get("rating_range", [1.0, 5.0])
         return float(r[0]), float(r[1])
+
+    @property
+    def language(self) -> str:
+        """``en`` or ``zh``: what prepare read (datasets prepared before languages were told apart are English)."""
+        return self.stats.get("language", "en")
 
     def seeds(self) -> list[int]:
         return sorted(int(p.name) for p in (self.root / "splits").iterdir() if p.name.isdigit())
@@ -112,16 +120,26 @@ def _prepare_into(source: str | Path, out: Path, config: PrepareConfig, progress
     limits = Limits(config.max_record_bytes, config.max_review_chars, config.max_id_chars, config.min_timestamp,
                     config.max_timestamp, config.max_row_lines)
     try:
-        result = read_reviews(source, config.schema, rating_range, config.max_reject_fraction, limits)
+        result = read_reviews(source, config.schema, rating_range, config.max_reject_fraction, limits, config.columns)
     except DataError as exc:
         if hasattr(exc, "result"):
             _write_jsonl(out / "rejects.jsonl", (r.to_dict() for r in exc.result.rejects))
         raise
     _write_jsonl(out / "rejects.jsonl", (r.to_dict() for r in result.rejects))
     reviews = result.reviews[: config.max_records] if config.max_records else result.reviews
+    item_stats = None
+    if config.items:
+        table = read_items(config.items, limits, config.item_columns, config.item_attributes or None)
+        _write_jsonl(out / "item_rejects.jsonl", (r.to_dict() for r in table.rejects))
+        item_stats = table.stats({r.item_id for r in reviews})
+        for review in reviews:  # the table fills what the log does not say of the item
+            title, attributes = table.items.get(review.item_id, ("", {}))
+            review.title = review.title or title
+            review.attributes = {**attributes, **review.attributes}
+    language = detect_language([r.text for r in reviews]) if config.language == "auto" else config.language
     explained, skipped, vocabulary = extract(
         reviews,
-        ExtractConfig(config.min_feature_df, config.min_words, config.max_words, config.n_process),
+        ExtractConfig(config.min_feature_df, config.min_words, config.max_words, config.n_process, language=language),
         rating_range,
         progress=progress,
     )
@@ -139,16 +157,18 @@ def _prepare_into(source: str | Path, out: Path, config: PrepareConfig, progress
     timestamps = [e.timestamp for e in explained] if config.split == "temporal" else None
     split_sizes = {}
     for seed in config.seeds:
-        parts = split_indices(users, items, seed, timestamps=timestamps)
+        parts = split_indices(users, items, seed, timestamps=timestamps, cold_users=config.cold_users)
         folder = out / "splits" / str(seed)
         folder.mkdir(parents=True, exist_ok=True)
         for name, idx in parts.items():
             (folder / f"{name}.index").write_text(" ".join(map(str, idx)) + "\n")
         split_sizes[str(seed)] = {k: len(v) for k, v in parts.items()}
-    lengths = [len(e.sentence.split()) for e in explained]
+    lengths = [len(e.sentence.split()) if language == "en" else sum(1 for t in tokenize(e.sentence) if t.isalnum())
+               for e in explained]  # words: jieba's for Chinese
     stats = {
         "source": str(source),
         "schema": result.schema,
+        "language": language,
         "input_records": result.total,
         "rejected": len(result.rejects),
         "valid": len(result.reviews),
@@ -165,5 +185,7 @@ def _prepare_into(source: str | Path, out: Path, config: PrepareConfig, progress
         "splits": split_sizes,
         "settings": asdict(config),
     }
+    if item_stats is not None:
+        stats["item_table"] = {"source": str(config.items), **item_stats}
     _write_json(out / "stats.json", stats)
     return stats

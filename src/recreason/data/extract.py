@@ -17,6 +17,17 @@ pipeline (``en_core_web_sm`` 3.8, shipped offline by the PyPI package
    strongest feature-opinion pair (attached beats unattached, earlier beats
    later). Its sentiment is VADER's polarity of the sentence, falling back to
    the rating when VADER is neutral.
+
+Chinese reviews (``language: zh``, or ``auto`` when most reviews are written
+in Han characters) take the same steps with jieba instead of spaCy: sentences
+end at 。！？；… and line breaks, words and parts of speech come from jieba's
+dictionary tagger (``jieba.posseg``), features are nouns of two or more
+characters (tags n, nz, vn), and an opinion is an adjective (a, an) of the
+feature's clause (between commas), else of its sentence (idioms, tag i, count
+as opinions; degree words such as 最 do not); word counts are
+jieba words. There is no dependency parse, so "attached" means "same clause".
+VADER reads only English: a Chinese sentence's sentiment is the rating's side
+of the scale's midpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +50,19 @@ GENERIC_NOUNS = frozenset(
     something everything nothing someone everyone while end part couple number others other fact use""".split()
 )
 
+# Chinese nouns that name no aspect of an item (the "thing", "time", "movie" of a film review).
+GENERIC_NOUNS_ZH = frozenset(
+    """电影 影片 片子 东西 时候 事情 问题 地方 时间 部分 方面 样子 原因 结果 感觉 人们 大家 自己 别人 有点 一部 这部 那部
+    今天 昨天 现在 以后 最后 开始 本片 此片 全片 片中 感觉 还是 其实 就是 真的 评分 豆瓣 一点 时代 朋友""".split()
+)
+_ZH_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…\n])")
+_ZH_CLAUSE_END = re.compile(r"[，,、：:]")
+_ZH_PUNCT = re.compile(r"^[\W_]+$")
+ZH_NOUN_TAGS = frozenset({"n", "nz", "vn"})
+ZH_ADJECTIVE_TAGS = frozenset({"a", "an", "i"})  # adjectives, adjectival nouns, idioms (震撼人心)
+# Words jieba tags as adjectives that judge nothing (degree, sameness).
+NOT_OPINIONS_ZH = frozenset("最 完全 不同 一样 同样 主要 所有 真正 一般 一定 相同 各种 许多 唯一 大 小 多 少".split())
+
 # Missing space after sentence punctuation is common in review dumps ("cheap.I bought").
 _JOINED_SENTENCES = re.compile(r"([a-z0-9\)])([.!?])([A-Z])")
 
@@ -59,6 +83,49 @@ class ExtractConfig:
     n_process: int = 1
     batch_size: int = 64
     extra_stop_features: Sequence[str] = field(default_factory=tuple)
+    language: str = "auto"  # en | zh | auto (zh when most reviews are written in Han characters)
+
+
+LANGUAGES = ("auto", "en", "zh")
+
+
+def detect_language(texts: Sequence[str], sample: int = 500) -> str:
+    """``zh`` when more than half of the first ``sample`` texts hold a Han character, else ``en``."""
+    from recreason.text import has_han
+
+    head = list(texts[:sample])
+    return "zh" if head and sum(has_han(t) for t in head) > len(head) / 2 else "en"
+
+
+def _parse_chinese(text: str) -> list[_Sentence]:
+    """Sentences of a Chinese review with their (feature, same-clause adjective) candidates."""
+    from recreason.text import jieba_module
+
+    import jieba.posseg  # noqa: F401  (the tagger; jieba_module silenced its start-up log)
+
+    posseg = jieba_module().posseg
+    sentences = []
+    for raw in _ZH_SENTENCE_END.split(" ".join(text.split())):
+        raw = raw.strip()
+        if not raw:
+            continue
+        words = [(p.word, p.flag) for p in posseg.lcut(raw) if p.word.strip()]
+        clauses: list[list[tuple[str, str]]] = [[]]
+        for word, flag in words:
+            if _ZH_CLAUSE_END.fullmatch(word):
+                clauses.append([])
+            else:
+                clauses[-1].append((word, flag))
+        adjectives = [w.lower() for w, f in words if f in ZH_ADJECTIVE_TAGS and w not in NOT_OPINIONS_ZH]
+        candidates: list[tuple[str, str | None]] = []
+        for clause in clauses:
+            clause_adjectives = [w.lower() for w, f in clause if f in ZH_ADJECTIVE_TAGS and w not in NOT_OPINIONS_ZH]
+            for word, flag in clause:
+                if flag in ZH_NOUN_TAGS and len(word) >= 2 and not _ZH_PUNCT.match(word):
+                    candidates.append((word.lower(), clause_adjectives[0] if clause_adjectives else None))
+        n_words = sum(1 for w, _ in words if not _ZH_PUNCT.match(w))
+        sentences.append(_Sentence(raw, n_words, candidates, adjectives))
+    return sentences
 
 
 def load_spacy():
@@ -125,14 +192,21 @@ def extract(
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     config = config or ExtractConfig()
-    nlp = load_spacy()
-    texts = (clean_text(r.text) for r in reviews)
+    if config.language not in LANGUAGES:
+        raise DataError(f"prepare.language must be one of {', '.join(LANGUAGES)}, got {config.language!r}")
+    language = detect_language([r.text for r in reviews]) if config.language == "auto" else config.language
     parsed: list[list[_Sentence]] = []
-    docs = nlp.pipe(texts, batch_size=config.batch_size, n_process=config.n_process)
-    for doc in tqdm(docs, total=len(reviews), desc="parsing reviews", unit="review", disable=not progress):
-        parsed.append([_parse_sentence(s) for s in doc.sents])
+    if language == "zh":
+        for review in tqdm(reviews, desc="segmenting reviews (jieba)", unit="review", disable=not progress):
+            parsed.append(_parse_chinese(review.text))
+    else:
+        nlp = load_spacy()
+        texts = (clean_text(r.text) for r in reviews)
+        docs = nlp.pipe(texts, batch_size=config.batch_size, n_process=config.n_process)
+        for doc in tqdm(docs, total=len(reviews), desc="parsing reviews", unit="review", disable=not progress):
+            parsed.append([_parse_sentence(s) for s in doc.sents])
 
-    stop = GENERIC_NOUNS | set(config.extra_stop_features)
+    stop = GENERIC_NOUNS | GENERIC_NOUNS_ZH | set(config.extra_stop_features)
     df: collections.Counter = collections.Counter()
     for sentences in parsed:
         df.update({f for s in sentences for f, _ in s.candidates})
@@ -180,7 +254,8 @@ def extract(
                 feature=feature,
                 opinion=opinion,
                 sentence=sentence,
-                sentiment=_sentiment(analyzer, sentence, review.rating, midpoint),
+                sentiment=(_sentiment(analyzer, sentence, review.rating, midpoint) if language == "en"
+                           else (1 if review.rating >= midpoint else -1)),
                 summary=review.summary,
                 features=review_features,
                 title=review.title,

@@ -7,7 +7,9 @@ Two schemas are understood:
   ``summary``.
 * **Generic**: JSONL, CSV or Parquet with ``user_id``, ``item_id``,
   ``rating``, ``text``, ``timestamp`` and optionally ``title``, ``summary``
-  and ``attributes`` (a JSON object, or a JSON string in CSV).
+  and ``attributes`` (a JSON object, or a JSON string in CSV). A log whose
+  columns have other names is read through a column mapping
+  (``prepare.columns`` / ``--columns user_id=user_md5,...``).
 
 Files may be gzip-compressed (``.gz``). Every record that fails validation is
 returned as a :class:`Reject` with its line number and reason, never dropped.
@@ -23,7 +25,7 @@ import re
 import math
 import zlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,6 +42,41 @@ AMAZON_FIELDS = {
 }
 GENERIC_FIELDS = {k: k for k in ("user_id", "item_id", "rating", "text", "timestamp", "summary", "title")}
 REQUIRED = ("user_id", "item_id", "rating", "text", "timestamp")
+# Short names accepted in a column mapping for our fields.
+COLUMN_ALIASES = {"user": "user_id", "item": "item_id", "time": "timestamp", "review": "text"}
+
+
+def column_mapping(columns: dict[str, str] | None) -> dict[str, str]:
+    """A column mapping (our field -> the file's column) with short names expanded; unknown fields refused."""
+    known = (*GENERIC_FIELDS, "attributes")
+    mapping = {}
+    for ours, theirs in (columns or {}).items():
+        field = COLUMN_ALIASES.get(ours, ours)
+        if field not in known:
+            raise DataError(f"column mapping: unknown field {ours!r}; map one of {', '.join(known)} "
+                            f"(or {', '.join(COLUMN_ALIASES)}) to a column of the file")
+        if not isinstance(theirs, str) or not theirs:
+            raise DataError(f"column mapping: {ours} must name a column of the file")
+        mapping[field] = theirs
+    return mapping
+
+
+def field_names(schema: str, columns: dict[str, str] | None = None) -> dict[str, str]:
+    """Our field -> the file's column, for a schema and an optional (expanded) column mapping."""
+    names = dict(AMAZON_FIELDS if schema == "amazon" else GENERIC_FIELDS, attributes="attributes")
+    names.update(columns or {})
+    return names
+
+
+def check_columns(row: dict[str, Any], names: dict[str, str], path: Path) -> None:
+    """Stop before reading on when a table's header lacks a required column: one message naming the
+    missing fields, the file's columns and the option that maps them (rather than every record rejected)."""
+    missing = [f"{field} (column {names[field]!r})" for field in REQUIRED if names[field] not in row]
+    if missing:
+        raise DataError(f"{path}: no column for {', '.join(missing)}; the file's columns are "
+                        f"{', '.join(map(repr, list(row)[:30]))}. Map them with --columns (e.g. --columns "
+                        f"user_id=COLUMN,item_id=COLUMN,rating=COLUMN,text=COLUMN,timestamp=COLUMN) or a "
+                        f"prepare.columns section")
 
 
 @dataclass
@@ -69,12 +106,12 @@ class Limits:
         self.min_timestamp, self.max_timestamp, self.max_row_lines = min_timestamp, max_timestamp, max_row_lines
 
 
-def _base_suffix(path: Path) -> str:
+def base_suffix(path: Path) -> str:
     suffixes = [s for s in path.suffixes if s != ".gz"]
     return suffixes[-1].lower() if suffixes else ""
 
 
-def _physical_lines(path: Path) -> Iterator[tuple[int, bytes | None, str | None]]:
+def physical_lines(path: Path) -> Iterator[tuple[int, bytes | None, str | None]]:
     """(line number, bytes, None) per line split on \\n only (a bare CR stays inside its record), or
     (line, None, reason) once when the file ends early. A file whose lines all end in a bare CR (old Mac
     line ends: a CR and no LF in the first block read) is split on CR instead. Opening problems are whole-file
@@ -128,7 +165,7 @@ def _decode(line: bytes) -> str:
 
 
 def _iter_jsonl(path: Path, limits: Limits):
-    for lineno, line, error in _physical_lines(path):
+    for lineno, line, error in physical_lines(path):
         if error is not None:
             yield lineno, "", None, error
             return
@@ -168,7 +205,7 @@ def _iter_csv(path: Path, kind: str, limits: Limits):
     delimiter = "\t" if kind == ".tsv" else ","
     csv.field_size_limit(max(limits.max_record_bytes, 131072))
     lines: list[tuple[int, str]] = []
-    for lineno, line, error in _physical_lines(path):
+    for lineno, line, error in physical_lines(path):
         if error is not None:
             lines.append((lineno, None))
             ended = error
@@ -236,7 +273,7 @@ def iter_records(path: Path, limits: Limits | None = None) -> Iterator[tuple[int
     with its line, never an exception, so every record is accounted for. Only a file that cannot be read at all
     raises :class:`DataError`."""
     limits = limits or Limits()
-    kind = _base_suffix(path)
+    kind = base_suffix(path)
     if kind in (".jsonl", ".json", ".ndjson", ""):
         yield from _iter_jsonl(path, limits)
     elif kind in (".csv", ".tsv"):
@@ -270,7 +307,10 @@ def _parse_timestamp(value: Any) -> int:
         try:
             value = float(text)
         except ValueError:
-            return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if moment.tzinfo is None:  # a time without a zone is read as UTC, the same on every machine
+                moment = moment.replace(tzinfo=timezone.utc)
+            return int(moment.timestamp())
     if isinstance(value, (int, float)):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("not a finite number")
@@ -286,10 +326,11 @@ def _text_ok(value: str, field: str) -> None:
 
 
 def validate(row: dict[str, Any], schema: str, lineno: int, rating_range: tuple[float, float],
-             limits: Limits | None = None) -> Review:
-    """Turn a raw row into a :class:`Review` or raise ``DataError`` naming the field."""
+             limits: Limits | None = None, names: dict[str, str] | None = None) -> Review:
+    """Turn a raw row into a :class:`Review` or raise ``DataError`` naming the field (``names``: our field ->
+    the file's column, :func:`field_names`)."""
     limits = limits or Limits()
-    names = AMAZON_FIELDS if schema == "amazon" else GENERIC_FIELDS
+    names = names or field_names(schema)
     values: dict[str, Any] = {}
     for key in REQUIRED:
         src = names[key]
@@ -339,18 +380,19 @@ def validate(row: dict[str, Any], schema: str, lineno: int, rating_range: tuple[
             if len(value) > limits.max_review_chars:
                 raise DataError(f"field {names[key]!r} is longer than prepare.max_review_chars")
         optional[key] = (value or "").strip()
-    attributes = row.get("attributes") or {}
+    attributes = row.get(names["attributes"]) or {}
+    attr = names["attributes"]
     if isinstance(attributes, str):
         try:
             attributes = json.loads(attributes)
         except json.JSONDecodeError:
-            raise DataError("field 'attributes' must be a JSON object") from None
+            raise DataError(f"field {attr!r} must be a JSON object") from None
     if not isinstance(attributes, dict):
-        raise DataError(f"field 'attributes' must be an object, got {type(attributes).__name__}")
+        raise DataError(f"field {attr!r} must be an object, got {type(attributes).__name__}")
     try:
         json.dumps(attributes, ensure_ascii=False).encode("utf-8")
     except (UnicodeEncodeError, ValueError, TypeError, RecursionError):
-        raise DataError("field 'attributes' must be a plain JSON object of text and numbers") from None
+        raise DataError(f"field {attr!r} must be a plain JSON object of text and numbers") from None
     return Review(
         user_id=values["user_id"],
         item_id=values["item_id"],
@@ -369,8 +411,10 @@ def read_reviews(
     rating_range: tuple[float, float] = (1.0, 5.0),
     max_reject_fraction: float = 0.5,
     limits: Limits | None = None,
+    columns: dict[str, str] | None = None,
 ) -> ReadResult:
-    """Read and validate a behaviour log.
+    """Read and validate a behaviour log (``columns``: our field -> the file's column, for logs whose columns
+    have other names).
 
     Raises :class:`DataError` when the file is missing, of an unknown type, or
     when more than ``max_reject_fraction`` of its records are bad (the rejects
@@ -384,20 +428,26 @@ def read_reviews(
     limits = limits or Limits()
     if schema not in ("auto", "amazon", "generic"):
         raise DataError(f"unknown schema {schema!r}; use auto, amazon or generic")
+    mapping = column_mapping(columns)
     reviews: list[Review] = []
     rejects: list[Reject] = []
     seen: dict[tuple[str, str, int], int] = {}
     total = 0
     detected = None if schema == "auto" else schema
+    names = None
     for lineno, raw, row, error in iter_records(path, limits):
         total += 1
         if error is not None:
             rejects.append(Reject(lineno, error, raw))
             continue
         if detected is None:
-            detected = detect_schema(row)
+            detected = "generic" if mapping else detect_schema(row)
+        if names is None:
+            names = field_names(detected, mapping)
+            if detected == "generic" and base_suffix(path) in (".csv", ".tsv", ".parquet"):
+                check_columns(row, names, path)  # a header names every row's columns
         try:
-            review = validate(row, detected, lineno, rating_range, limits)
+            review = validate(row, detected, lineno, rating_range, limits, names)
         except DataError as exc:
             rejects.append(Reject(lineno, str(exc), raw))
             continue

@@ -18,6 +18,7 @@ def split_indices(
     seed: int,
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
     timestamps: Sequence[int] | None = None,
+    cold_users: bool = False,
 ) -> dict[str, list[int]]:
     """Split records ``0..n-1`` into train/validation/test.
 
@@ -29,6 +30,10 @@ def split_indices(
     By time, that makes test the latest reviews and validation the ones just
     before them, while training keeps each user's and item's earliest review.
     The same seed always gives the same split.
+
+    With ``cold_users`` only items are kept in training: a user may meet the
+    model first at test time (cold start). A sparse log, where most users
+    wrote one review, has no test split otherwise.
     """
     if len(users) != len(items):
         raise ValueError("users and items must have the same length")
@@ -45,7 +50,7 @@ def split_indices(
     seen_users: set[str] = set()
     seen_items: set[str] = set()
     for i in order:
-        if users[i] not in seen_users:
+        if not cold_users and users[i] not in seen_users:
             seen_users.add(users[i])
             seen_items.add(items[i])
             train.add(i)

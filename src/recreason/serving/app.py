@@ -94,6 +94,7 @@ class RecommendRequest(Strict):
 
 class Recommendation(Explanation):
     score: float
+    title: str = Field("", description="the item's title from the data's item table, empty when it has none")
 
 
 class RecommendResponse(BaseModel):
@@ -119,6 +120,7 @@ class InteractionResponse(BaseModel):
 
 class HistoryItem(BaseModel):
     item_id: str
+    title: str = ""
     rating: float
     text: str
     timestamp: int

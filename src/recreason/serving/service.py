@@ -84,8 +84,12 @@ class ExplanationService:
         with self._lock:
             past = list(self.predictor.prompter.user_history.get(user, ()))
         past.sort(key=lambda r: (-r.timestamp, r.index))
-        return [{"item_id": r.item, "rating": r.rating, "text": r.sentence, "timestamp": r.timestamp}
-                for r in past[:limit]]
+        return [{"item_id": r.item, "title": self.title(r.item), "rating": r.rating, "text": r.sentence,
+                 "timestamp": r.timestamp} for r in past[:limit]]
+
+    def title(self, item: str) -> str:
+        """The item's title from the data's item table ("" when it has none): how people know an item."""
+        return self.predictor.prompter.item_info.get(item, ("", {}))[0]
 
     def active_users(self, limit: int = 100) -> list[str]:
         with self._lock:
@@ -202,8 +206,9 @@ class ExplanationService:
             stored = self.store.stored_recommendations(self.model_tag, user, k)
             if len(stored) == k:
                 self.stats["precomputed"] += k
-                return [self._stored(r) for r in stored]
-        return self._rows(self.predictor.recommend(user, k, exclude_seen, self.options(options), generate=self._texts))
+                return [{**self._stored(r), "title": self.title(r["item_id"])} for r in stored]
+        rows = self._rows(self.predictor.recommend(user, k, exclude_seen, self.options(options), generate=self._texts))
+        return [{**row, "title": self.title(row["item_id"])} for row in rows]
 
     def close(self) -> None:
         self.batcher.close()
