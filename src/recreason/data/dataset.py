@@ -8,6 +8,7 @@ Layout of a dataset directory::
     rejects.jsonl          invalid input records: line, reason, raw text
     item_rejects.jsonl     invalid rows of the item table (with --items)
     skipped.jsonl          valid reviews without an explanation sentence, with the reason
+    domain_features.json   a combined dataset's vocabulary of each domain (recreason combine)
     stats.json             counts and settings
 """
 
@@ -34,7 +35,7 @@ from recreason.text import tokenize
 SPLITS = ("train", "validation", "test")
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         for row in rows:
@@ -42,7 +43,7 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, data) -> None:
+def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -65,6 +66,19 @@ class Dataset:
     def rating_range(self) -> tuple[float, float]:
         r = self.stats.get("rating_range", [1.0, 5.0])
         return float(r[0]), float(r[1])
+
+    @property
+    def domains(self) -> list[str]:
+        """The domains of a combined dataset (``recreason combine``); empty for a dataset of one."""
+        return list(self.stats.get("domains", {}))
+
+    def domain_features(self, domain: str | None) -> dict[str, int]:
+        """The feature vocabulary of one domain of a combined dataset (all features when ``domain`` is None)."""
+        if domain is None:
+            return self.features
+        if domain not in self.domains:
+            raise DataError(f"{self.root} has no domain {domain!r}; its domains: {', '.join(self.domains) or 'none'}")
+        return json.loads((self.root / "domain_features.json").read_text(encoding="utf-8"))[domain]
 
     @property
     def language(self) -> str:
@@ -123,14 +137,14 @@ def _prepare_into(source: str | Path, out: Path, config: PrepareConfig, progress
         result = read_reviews(source, config.schema, rating_range, config.max_reject_fraction, limits, config.columns)
     except DataError as exc:
         if hasattr(exc, "result"):
-            _write_jsonl(out / "rejects.jsonl", (r.to_dict() for r in exc.result.rejects))
+            write_jsonl(out / "rejects.jsonl", (r.to_dict() for r in exc.result.rejects))
         raise
-    _write_jsonl(out / "rejects.jsonl", (r.to_dict() for r in result.rejects))
+    write_jsonl(out / "rejects.jsonl", (r.to_dict() for r in result.rejects))
     reviews = result.reviews[: config.max_records] if config.max_records else result.reviews
     item_stats = None
     if config.items:
         table = read_items(config.items, limits, config.item_columns, config.item_attributes or None)
-        _write_jsonl(out / "item_rejects.jsonl", (r.to_dict() for r in table.rejects))
+        write_jsonl(out / "item_rejects.jsonl", (r.to_dict() for r in table.rejects))
         item_stats = table.stats({r.item_id for r in reviews})
         for review in reviews:  # the table fills what the log does not say of the item
             title, attributes = table.items.get(review.item_id, ("", {}))
@@ -145,13 +159,13 @@ def _prepare_into(source: str | Path, out: Path, config: PrepareConfig, progress
     )
     if not explained:
         raise DataError(f"{source}: no review has an explanation sentence; check the text field and min_feature_df")
-    _write_jsonl(out / "records.jsonl", (e.to_dict() for e in explained))
-    _write_jsonl(
+    write_jsonl(out / "records.jsonl", (e.to_dict() for e in explained))
+    write_jsonl(
         out / "skipped.jsonl",
         ({"line": r.line, "user_id": r.user_id, "item_id": r.item_id, "reason": why} for r, why in skipped),
     )
     # Features that no explanation uses are still part of the vocabulary (FCR counts all of them).
-    _write_json(out / "features.json", vocabulary)
+    write_json(out / "features.json", vocabulary)
     users = [e.user for e in explained]
     items = [e.item for e in explained]
     timestamps = [e.timestamp for e in explained] if config.split == "temporal" else None
@@ -187,5 +201,5 @@ def _prepare_into(source: str | Path, out: Path, config: PrepareConfig, progress
     }
     if item_stats is not None:
         stats["item_table"] = {"source": str(config.items), **item_stats}
-    _write_json(out / "stats.json", stats)
+    write_json(out / "stats.json", stats)
     return stats

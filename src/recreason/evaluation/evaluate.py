@@ -218,10 +218,13 @@ def generate_for_run(run: Run, records, system: str, gen_cfg: GenerateConfig, pr
     return predictor.explain_records(records, progress=progress)
 
 
-def select_records(run: Run, dataset, split: str, gen_cfg: GenerateConfig):
+def select_records(run: Run, dataset, split: str, gen_cfg: GenerateConfig, domain: str | None = None):
     """(records, references) that a split's text metrics score: the first ``generate.max_records`` (all when
-    unset) that have a reference."""
+    unset) that have a reference, of one ``domain`` of a combined dataset when given."""
     records = dataset.subset(run.info["split_seed"], split)
+    if domain is not None:
+        dataset.domain_features(domain)  # an unknown domain stops here, naming the ones there are
+        records = [r for r in records if r.attributes.get("domain") == domain]
     if gen_cfg.max_records:
         records = records[: gen_cfg.max_records]
     refs = [target_text(r, run.info["target"]) for r in records]
@@ -424,9 +427,11 @@ def evaluate_runs(
     n_negatives: int = 99,
     bootstrap: int = 1000,
     semantic: bool = True,
+    domain: str | None = None,
 ) -> dict:
     """One table: baselines once, then one fine-tuned row per run (all runs must share dataset and split).
-    Written to ``out_dir`` (the first run's eval/ folder by default) as JSON, Markdown and HTML."""
+    Written to ``out_dir`` (the first run's eval/ folder by default, eval/DOMAIN for one ``domain`` of a
+    combined dataset, scored with that domain's feature vocabulary) as JSON, Markdown and HTML."""
     gen_cfg = gen_cfg or GenerateConfig()
     for system in systems:
         if system not in SYSTEMS:
@@ -434,11 +439,11 @@ def evaluate_runs(
     runs = _open_runs(run_dirs)
     first = runs[0]
     dataset = first.dataset()
-    records, references = select_records(first, dataset, split, gen_cfg)
+    records, references = select_records(first, dataset, split, gen_cfg, domain)
     train = dataset.subset(first.split_seed, "train")
     ev = _Split(runs, split, dataset, records, references, train,
                 ranking.sample_negatives(dataset.records, records, n_negatives, seed=0),
-                TextScorer(records, references, train, dataset.features, max_len, bootstrap, semantic,
+                TextScorer(records, references, train, dataset.domain_features(domain), max_len, bootstrap, semantic,
                            dataset.language), bootstrap)
     results: dict[str, dict[str, float]] = {}
     texts_by_system: dict[str, list[str]] = {}
@@ -461,6 +466,7 @@ def evaluate_runs(
         "records": len(records),
         "max_len": max_len,
         "language": dataset.language,
+        "domain": domain,
         "ranking_protocol": f"each test item ranked against {n_negatives} sampled items the user never "
                             "interacted with; ties rank the test item last",
         "generation": asdict(gen_cfg),
@@ -472,7 +478,8 @@ def evaluate_runs(
         "table": format_table(results, ev.scorer.intervals),
         "differences_table": format_differences(differences),
     }
-    _write_report_files(Path(out_dir) if out_dir else first.paths.eval, report, ev, gen_cfg, texts_by_system)
+    default_out = first.paths.eval / domain if domain else first.paths.eval
+    _write_report_files(Path(out_dir) if out_dir else default_out, report, ev, gen_cfg, texts_by_system)
     return report
 
 
