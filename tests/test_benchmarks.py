@@ -67,3 +67,34 @@ def test_quality_cost_scores_at_each_count_the_reasons_evaluate_writes(tiny_run,
         written = report["results"]["fine-tuned"]
         assert {m: written[m] for m in ("BLEU-1", "BLEU-4", "ROUGE-L", "USR")} == \
             pytest.approx({m: row[m] for m in ("BLEU-1", "BLEU-4", "ROUGE-L", "USR")}, abs=1e-9)
+
+
+def test_domains_rescoring_matches_evaluate_and_refuses_texts_of_other_records(tiny_run, tmp_path):
+    """benchmarks/domains.py scores the texts evaluate wrote as evaluate does, adds the paired differences to
+    zero-shot and retrieval, and refuses a file that is not on the same records in the same order."""
+    import json
+    import shutil
+
+    import domains
+    from recreason.config import GenerateConfig
+    from recreason.evaluation.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run, ignore=shutil.ignore_patterns("generated", "eval*", "candidates"))
+    gen = GenerateConfig(max_new_tokens=6, precision="fp32", batch_size=16, max_records=None)
+    report = evaluate_run(run, "test", gen, progress=False, bootstrap=0, semantic=False)
+    other = tmp_path / "other.jsonl"
+    rows = [json.loads(line) for line in (run / "generated" / "test-retrieval.jsonl").read_text().splitlines()]
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entry = domains.score_domain(str(run), [f"copy of retrieval={other}"], bootstrap=50)
+    base = json.loads((run / "run.json").read_text())["model"]
+    fine = entry["systems"][f"fine-tuned ({base})"]
+    for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "USR", "FMR"):
+        assert fine[metric] == pytest.approx(report["results"]["fine-tuned"][metric], abs=1e-9)
+        assert entry["systems"]["retrieval"][metric] == pytest.approx(report["results"]["retrieval"][metric], abs=1e-9)
+    copy = entry["differences"]["copy of retrieval"]
+    assert copy["retrieval"]["BLEU-1"]["diff"] == 0.0 and copy["retrieval"]["ROUGE-L"]["high"] == 0.0
+    assert entry["ahead_of_zero_shot_and_retrieval"]["copy of retrieval"] is False
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
+    with pytest.raises(SystemExit, match="not on the"):
+        domains.score_domain(str(run), [f"reversed={other}"], bootstrap=50)

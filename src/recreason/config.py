@@ -65,6 +65,7 @@ class PromptConfig:
     evidence: int = 0  # how many of other buyers' training sentences about the item to quote (0: none)
     system: str = SYSTEM
     instruction: str = "Write one short sentence on why this user will like this item."
+    answer_cue: str = "Reason:"  # ends the prompt of a model without a chat template (a pretrained base)
 
 
 @dataclass

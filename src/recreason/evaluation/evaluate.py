@@ -292,6 +292,12 @@ class _Split:
     negatives: dict
     scorer: TextScorer
     bootstrap: int
+    domain: str | None = None  # one domain of a combined dataset
+
+    @property
+    def texts_key(self) -> str:
+        """The split's name in RUN/generated/: ``test``, or ``test-DOMAIN`` for one domain of a combined dataset."""
+        return f"{self.split}-{self.domain}" if self.domain else self.split
 
     @property
     def rating_range(self) -> tuple[float, float]:
@@ -310,7 +316,7 @@ def _open_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
 def _texts(run: Run, ev: _Split, system: str, gen_cfg: GenerateConfig, regenerate: bool, progress: bool,
            predictor: Predictor | None = None) -> list[str]:
     """A generated system's texts for the records: cached in RUN/generated/ when the fingerprint matches."""
-    path = run.paths.generated(ev.split, system)
+    path = run.paths.generated(ev.texts_key, system)
     fingerprint = generation_fingerprint(run, system, gen_cfg)
     texts = None if regenerate else _cached_texts(path, ev.records, fingerprint)
     if texts is None:
@@ -328,7 +334,7 @@ def _baseline_rows(ev: _Split, systems: Sequence[str], gen_cfg, regenerate: bool
         if system == "retrieval":
             baseline = RetrievalBaseline(ev.train)
             texts = [baseline.explain(r.user, r.item) for r in ev.records]
-            write_generated(first.paths.generated(ev.split, system), ev.records, texts, ev.references,
+            write_generated(first.paths.generated(ev.texts_key, system), ev.records, texts, ev.references,
                             ev.dataset.features)
         else:
             texts = _texts(first, ev, system, gen_cfg, regenerate, progress)
@@ -444,7 +450,7 @@ def evaluate_runs(
     ev = _Split(runs, split, dataset, records, references, train,
                 ranking.sample_negatives(dataset.records, records, n_negatives, seed=0),
                 TextScorer(records, references, train, dataset.domain_features(domain), max_len, bootstrap, semantic,
-                           dataset.language), bootstrap)
+                           dataset.language), bootstrap, domain)
     results: dict[str, dict[str, float]] = {}
     texts_by_system: dict[str, list[str]] = {}
     timings: dict[str, float] = {}

@@ -214,7 +214,8 @@ class Predictor:
             flags.append("cold_start_item_only")
         soft = self.system == "fine-tuned" and uses_soft_prompt(
             self.run.prompt_mode, user in getattr(self.model, "user_index", {}))
-        text = render(self.tokenizer, self.prompter.bare_messages() if soft else messages)
+        text = render(self.tokenizer, self.prompter.bare_messages() if soft else messages,
+                      self.prompter.config.answer_cue)
         return Prompted(request, text, flags, item_feats, known_feats,
                         len(self.prompter.user_history.get(user, ())), user_features)
 

@@ -155,9 +155,11 @@ def uses_soft_prompt(prompt_mode: str, known_to_model: bool) -> bool:
     return prompt_mode == "continuous" and known_to_model
 
 
-def render(tokenizer, messages: list[dict[str, str]]) -> str:
-    """Render chat messages into the model's prompt text, ending where the answer starts."""
+def render(tokenizer, messages: list[dict[str, str]], cue: str = "Reason:") -> str:
+    """Render chat messages into the model's prompt text, ending where the answer starts: the model's chat
+    template, or for a model without one (a pretrained base such as Gemma 3 270M) the messages' text and
+    ``cue`` (``prompt.answer_cue``) on a line of its own."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     text = "\n\n".join(m["content"] for m in messages)
-    return f"{text}\nReason:"
+    return f"{text}\n{cue}"

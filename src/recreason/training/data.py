@@ -203,7 +203,8 @@ def build_examples(records, prompter: DiscretePrompter, tokenizer, cfg: TrainCon
         if with_target and not all(targets):
             continue
         soft = uses_soft_prompt(cfg.prompt_mode, known_to_model=True)  # every training user has a vector
-        prompt = render(tokenizer, prompter.bare_messages() if soft else prompter.for_record(record))
+        prompt = render(tokenizer, prompter.bare_messages() if soft else prompter.for_record(record),
+                        prompter.config.answer_cue)
         for target in targets:
             example = encode(tokenizer, prompt, target, cfg.max_prompt_tokens, cfg.max_target_tokens)
             if rejected is not None and rejected.get(record.index, "").strip():

@@ -1,0 +1,122 @@
+"""What a new domain's data buys, and what starting from another domain's run saves: a transfer curve.
+
+    python benchmarks/transfer.py --source runs/mi/run --data runs/dm/data --work runs/transfer \\
+        --config configs/demo.yaml --config configs/digital-music.yaml [--fractions 0.1 0.25 1] [--steps 90]
+
+For each fraction of the new domain's training split (a seeded sample, ``train.max_train_records``) two runs
+are trained with the same settings and steps: one from the base model, one from the source run's best
+weights (``train.init_from``: same model and method). Both write greedy reasons for the new domain's test
+records (the whole split, or ``--records N``), scored by one TextScorer with 95% bootstrap intervals.
+Runs already in ``--work`` are resumed or reused (``--resume-or-start``), so the curve can be built across
+several sittings. Writes benchmarks/results/quality/transfer.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "quality"
+SHOWN = ("BLEU-1", "BLEU-4", "ROUGE-L", "USR", "FMR", "FCR")
+
+
+def train(data: Path, out: Path, configs: list[str], sets: list[str]) -> float:
+    """Train (or finish, or reuse) one run through the CLI; the seconds it took."""
+    start = time.time()
+    cmd = [sys.executable, "-m", "recreason.cli", "train", str(data), "--out", str(out), "--resume-or-start",
+           "--quiet"]
+    for config in configs:
+        cmd += ["--config", config]
+    for item in sets:
+        cmd += ["--set", item]
+    subprocess.run(cmd, check=True)
+    return time.time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, help="the run of the first domain (its best weights)")
+    parser.add_argument("--data", required=True, type=Path, help="the new domain's prepared dataset")
+    parser.add_argument("--work", required=True, type=Path, help="where the curve's runs are kept")
+    parser.add_argument("--config", action="append", default=[], help="config files for every run (layered)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
+    parser.add_argument("--steps", type=int, default=90, help="optimizer steps of every run")
+    parser.add_argument("--records", type=int, default=None, help="first N test records (default: all)")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--name", default="transfer")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from recreason.config import GenerateConfig, load_config
+    from recreason.data.dataset import Dataset
+    from recreason.data.records import target_text
+    from recreason.evaluation.evaluate import TextScorer
+    from recreason.inference import Predictor
+    from recreason.rundir import Run
+
+    dataset = Dataset(args.data)
+    seed = load_config(args.config)["train"].split_seed
+    n_train = len(dataset.split(seed)["train"])
+    records = dataset.subset(seed, "test")[: args.records]
+    refs = [target_text(r, "sentence") for r in records]
+    scorer = TextScorer(records, refs, dataset.subset(seed, "train"), dataset.features, 20, args.bootstrap,
+                        semantic=False, language=dataset.language)
+    gen = load_config(args.config)["generate"]
+    gen.max_records = None
+    points = []
+    for fraction in args.fractions:
+        n = min(n_train, max(1, round(fraction * n_train)))
+        for start in ("base", "source"):
+            out = args.work / f"{start}-{n}"
+            sets = [f"train.max_steps={args.steps}", f"train.max_train_records={n}"]
+            if start == "source":
+                sets.append(f"train.init_from={args.source}")
+            seconds = train(args.data, out, args.config, sets)
+            begin = time.time()
+            texts = Predictor(Run(out), gen, dataset=dataset).explain_records(records, progress=True)
+            row = scorer.score(f"{start}-{n}", texts)
+            points.append({"start": start, "fraction": fraction, "train_records": n, "train_seconds": seconds,
+                           "generation_seconds": time.time() - begin, **{m: row[m] for m in SHOWN},
+                           "intervals": scorer.intervals.get(f"{start}-{n}", {})})
+            print({k: v for k, v in points[-1].items() if k != "intervals"})
+    OUT.mkdir(parents=True, exist_ok=True)
+    result = {"source": args.source, "data": str(args.data), "steps": args.steps, "test_records": len(records),
+              "configs": args.config, "points": points}
+    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["| start | share of training | records | " + " | ".join(SHOWN) + " |", "|---|---|---|" + "---|" * len(SHOWN)]
+    for p in points:
+        lines.append(f"| {p['start']} | {p['fraction']:.0%} | {p['train_records']} | "
+                     + " | ".join(f"{p[m]:.3f}" for m in SHOWN) + " |")
+    (OUT / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(points, OUT / f"{args.name}.png")
+
+
+def _plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, metric in zip(axes, ("BLEU-1", "ROUGE-L", "BLEU-4")):
+        for start, label in (("base", "from the base model"), ("source", "from the other domain's run")):
+            mine = [p for p in points if p["start"] == start]
+            xs = [p["train_records"] for p in mine]
+            ax.plot(xs, [p[metric] for p in mine], marker="o", label=label)
+            lows = [p["intervals"].get(metric, [p[metric]] * 2) for p in mine]
+            ax.fill_between(xs, [lo for lo, _ in lows], [hi for _, hi in lows], alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("new-domain training records")
+        ax.set_title(metric)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+if __name__ == "__main__":
+    main()
