@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--name", default="transfer")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from recreason.config import GenerateConfig, load_config
+    from recreason.config import load_config
     from recreason.data.dataset import Dataset
     from recreason.data.records import target_text
     from recreason.evaluation.evaluate import TextScorer

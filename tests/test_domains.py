@@ -227,3 +227,25 @@ def test_combined_domains_keep_their_splits_and_vocabularies(prepared_dir, music
         joint.domain_features("books")
     with pytest.raises(DataError, match="in both 'a' and 'b'"):
         combine({"a": music_dir, "b": music_dir}, tmp_path / "same")
+
+
+def test_hostile_item_tables_are_refused_row_by_row(tmp_path):
+    from recreason.data.items import read_items
+    from recreason.data.readers import Limits
+
+    path = tmp_path / "meta.jsonl"
+    rows = [
+        "{'asin': 'A1', 'title': 'Fine', 'categories': [['CDs & Vinyl', 'Jazz']]}",
+        "{'asin': 'A2', 'title': " + "[" * 900 + "]" * 900 + "}",  # nested past the parser's depth
+        "{'asin': 'A3', 'title': '" + "x" * 3000 + "'}",  # past max_record_bytes below
+        "{'asin': 'A4', 'title': 'Bad \\udcff surrogate'}",
+        "{'asin': ['A5'], 'title': 'list id'}",
+        "{'asin': 'A6', 'title': 'Fine too', 'price': float('nan')}",  # a call: not a literal
+    ]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    table = read_items(path, Limits(max_record_bytes=2000))
+    assert set(table.items) == {"A1"} and table.total == 6
+    reasons = {r.line: r.reason for r in table.rejects}
+    assert "not a Python literal" in reasons[2] and "max_record_bytes" in reasons[3]
+    assert "not valid Unicode" in reasons[4] and "not an id" in reasons[5] and "not a Python literal" in reasons[6]
+    assert table.items["A1"] == ("Fine", {"categories": "Jazz"})
