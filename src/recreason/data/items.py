@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recreason.data.readers import Limits, Reject, base_suffix, physical_lines, iter_records
+from recreason.data.readers import Limits, Reject, base_suffix, existing_file, iter_records, physical_lines
 from recreason.data.records import DataError
 
 ID_COLUMNS = ("item_id", "asin", "movie_id", "id", "iid")
@@ -138,11 +138,7 @@ def read_items(path: str | Path, limits: Limits | None = None, columns: dict[str
                keep: list[str] | None = None) -> ItemTable:
     """Read an item table (see the module's docstring). ``columns`` maps ``item_id`` and ``title`` to the
     table's names; ``keep`` lists the columns to keep as attributes (default: every short value)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"item table {path}: no such file")
-    if path.is_dir():
-        raise DataError(f"item table {path} is a directory; give the file")
+    path = existing_file(path, "the item table")
     limits = limits or Limits()
     columns = dict(columns or {})
     unknown = set(columns) - {"item_id", "title", "item", "id"}

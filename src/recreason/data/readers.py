@@ -293,6 +293,16 @@ def iter_records(path: Path, limits: Limits | None = None) -> Iterator[tuple[int
         raise DataError(f"{path}: unknown file type {kind!r}; use .jsonl, .csv, .tsv or .parquet (optionally .gz)")
 
 
+def existing_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path, or a :class:`DataError` saying it is missing or a directory (``what``: its role)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file ({what})")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give {what} file")
+    return path
+
+
 def detect_schema(row: dict[str, Any]) -> str:
     if "reviewerID" in row or "asin" in row:
         return "amazon"
@@ -420,11 +430,7 @@ def read_reviews(
     when more than ``max_reject_fraction`` of its records are bad (the rejects
     are still returned on the exception as ``.rejects`` so they can be saved).
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{path} is a directory; give the review log file")
+    path = existing_file(path, "the review log")
     limits = limits or Limits()
     if schema not in ("auto", "amazon", "generic"):
         raise DataError(f"unknown schema {schema!r}; use auto, amazon or generic")
