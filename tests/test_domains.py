@@ -271,3 +271,14 @@ def test_a_douban_shaped_movie_table_gives_titles_and_the_chosen_attributes(tmp_
     assert attributes == {"genres": "剧情/喜剧", "tags": "励志/印度/搞笑", "directors": "拉吉库马尔·希拉尼",
                           "regions": "印度", "year": "2009"}
     assert table.items["1292052"][0] == "肖申克的救赎"
+
+
+def test_a_filtered_chinese_reason_is_replaced_in_chinese_and_half_characters_are_dropped():
+    from recreason.generation.generate import clean_output
+    from recreason.inference.safety import ReasonChecker
+
+    checked = ReasonChecker({"剧情": 3, "演技": 2}).check("情感的情感，情感的情感，情感的情感，情感的情感", ["剧情", "演技"])
+    assert checked.replaced and "not_a_reason" in checked.flags
+    assert checked.text == "推荐给你，因为其他人常提到它的剧情和演技。"
+    assert ReasonChecker({}).check("good", []).text.startswith("Recommended")
+    assert clean_output(" 男主的演技很好\ufffd\n第二行") == "男主的演技很好"

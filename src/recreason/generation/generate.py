@@ -28,9 +28,10 @@ class Candidate:
 
 
 def clean_output(text: str) -> str:
-    """First line of the answer, stripped: explanations are one sentence."""
+    """First line of the answer, stripped: explanations are one sentence. A character cut in half by the token
+    limit (byte-level vocabularies spend several tokens on one Chinese character) decodes as U+FFFD: dropped."""
     text = text.strip()
-    return text.split("\n", 1)[0].strip()
+    return text.split("\n", 1)[0].strip().rstrip("\ufffd").strip()
 
 
 def _decode_kwargs(cfg: GenerateConfig, tokenizer) -> dict:

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from recreason.text import FeatureMatcher, is_content_feature, tokenize
+from recreason.text import FeatureMatcher, has_han, is_content_feature, tokenize
 
 EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b")
 PHONE = re.compile(r"(?<!\w)(?:\+?\d[\d\s().-]{7,}\d)(?!\w)")
@@ -53,12 +53,16 @@ def is_profane(text: str) -> bool:
 
 
 FALLBACK = "Recommended because it matches what you have liked before."
+FALLBACK_ZH = "推荐给你，因为它和你以前喜欢的相似。"
 
 
-def template(item_features: list[str]) -> str:
+def template(item_features: list[str], chinese: bool = False) -> str:
+    """The replacement of a filtered reason, from the item's features (in Chinese for a Chinese log)."""
     if not item_features:
-        return FALLBACK
+        return FALLBACK_ZH if chinese else FALLBACK
     shown = item_features[:2]
+    if chinese:
+        return f"推荐给你，因为其他人常提到它的{'和'.join(shown)}。"
     return f"Recommended for its {' and '.join(shown)}, which other buyers mention."
 
 
@@ -92,8 +96,9 @@ class ReasonChecker:
             # the template names only features that pass the filter themselves: a caller's item_features can be
             # the very text that was filtered ("visit www.evil-example.com"), and must not come back through it
             shown = [f for f in (highlight or item_features) if not unsafe(f)][:2]
-            replacement = template(shown)
+            chinese = has_han(text) or any(has_han(f) for f in shown)
+            replacement = template(shown, chinese)
             if unsafe(replacement):  # words that pass alone can still meet across the joint
-                shown, replacement = [], FALLBACK
+                shown, replacement = [], FALLBACK_ZH if chinese else FALLBACK
             return Checked(replacement, flags, shown, replaced=True)
         return Checked(text, flags, mentioned)
