@@ -39,12 +39,13 @@ from recreason.rundir import Run, checkpoint_stamp, report_files
 from recreason.text import FeatureMatcher, han_share, split_chars, tokenize
 
 SYSTEMS = ("zero-shot", "retrieval", "fine-tuned")
-METRIC_ORDER = ["BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "SemSim", "USR", "FMR", "FCR", "DIV",
+METRIC_ORDER = ["BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "BLEU-1 (words)", "BLEU-4 (words)",
+                "ROUGE-L (words)", "Chinese", "SemSim", "USR", "FMR", "FCR", "DIV",
                 "Distinct-1", "Distinct-2", "Generic", "UserFeat", "Ungrounded", "Filtered",
                 "RMSE", "MAE", "InterestF1", "HR@10", "NDCG@10", "Recall@10", "Recall@20", "full NDCG@10", "SentAgree"]
 FRACTIONS = {"USR", "FMR", "FCR", "DIV", "RMSE", "MAE", "InterestF1", "InterestAcc", "HR@10", "NDCG@10", "SentAgree",
              "Recall@10", "Recall@20", "full NDCG@10",
-             "Ungrounded", "Filtered", "Distinct-1", "Distinct-2", "Generic", "UserFeat"}
+             "Ungrounded", "Filtered", "Distinct-1", "Distinct-2", "Generic", "UserFeat", "Chinese"}
 SHOWN_INTERVALS = ("BLEU-1", "BLEU-4", "ROUGE-L")  # the table shows these with their 95% interval
 TEXT_BASELINES = ("zero-shot", "retrieval")
 
