@@ -282,3 +282,13 @@ def test_a_filtered_chinese_reason_is_replaced_in_chinese_and_half_characters_ar
     assert checked.text == "推荐给你，因为其他人常提到它的剧情和演技。"
     assert ReasonChecker({}).check("good", []).text.startswith("Recommended")
     assert clean_output(" 男主的演技很好\ufffd\n第二行") == "男主的演技很好"
+
+
+def test_chinese_user_feature_match_counts_words_not_characters():
+    from recreason.data.records import Explained
+    from recreason.evaluation.evaluate import TextScorer
+
+    train = [Explained(0, "u", "m", 4.0, 0, "剧情", "好", "剧情很好看", 1, features=["剧情"])]
+    test = [Explained(1, "u", "m", 4.0, 0, "剧情", "好", "剧情不错", 1, features=["剧情"])]
+    scorer = TextScorer(test, ["剧情不错"], train, {"剧情": 2}, 20, bootstrap=0, semantic=False, language="zh")
+    assert scorer.score("words", ["剧情很好"])["UserFeat"] == 1.0

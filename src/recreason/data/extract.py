@@ -52,7 +52,7 @@ GENERIC_NOUNS = frozenset(
 
 # Chinese nouns that name no aspect of an item (the "thing", "time", "movie" of a film review).
 GENERIC_NOUNS_ZH = frozenset(
-    """电影 影片 片子 东西 时候 事情 问题 地方 时间 部分 方面 样子 原因 结果 感觉 人们 大家 自己 别人 有点 一部 这部 那部
+    """电影 影片 片子 东西 时候 事情 问题 地方 时间 部分 方面 样子 原因 结果 人们 大家 自己 别人 有点 一部 这部 那部
     今天 昨天 现在 以后 最后 开始 本片 此片 全片 片中 感觉 还是 其实 就是 真的 评分 豆瓣 一点 时代 朋友""".split()
 )
 _ZH_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…\n])")

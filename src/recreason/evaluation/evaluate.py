@@ -169,16 +169,17 @@ class TextScorer:
         USR and the rest count words either way."""
         hyps = [tokenize(t)[:self.max_len] for t in texts]
         row = text_metrics(self.refs, hyps, self.truth, self.vocabulary)
-        refs = self.refs
+        row["UserFeat"] = M.user_feature_match([self.matcher.find(h) for h in hyps], self.user_features)
+        refs, scored = self.refs, hyps
         if self.language == "zh":
             for metric in ("BLEU-1", "BLEU-4", "ROUGE-L"):
                 row[f"{metric} (words)"] = row[metric]
             # what the reasons are written in: a model that answers a Chinese log in English is not explaining
             row["Chinese"] = sum(han_share(t) >= 0.5 for t in texts) / len(texts) if texts else 0.0
-            refs, hyps = self.ref_chars, [split_chars(h) for h in hyps]
-            row.update({k: v for k, v in text_metrics(refs, hyps, self.truth, ()).items()
-                        if k.startswith(("BLEU", "ROUGE"))})
-        row["UserFeat"] = M.user_feature_match([self.matcher.find(h) for h in hyps], self.user_features)
+            refs, scored = self.ref_chars, [split_chars(h) for h in hyps]  # features above stay on words
+            row.update({"BLEU-1": M.bleu(refs, scored, 1), "BLEU-4": M.bleu(refs, scored, 4),
+                        "ROUGE-1": M.rouge_n(refs, scored, 1), "ROUGE-2": M.rouge_n(refs, scored, 2),
+                        "ROUGE-L": M.rouge_l(refs, scored)})
         row.update(check_rates(texts, self.records, self.item_features, self.vocabulary))
         extra = {}
         if self.semantic and texts:
@@ -187,7 +188,7 @@ class TextScorer:
             extra["SemSim"] = similarity_scores(self.references, texts)
             row["SemSim"] = sum(extra["SemSim"]) / len(texts)
         if self.samples is not None:
-            scores = intervals_mod.SentenceScores(refs, hyps, extra)
+            scores = intervals_mod.SentenceScores(refs, scored, extra)
             self.sentence_scores[name] = scores
             self.intervals[name] = intervals_mod.intervals(scores, self.samples)
         return row
