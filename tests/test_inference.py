@@ -309,3 +309,51 @@ def test_nucleus_from_the_top_k_tokens_is_the_nucleus_of_a_full_sort():
         x = (torch.randn(32, 3000) * scale).to(torch.bfloat16).float()
         for top_p in (0.5, 0.95):
             assert torch.equal(nucleus_drop(x, top_p, k=32), by_sort(x, top_p))
+
+
+def test_no_repeat_bans_only_the_reasons_own_ngrams():
+    """generate.no_repeat_ngram bans a token that would complete an n-gram the reason already wrote; the prompt's
+    n-grams stay allowed (a reason may name the features its prompt lists)."""
+    import torch
+
+    from recreason.generation.generate import NoRepeatInReason
+
+    ban = NoRepeatInReason(2)
+    reasons = torch.tensor([[9, 9, 4], [9, 9, 4]])  # both prompts hold "9 9" and "9 4"
+
+    def banned_after(*tokens: list[int]) -> list[list[int]]:
+        nonlocal reasons
+        reasons = torch.cat([reasons, torch.tensor(tokens).T], 1) if tokens else reasons
+        scores = ban(reasons, torch.zeros(2, 12))
+        return [torch.isinf(row).nonzero().flatten().tolist() for row in scores]
+
+    assert banned_after() == [[], []]  # the prompts only: their first call marks where the reasons start
+    assert banned_after([9, 1]) == [[], []]  # "9" again would repeat the prompt's "9 9": allowed
+    assert banned_after([4, 2]) == [[], []]  # reasons "9 4" and "1 2"
+    assert banned_after([9, 1]) == [[4], [2]]  # "9 4 9" may not go on with 4, "1 2 1" not with 2
+    assert banned_after([5, 3]) == [[], []]
+    assert banned_after([9, 1]) == [[4, 5], [2, 3]]  # "9 4 9 5 9": neither "9 4" nor "9 5" again; "1 2 1 3 1"
+
+
+def test_greedy_reasons_with_no_repeat_hold_no_repeated_ngram(tiny_run):
+    """Decoded through generate_texts' kwargs, the tiny model's greedy tokens, which loop without the ban, hold
+    no repeated bigram with it."""
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import _decode_kwargs
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=6, precision="fp32"))
+    tok = predictor.tokenizer
+    records = predictor.dataset.subset(1, "test")[:6]
+    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    tok.padding_side = "left"
+    batch = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+
+    def bigrams(no_repeat: int) -> list[list[tuple[int, int]]]:
+        cfg = GenerateConfig(max_new_tokens=24, precision="fp32", no_repeat_ngram=no_repeat)
+        new = predictor.model.generate(batch["input_ids"], batch["attention_mask"], **_decode_kwargs(cfg, tok))
+        rows = [[t for t in row if t not in (tok.pad_token_id, tok.eos_token_id)] for row in new.tolist()]
+        return [list(zip(row, row[1:])) for row in rows]
+
+    assert any(len(set(row)) < len(row) for row in bigrams(0))  # the plain greedy reasons loop
+    assert all(len(set(row)) == len(row) for row in bigrams(2))

@@ -39,7 +39,36 @@ def _decode_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if cfg.do_sample:
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
+    if cfg.no_repeat_ngram:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([NoRepeatInReason(cfg.no_repeat_ngram)])
     return kwargs
+
+
+class NoRepeatInReason:
+    """A logits processor that bans any token completing an ``n``-token sequence the reason already holds: a
+    small model's loops ("看看看看，看看看看…", "the sound, the sound, …") end where they would begin.
+    Unlike ``generate(no_repeat_ngram_size=)`` it reads only the generated tokens (its first call marks where
+    they start), so a reason may still repeat the prompt's features and words. One instance per decode."""
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        self.n, self.start = n, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        n = self.n
+        for row, tokens in enumerate(input_ids[:, self.start:].tolist()):
+            if len(tokens) < n:  # no whole n-gram written yet
+                continue
+            prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
+            banned = {tokens[k + n - 1] for k in range(len(tokens) - n + 1) if tuple(tokens[k:k + n - 1]) == prefix}
+            if banned:
+                scores[row, list(banned)] = float("-inf")
+        return scores
 
 
 def _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
@@ -279,8 +308,10 @@ def generate_candidates(
         result = _generate(model, expanded, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                            return_dict_in_generate=True, output_logits=True,
-                           logits_processor=LogitsProcessorList([SeededSampler(
-                               seeds, cfg.sample_temperature, cfg.sample_top_p, tokenizer.eos_token_id)]), **ids)
+                           logits_processor=LogitsProcessorList(
+                               ([NoRepeatInReason(cfg.no_repeat_ngram)] if cfg.no_repeat_ngram else []) + [
+                                   SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p,
+                                                 tokenizer.eos_token_id)]), **ids)
         logprobs = _mean_logprobs(result.sequences, result.logits, tokenizer.eos_token_id,
                                   tokenizer.pad_token_id).tolist()
         texts = tokenizer.batch_decode(result.sequences, skip_special_tokens=True)
