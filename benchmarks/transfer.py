@@ -2,13 +2,15 @@
 
     python benchmarks/transfer.py --source runs/mi/run --data runs/dm/data --work runs/transfer \\
         --config configs/demo.yaml --config configs/digital-music.yaml [--fractions 0.1 0.25 1] [--steps 90]
+        [--set KEY=VALUE ...] [--records N] [--results DIR]
 
 For each fraction of the new domain's training split (a seeded sample, ``train.max_train_records``) two runs
 are trained with the same settings and steps: one from the base model, one from the source run's best
 weights (``train.init_from``: same model and method). Both write greedy reasons for the new domain's test
 records (the whole split, or ``--records N``), scored by one TextScorer with 95% bootstrap intervals.
-Runs already in ``--work`` are resumed or reused (``--resume-or-start``), so the curve can be built across
-several sittings. Writes benchmarks/results/quality/transfer.{json,md,png}.
+Runs already in ``--work`` are resumed or reused (``--resume-or-start``) and their texts kept
+(RUN/generated/transfer-test.jsonl), so the curve can be built across several sittings; the results are written
+after every point. Writes benchmarks/results/quality/transfer.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -38,18 +40,13 @@ def train(data: Path, out: Path, configs: list[str], sets: list[str]) -> float:
     return time.time() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="the run of the first domain (its best weights)")
-    parser.add_argument("--data", required=True, type=Path, help="the new domain's prepared dataset")
-    parser.add_argument("--work", required=True, type=Path, help="where the curve's runs are kept")
-    parser.add_argument("--config", action="append", default=[], help="config files for every run (layered)")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
-    parser.add_argument("--steps", type=int, default=90, help="optimizer steps of every run")
-    parser.add_argument("--records", type=int, default=None, help="first N test records (default: all)")
-    parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--name", default="transfer")
-    args = parser.parse_args()
+def curve(source: str, data: Path, work: Path, configs: list[str], fractions: list[float], steps: int,
+          records: int | None = None, bootstrap: int = 1000, sets: list[str] | None = None,
+          results: Path = OUT, name: str = "transfer") -> dict:
+    """Train and score every point of the curve; the result written to RESULTS/NAME.{json,md,png} after each point.
+
+    Each run's greedy texts are kept in RUN/generated/transfer-test.jsonl (with the records they explain), so a
+    second call on the same work folder retrains nothing and decodes nothing: it only scores again."""
     sys.path.insert(0, str(ROOT / "src"))
     from recreason.config import load_config
     from recreason.data.dataset import Dataset
@@ -58,42 +55,79 @@ def main() -> None:
     from recreason.inference import Predictor
     from recreason.rundir import Run
 
-    dataset = Dataset(args.data)
-    seed = load_config(args.config)["train"].split_seed
+    dataset = Dataset(data)
+    cfg = load_config(configs, sets or [])
+    seed = cfg["train"].split_seed
     n_train = len(dataset.split(seed)["train"])
-    records = dataset.subset(seed, "test")[: args.records]
-    refs = [target_text(r, "sentence") for r in records]
-    scorer = TextScorer(records, refs, dataset.subset(seed, "train"), dataset.features, 20, args.bootstrap,
+    chosen = dataset.subset(seed, "test")[:records]
+    refs = [target_text(r, "sentence") for r in chosen]
+    scorer = TextScorer(chosen, refs, dataset.subset(seed, "train"), dataset.features, 20, bootstrap,
                         semantic=False, language=dataset.language)
-    gen = load_config(args.config)["generate"]
+    gen = cfg["generate"]
     gen.max_records = None
+    keys = [[r.user, r.item] for r in chosen]
     points = []
-    for fraction in args.fractions:
+    result = {"source": source, "data": str(data), "steps": steps, "test_records": len(chosen),
+              "configs": configs, "points": points}
+    for fraction in fractions:
         n = min(n_train, max(1, round(fraction * n_train)))
         for start in ("base", "source"):
-            out = args.work / f"{start}-{n}"
-            sets = [f"train.max_steps={args.steps}", f"train.max_train_records={n}"]
+            out = work / f"{start}-{n}"
+            run_sets = list(sets or []) + [f"train.max_steps={steps}", f"train.max_train_records={n}"]
             if start == "source":
-                sets.append(f"train.init_from={args.source}")
-            seconds = train(args.data, out, args.config, sets)
+                run_sets.append(f"train.init_from={source}")
+            seconds = train(data, out, configs, run_sets)
+            kept = out / "generated" / "transfer-test.jsonl"
             begin = time.time()
-            texts = Predictor(Run(out), gen, dataset=dataset).explain_records(records, progress=True)
+            rows = [json.loads(line) for line in kept.read_text().splitlines()] if kept.exists() else []
+            if [row["key"] for row in rows] == keys:
+                texts = [row["text"] for row in rows]
+            else:
+                texts = Predictor(Run(out), gen, dataset=dataset).explain_records(chosen, progress=True)
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text("".join(json.dumps({"key": k, "text": t}, ensure_ascii=False) + "\n"
+                                        for k, t in zip(keys, texts)))
             row = scorer.score(f"{start}-{n}", texts)
             points.append({"start": start, "fraction": fraction, "train_records": n, "train_seconds": seconds,
                            "generation_seconds": time.time() - begin, **{m: row[m] for m in SHOWN},
                            "intervals": scorer.intervals.get(f"{start}-{n}", {})})
-            print({k: v for k, v in points[-1].items() if k != "intervals"})
-    OUT.mkdir(parents=True, exist_ok=True)
-    result = {"source": args.source, "data": str(args.data), "steps": args.steps, "test_records": len(records),
-              "configs": args.config, "points": points}
-    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["| start | share of training | records | " + " | ".join(SHOWN) + " |", "|---|---|---|" + "---|" * len(SHOWN)]
+            print({k: v for k, v in points[-1].items() if k != "intervals"}, flush=True)
+            write(result, results, name)
+    return result
+
+
+def write(result: dict, results: Path, name: str) -> None:
+    """The JSON, the Markdown table and the PNG of the points so far."""
+    points = result["points"]
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["| start | share of training | records | " + " | ".join(SHOWN) + " |",
+             "|---|---|---|" + "---|" * len(SHOWN)]
     for p in points:
         lines.append(f"| {p['start']} | {p['fraction']:.0%} | {p['train_records']} | "
                      + " | ".join(f"{p[m]:.3f}" for m in SHOWN) + " |")
-    (OUT / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    _plot(points, OUT / f"{args.name}.png")
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    _plot(points, results / f"{name}.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, help="the run of the first domain (its best weights)")
+    parser.add_argument("--data", required=True, type=Path, help="the new domain's prepared dataset")
+    parser.add_argument("--work", required=True, type=Path, help="where the curve's runs are kept")
+    parser.add_argument("--config", action="append", default=[], help="config files for every run (layered)")
+    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                        help="config overrides for every run")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
+    parser.add_argument("--steps", type=int, default=90, help="optimizer steps of every run")
+    parser.add_argument("--records", type=int, default=None, help="first N test records (default: all)")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--results", type=Path, default=OUT, help="where NAME.{json,md,png} are written")
+    parser.add_argument("--name", default="transfer")
+    args = parser.parse_args()
+    curve(args.source, args.data, args.work, args.config, args.fractions, args.steps, args.records,
+                   args.bootstrap, args.sets, args.results, args.name)
+    print(Path(args.results / f"{args.name}.md").read_text())
 
 
 def _plot(points: list[dict], path: Path) -> None:

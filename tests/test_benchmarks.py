@@ -98,3 +98,46 @@ def test_domains_rescoring_matches_evaluate_and_refuses_texts_of_other_records(t
     other.write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
     with pytest.raises(SystemExit, match="not on the"):
         domains.score_domain(str(run), [f"reversed={other}"], bootstrap=50)
+
+
+def test_transfer_curve_trains_each_share_from_base_and_source_and_reuses_its_texts(tiny_run, tiny_model_dir,
+                                                                                    prepared_dir, tmp_path):
+    """benchmarks/transfer.py trains a run from the base model and one from the source run's weights per share of
+    the training split, scores their texts as TextScorer does, and a second call decodes nothing again."""
+    import json
+
+    import transfer
+    import yaml
+    from recreason.data.dataset import Dataset
+    from recreason.data.records import target_text
+    from recreason.evaluation.evaluate import TextScorer
+
+    sets = [f"train.model={tiny_model_dir}", "train.method=lora", "train.lora_r=4", "train.batch_size=4",
+            "train.precision=fp32", "train.eval_every=2", "train.max_eval_records=8", "generate.max_new_tokens=6",
+            "generate.precision=fp32", "generate.batch_size=8"]
+    work, results = tmp_path / "work", tmp_path / "results"
+    dataset = Dataset(prepared_dir)
+    n_train = len(dataset.split(1)["train"])
+    first = transfer.curve(str(tiny_run[0]), prepared_dir, work, [], [0.5], 2, records=8, bootstrap=20,
+                           sets=sets, results=results, name="curve")
+    half = round(0.5 * n_train)
+    shares = [(p["start"], p["train_records"]) for p in first["points"]]
+    assert shares == [("base", half), ("source", half)] and half < n_train
+    for start, n in shares:
+        train_cfg = yaml.safe_load((work / f"{start}-{n}" / "config.yaml").read_text())["train"]
+        assert train_cfg["max_train_records"] == n and train_cfg["max_steps"] == 2
+        assert train_cfg["init_from"] == (str(tiny_run[0]) if start == "source" else None)
+    written = json.loads((results / "curve.json").read_text())
+    assert [p["BLEU-1"] for p in written["points"]] == [p["BLEU-1"] for p in first["points"]]
+    assert (results / "curve.png").stat().st_size > 0 and (results / "curve.md").read_text().count("\n") == 4
+    records = dataset.subset(1, "test")[:8]
+    scorer = TextScorer(records, [target_text(r, "sentence") for r in records], dataset.subset(1, "train"),
+                        dataset.features, 20, 0, semantic=False)
+    kept = work / f"source-{half}" / "generated" / "transfer-test.jsonl"
+    texts = [json.loads(line)["text"] for line in kept.read_text().splitlines()]
+    assert scorer.score("again", texts)["ROUGE-L"] == pytest.approx(first["points"][-1]["ROUGE-L"], abs=1e-9)
+    stamp = kept.stat().st_mtime_ns
+    second = transfer.curve(str(tiny_run[0]), prepared_dir, work, [], [0.5], 2, records=8, bootstrap=20,
+                            sets=sets, results=results, name="curve")
+    assert kept.stat().st_mtime_ns == stamp
+    assert second["points"][1]["ROUGE-L"] == pytest.approx(first["points"][-1]["ROUGE-L"], abs=1e-9)
