@@ -98,7 +98,7 @@ def curve(source: str, data: Path, work: Path, configs: list[str], fractions: li
 
 def write(result: dict, results: Path, name: str) -> None:
     """The JSON, the Markdown table and the PNG of the points so far."""
-    points = result["points"]
+    points = sorted(result["points"], key=lambda p: (p["train_records"], p["start"]))
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["| start | share of training | records | " + " | ".join(SHOWN) + " |",
