@@ -63,16 +63,17 @@ def score_domain(run_dir: str, extra: list[str], bootstrap: int) -> dict:
         row = scorer.score(name, [r["generated"] for r in rows])
         out["systems"][name] = {"records": len(rows), **{m: row[m] for m in SHOWN if m in row},
                                 "intervals": scorer.intervals[name]}
+    baselines = [n for n in out["systems"] if n == "retrieval" or n.startswith("zero-shot")]
+    own = next((n for n in _systems(run, []) if n not in baselines), None)  # the run's own fine-tuned system
     for name in out["systems"]:
-        if name == "retrieval" or name.startswith("zero-shot"):
+        if name in baselines:
             continue
-        diffs = {}
-        for other in out["systems"]:
-            if other == "retrieval" or other.startswith("zero-shot"):
-                d = iv.paired_difference(scorer.sentence_scores[name], scorer.sentence_scores[other], scorer.samples)
-                diffs[other] = {m: d[m] for m in COMPARED}
-        out["differences"][name] = diffs
-    ahead = {name: all(d[m]["low"] > 0 for d in diffs.values() for m in ("BLEU-1", "ROUGE-L"))
+        # against the baselines, and a system read from elsewhere (a joint run's texts) against the domain's own run
+        others = baselines + ([own] if own in out["systems"] and name != own else [])
+        out["differences"][name] = {
+            other: {m: d[m] for m in COMPARED} for other in others for d in [iv.paired_difference(
+                scorer.sentence_scores[name], scorer.sentence_scores[other], scorer.samples)]}
+    ahead = {name: all(diffs[b][m]["low"] > 0 for b in baselines for m in ("BLEU-1", "ROUGE-L"))
              for name, diffs in out["differences"].items()}
     out["ahead_of_zero_shot_and_retrieval"] = ahead  # BLEU-1 and ROUGE-L, the paired 95% interval above zero
     return out

@@ -71,7 +71,7 @@ def test_quality_cost_scores_at_each_count_the_reasons_evaluate_writes(tiny_run,
 
 def test_domains_rescoring_matches_evaluate_and_refuses_texts_of_other_records(tiny_run, tmp_path):
     """benchmarks/domains.py scores the texts evaluate wrote as evaluate does, adds the paired differences to
-    zero-shot and retrieval, and refuses a file that is not on the same records in the same order."""
+    zero-shot and retrieval (and, for texts from another run, to the domain's own run), and refuses a file that is not on the same records in the same order."""
     import json
     import shutil
 
@@ -95,6 +95,11 @@ def test_domains_rescoring_matches_evaluate_and_refuses_texts_of_other_records(t
     copy = entry["differences"]["copy of retrieval"]
     assert copy["retrieval"]["BLEU-1"]["diff"] == 0.0 and copy["retrieval"]["ROUGE-L"]["high"] == 0.0
     assert entry["ahead_of_zero_shot_and_retrieval"]["copy of retrieval"] is False
+    # a system read from elsewhere is also compared with the domain's own run, which is not compared with itself
+    own = f"fine-tuned ({base})"
+    assert set(entry["differences"][own]) == {f"zero-shot ({base})", "retrieval"}
+    assert copy[own]["ROUGE-L"]["diff"] == pytest.approx(
+        entry["systems"]["retrieval"]["ROUGE-L"] - fine["ROUGE-L"], abs=1e-6)
     other.write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
     with pytest.raises(SystemExit, match="not on the"):
         domains.score_domain(str(run), [f"reversed={other}"], bootstrap=50)
