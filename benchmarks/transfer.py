@@ -51,6 +51,7 @@ def curve(source: str, data: Path, work: Path, configs: list[str], fractions: li
     from recreason.config import load_config
     from recreason.data.dataset import Dataset
     from recreason.data.records import target_text
+    from recreason.evaluation import intervals as iv
     from recreason.evaluation.evaluate import TextScorer
     from recreason.inference import Predictor
     from recreason.rundir import Run
@@ -91,6 +92,10 @@ def curve(source: str, data: Path, work: Path, configs: list[str], fractions: li
             points.append({"start": start, "fraction": fraction, "train_records": n, "train_seconds": seconds,
                            "generation_seconds": time.time() - begin, **{m: row[m] for m in SHOWN},
                            "intervals": scorer.intervals.get(f"{start}-{n}", {})})
+            if start == "source":  # what the other domain's start buys at this share: paired on the same records
+                d = iv.paired_difference(scorer.sentence_scores[f"source-{n}"], scorer.sentence_scores[f"base-{n}"],
+                                         scorer.samples)
+                points[-1]["minus_base"] = {m: d[m] for m in ("BLEU-1", "BLEU-4", "ROUGE-L")}
             print({k: v for k, v in points[-1].items() if k != "intervals"}, flush=True)
             write(result, results, name)
     return result
@@ -101,11 +106,18 @@ def write(result: dict, results: Path, name: str) -> None:
     points = sorted(result["points"], key=lambda p: (p["train_records"], p["start"]))
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["| start | share of training | records | " + " | ".join(SHOWN) + " |",
+    lines = [f"# Transfer curve: {result['steps']} steps a run, {result['test_records']} test records", "",
+             "| start | share of training | records | " + " | ".join(SHOWN) + " |",
              "|---|---|---|" + "---|" * len(SHOWN)]
     for p in points:
-        lines.append(f"| {p['start']} | {p['fraction']:.0%} | {p['train_records']} | "
-                     + " | ".join(f"{p[m]:.3f}" for m in SHOWN) + " |")
+        cells = [f"{p[m]:.2f}" + (" [{:.2f}, {:.2f}]".format(*p["intervals"][m]) if m in p["intervals"] else "")
+                 for m in SHOWN]
+        lines.append(f"| {p['start']} | {p['fraction']:.0%} | {p['train_records']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for p in points:
+        if "minus_base" in p:
+            lines.append(f"- source minus base at {p['train_records']} records: " + "; ".join(
+                f"{m} {v['diff']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}]" for m, v in p["minus_base"].items()))
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     _plot(points, results / f"{name}.png")
 

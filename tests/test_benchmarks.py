@@ -134,7 +134,11 @@ def test_transfer_curve_trains_each_share_from_base_and_source_and_reuses_its_te
         assert train_cfg["init_from"] == (str(tiny_run[0]) if start == "source" else None)
     written = json.loads((results / "curve.json").read_text())
     assert [p["BLEU-1"] for p in written["points"]] == [p["BLEU-1"] for p in first["points"]]
-    assert (results / "curve.png").stat().st_size > 0 and (results / "curve.md").read_text().count("\n") == 4
+    table = (results / "curve.md").read_text()
+    assert (results / "curve.png").stat().st_size > 0 and f"| source | 50% | {half} |" in table
+    gain = first["points"][1]["minus_base"]["ROUGE-L"]
+    assert gain["diff"] == pytest.approx(first["points"][1]["ROUGE-L"] - first["points"][0]["ROUGE-L"], abs=1e-6)
+    assert "minus_base" not in first["points"][0] and gain["low"] <= gain["high"]
     records = dataset.subset(1, "test")[:8]
     scorer = TextScorer(records, [target_text(r, "sentence") for r in records], dataset.subset(1, "train"),
                         dataset.features, 20, 0, semantic=False)
