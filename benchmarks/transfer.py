@@ -9,7 +9,7 @@ are trained with the same settings and steps: one from the base model, one from 
 weights (``train.init_from``: same model and method). Both write greedy reasons for the new domain's test
 records (the whole split, or ``--records N``), scored by one TextScorer with 95% bootstrap intervals.
 Runs already in ``--work`` are resumed or reused (``--resume-or-start``) and their texts kept
-(RUN/generated/transfer-test.jsonl), so the curve can be built across several sittings; the results are written
+(RUN/generated/test-transfer.jsonl), so the curve can be built across several sittings; the results are written
 after every point. Writes benchmarks/results/quality/transfer.{json,md,png}.
 """
 
@@ -45,7 +45,7 @@ def curve(source: str, data: Path, work: Path, configs: list[str], fractions: li
           results: Path = OUT, name: str = "transfer") -> dict:
     """Train and score every point of the curve; the result written to RESULTS/NAME.{json,md,png} after each point.
 
-    Each run's greedy texts are kept in RUN/generated/transfer-test.jsonl (with the records they explain), so a
+    Each run's greedy texts are kept in RUN/generated/test-transfer.jsonl (with the records they explain), so a
     second call on the same work folder retrains nothing and decodes nothing: it only scores again."""
     sys.path.insert(0, str(ROOT / "src"))
     from recreason.config import load_config
@@ -54,7 +54,7 @@ def curve(source: str, data: Path, work: Path, configs: list[str], fractions: li
     from recreason.evaluation import intervals as iv
     from recreason.evaluation.evaluate import TextScorer
     from recreason.inference import Predictor
-    from recreason.rundir import Run
+    from recreason.rundir import Run, RunPaths
 
     dataset = Dataset(data)
     cfg = load_config(configs, sets or [])
@@ -78,7 +78,7 @@ def curve(source: str, data: Path, work: Path, configs: list[str], fractions: li
             if start == "source":
                 run_sets.append(f"train.init_from={source}")
             seconds = train(data, out, configs, run_sets)
-            kept = out / "generated" / "transfer-test.jsonl"
+            kept = RunPaths(out).generated("test", "transfer")
             begin = time.time()
             rows = [json.loads(line) for line in kept.read_text().splitlines()] if kept.exists() else []
             if [row["key"] for row in rows] == keys:

@@ -116,6 +116,7 @@ def test_transfer_curve_trains_each_share_from_base_and_source_and_reuses_its_te
     from recreason.data.dataset import Dataset
     from recreason.data.records import target_text
     from recreason.evaluation.evaluate import TextScorer
+    from recreason.rundir import RunPaths
 
     sets = [f"train.model={tiny_model_dir}", "train.method=lora", "train.lora_r=4", "train.batch_size=4",
             "train.precision=fp32", "train.eval_every=2", "train.max_eval_records=8", "generate.max_new_tokens=6",
@@ -142,7 +143,7 @@ def test_transfer_curve_trains_each_share_from_base_and_source_and_reuses_its_te
     records = dataset.subset(1, "test")[:8]
     scorer = TextScorer(records, [target_text(r, "sentence") for r in records], dataset.subset(1, "train"),
                         dataset.features, 20, 0, semantic=False)
-    kept = work / f"source-{half}" / "generated" / "transfer-test.jsonl"
+    kept = RunPaths(work / f"source-{half}").generated("test", "transfer")
     texts = [json.loads(line)["text"] for line in kept.read_text().splitlines()]
     assert scorer.score("again", texts)["ROUGE-L"] == pytest.approx(first["points"][-1]["ROUGE-L"], abs=1e-9)
     stamp = kept.stat().st_mtime_ns
