@@ -67,6 +67,9 @@ def curve(source: str, data: Path, work: Path, configs: list[str], fractions: li
     gen = cfg["generate"]
     gen.max_records = None
     keys = [[r.user, r.item] for r in chosen]
+    earlier = results / f"{name}.json"  # the seconds of runs trained and decoded by an earlier call
+    measured = {(p["start"], p["train_records"]): p for p in
+                (json.loads(earlier.read_text())["points"] if earlier.exists() else [])}
     points = []
     result = {"source": source, "data": str(data), "steps": steps, "test_records": len(chosen),
               "configs": configs, "points": points}
@@ -81,16 +84,19 @@ def curve(source: str, data: Path, work: Path, configs: list[str], fractions: li
             kept = RunPaths(out).generated("test", "transfer")
             begin = time.time()
             rows = [json.loads(line) for line in kept.read_text().splitlines()] if kept.exists() else []
-            if [row["key"] for row in rows] == keys:
+            if [row["key"] for row in rows] == keys:  # trained and decoded before: keep what that took
                 texts = [row["text"] for row in rows]
+                before = measured.get((start, n), {})
+                seconds, decoding = before.get("train_seconds"), before.get("generation_seconds")
             else:
                 texts = Predictor(Run(out), gen, dataset=dataset).explain_records(chosen, progress=True)
+                decoding = time.time() - begin
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 kept.write_text("".join(json.dumps({"key": k, "text": t}, ensure_ascii=False) + "\n"
                                         for k, t in zip(keys, texts)))
             row = scorer.score(f"{start}-{n}", texts)
             points.append({"start": start, "fraction": fraction, "train_records": n, "train_seconds": seconds,
-                           "generation_seconds": time.time() - begin, **{m: row[m] for m in SHOWN},
+                           "generation_seconds": decoding, **{m: row[m] for m in SHOWN},
                            "intervals": scorer.intervals.get(f"{start}-{n}", {})})
             if start == "source":  # what the other domain's start buys at this share: paired on the same records
                 d = iv.paired_difference(scorer.sentence_scores[f"source-{n}"], scorer.sentence_scores[f"base-{n}"],
