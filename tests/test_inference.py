@@ -357,3 +357,59 @@ def test_greedy_reasons_with_no_repeat_hold_no_repeated_ngram(tiny_run):
 
     assert any(len(set(row)) < len(row) for row in bigrams(0))  # the plain greedy reasons loop
     assert all(len(set(row)) == len(row) for row in bigrams(2))
+
+
+def test_min_length_bans_the_stops_until_the_reason_is_long_enough():
+    """generate.min_new_tokens: the stop tokens (end of text, line breaks) are banned for the reason's first n
+    tokens, counted from where the reason starts, and allowed from then on; other tokens never are."""
+    import torch
+
+    from recreason.generation.generate import MinReasonLength
+
+    hold = MinReasonLength(2, [0, 3])
+    prompts = torch.tensor([[5, 6, 7], [8, 5, 6]])
+    banned = lambda ids: [torch.isinf(row).nonzero().flatten().tolist() for row in hold(ids, torch.zeros(2, 6))]
+    assert banned(prompts) == [[0, 3], [0, 3]]  # nothing written yet
+    assert banned(torch.cat([prompts, torch.tensor([[1], [2]])], 1)) == [[0, 3], [0, 3]]  # one token written
+    assert banned(torch.cat([prompts, torch.tensor([[1, 4], [2, 2]])], 1)) == [[], []]  # two: may end now
+    with pytest.raises(ValueError):
+        MinReasonLength(0, [0])
+
+
+def test_greedy_reasons_with_a_minimum_length_reach_it(tiny_run):
+    """Through generate_texts' kwargs, a model pushed to end its reason at once with a line break (the tiny model
+    never ends on its own) writes no stop token (end of text or line break) before min_new_tokens and stops right
+    there; the candidate cache of a run decoded with it is a different file from the plain one's."""
+    from dataclasses import replace
+
+    from transformers import LogitsProcessorList
+
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import _decode_kwargs, stop_token_ids
+    from recreason.inference import Predictor, Request
+    from recreason.inference.candidates import cache_path
+
+    cfg = GenerateConfig(max_new_tokens=16, precision="fp32")
+    predictor = Predictor(tiny_run[0], cfg)
+    tok = predictor.tokenizer
+    stops = stop_token_ids(tok)
+    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+    assert tok.eos_token_id in stops and newline in stops
+    records = predictor.dataset.subset(1, "test")[:6]
+    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    tok.padding_side = "left"
+    batch = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+
+    def wants_to_end(input_ids, scores):
+        scores[:, newline] += 1e4
+        return scores
+
+    def first_stop(min_new: int) -> list[int]:
+        kwargs = _decode_kwargs(replace(cfg, min_new_tokens=min_new), tok)
+        kwargs["logits_processor"] = LogitsProcessorList([wants_to_end, *kwargs.get("logits_processor", [])])
+        new = predictor.model.generate(batch["input_ids"], batch["attention_mask"], **kwargs).tolist()
+        return [next((k for k, t in enumerate(row) if t in stops), len(row)) for row in new]
+
+    assert first_stop(0) == [0] * 6
+    assert first_stop(10) == [10] * 6
+    assert cache_path(predictor, "test", replace(cfg, min_new_tokens=10)) != cache_path(predictor, "test", cfg)

@@ -160,6 +160,7 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     no_repeat_ngram: int = 0  # ban repeating any n tokens of the reason itself (0 = off; the prompt's may recur)
+    min_new_tokens: int = 0  # a reason may not end (end of text or line break) before this many tokens (0 = off)
     precision: str = "auto"  # auto (bf16 where native, else fp32) | bf16 | fp32: weights used for generation
     max_records: int | None = None  # generate for the first N records of the split only
     # Choose, don't just decode: with candidates > 1 the greedy text and candidates - 1 samples are scored
@@ -259,7 +260,7 @@ LIMITS: dict[str, dict[str, tuple]] = {
               "preference_sft_weight": (0.0, 1e4)},
     "generate": {"max_new_tokens": (1, 4096), "batch_size": (1, 4096), "num_beams": (1, 64),
                  "temperature": (1e-4, 100.0), "top_p": (1e-6, 1.0), "seed": (0, 2**32 - 1),
-                 "no_repeat_ngram": (0, 64), "max_records": (1, 10**12), "candidates": (1, 256), "sample_temperature": (1e-4, 100.0),
+                 "no_repeat_ngram": (0, 64), "min_new_tokens": (0, 4096), "max_records": (1, 10**12), "candidates": (1, 256), "sample_temperature": (1e-4, 100.0),
                  "sample_top_p": (1e-6, 1.0), "weight_likelihood": (-1e4, 1e4), "weight_grounded": (-1e4, 1e4),
                  "weight_ungrounded": (-1e4, 1e4), "weight_user": (-1e4, 1e4), "weight_generic": (-1e4, 1e4),
                  "weight_consensus": (-1e4, 1e4), "weight_consensus_bleu": (-1e4, 1e4),

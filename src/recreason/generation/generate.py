@@ -39,11 +39,62 @@ def _decode_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if cfg.do_sample:
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
-    if cfg.no_repeat_ngram:
+    processors = reason_processors(cfg, tokenizer)
+    if processors:
         from transformers import LogitsProcessorList
 
-        kwargs["logits_processor"] = LogitsProcessorList([NoRepeatInReason(cfg.no_repeat_ngram)])
+        kwargs["logits_processor"] = LogitsProcessorList(processors)
     return kwargs
+
+
+SHAPING_KEYS = ("min_new_tokens", "no_repeat_ngram")  # settings that change what greedy decoding writes
+
+
+def reason_processors(cfg: GenerateConfig, tokenizer) -> list:
+    """The logits processors ``cfg`` asks for that shape the reason itself (fresh instances: one per decode)."""
+    out: list = []
+    if cfg.min_new_tokens:
+        out.append(MinReasonLength(cfg.min_new_tokens, stop_token_ids(tokenizer)))
+    if cfg.no_repeat_ngram:
+        out.append(NoRepeatInReason(cfg.no_repeat_ngram))
+    return out
+
+
+_STOPS: dict[int, list[int]] = {}
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end a reason: the end-of-text token and every token holding a line break (a reason is the
+    answer's first line, :func:`clean_output`). Computed once per tokenizer."""
+    key = id(tokenizer)
+    if key not in _STOPS:
+        vocab = tokenizer.get_vocab()
+        ids = tokenizer.convert_ids_to_tokens(list(vocab.values()))
+        text = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in ids]
+        stops = {i for i, t in zip(vocab.values(), text) if "\n" in t}
+        if tokenizer.eos_token_id is not None:
+            stops.add(tokenizer.eos_token_id)
+        _STOPS[key] = sorted(stops)
+    return _STOPS[key]
+
+
+class MinReasonLength:
+    """A logits processor that keeps a reason from ending before ``n`` tokens: the stop tokens (end of text, line
+    breaks) are banned until then. A fine-tuned model's likeliest reason is its shortest generic one ("This is a
+    great album."); corpus BLEU's brevity penalty, and readers, ask for the length reviews have. Like
+    :class:`NoRepeatInReason` it counts only the generated tokens (its first call marks where they start)."""
+
+    def __init__(self, n: int, stop_ids: Sequence[int]):
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        self.n, self.stops, self.start = n, list(stop_ids), None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        if input_ids.shape[1] - self.start < self.n:
+            scores[:, self.stops] = float("-inf")
+        return scores
 
 
 class NoRepeatInReason:
@@ -309,7 +360,7 @@ def generate_candidates(
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                            return_dict_in_generate=True, output_logits=True,
                            logits_processor=LogitsProcessorList(
-                               ([NoRepeatInReason(cfg.no_repeat_ngram)] if cfg.no_repeat_ngram else []) + [
+                               reason_processors(cfg, tokenizer) + [
                                    SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p,
                                                  tokenizer.eos_token_id)]), **ids)
         logprobs = _mean_logprobs(result.sequences, result.logits, tokenizer.eos_token_id,

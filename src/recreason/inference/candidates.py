@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from recreason.config import GenerateConfig
 from recreason.generation import generate as decoding
-from recreason.generation.generate import Candidate, merge_candidates
+from recreason.generation.generate import SHAPING_KEYS, Candidate, merge_candidates
 from recreason.inference.predictor import Predictor, Prompted, Request
 from recreason.inference.selection import TermTable, agreements, candidate_terms
 from recreason.rundir import checkpoint_stamp
@@ -33,6 +33,7 @@ DECODING_KEYS = ("candidates", "sample_temperature", "sample_top_p", "seed", "ma
 def cache_path(predictor: Predictor, split: str, gen: GenerateConfig) -> Path:
     """Where ``split``'s candidates under ``gen``'s decoding settings are kept for the predictor's run."""
     key = {k: getattr(gen, k) for k in DECODING_KEYS}
+    key.update({k: getattr(gen, k) for k in SHAPING_KEYS if getattr(gen, k)})  # off: the keys caches had before
     digest = hashlib.sha256(json.dumps([key, checkpoint_stamp(predictor.run), predictor.run.info],
                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
     return predictor.run.paths.candidates(split, digest)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 from recreason.config import GenerateConfig
 from recreason.data.records import Explained
 from recreason.errors import ConfigError, UnknownId
-from recreason.generation.generate import generate_candidates, generate_texts
+from recreason.generation.generate import SHAPING_KEYS, generate_candidates, generate_texts
 from recreason.inference.safety import ReasonChecker
 from recreason.inference.selection import choose, generic_table
 from recreason.models.personalized import INTEREST_LABELS, interest_class
@@ -243,6 +243,7 @@ class Predictor:
         what the run says for many pairs. Measured once per run and settings, kept in RUN/generated/."""
         settings = {"max_new_tokens": cfg.max_new_tokens, "precision": cfg.precision, "records": cfg.generic_records,
                     "prompt": asdict(self.run.prompt_config)}
+        settings.update({k: getattr(cfg, k) for k in SHAPING_KEYS if getattr(cfg, k)})
         key = json.dumps({"settings": settings, "weights": checkpoint_stamp(self.run, self.checkpoint)}, sort_keys=True)
         if self._generic is not None and self._generic[0] == key:
             return self._generic[1]
