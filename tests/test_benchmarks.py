@@ -151,3 +151,43 @@ def test_transfer_curve_trains_each_share_from_base_and_source_and_reuses_its_te
                             sets=sets, results=results, name="curve")
     assert kept.stat().st_mtime_ns == stamp
     assert second["points"][1]["ROUGE-L"] == pytest.approx(first["points"][-1]["ROUGE-L"], abs=1e-9)
+
+
+def test_decoding_sweep_scores_each_setting_on_validation_and_reuses_what_it_evaluated(tiny_run, prepared_dir,
+                                                                                     tmp_path, monkeypatch):
+    """benchmarks/decoding_sweep.py evaluates the run once per setting (the keys reach generation: the kept texts
+    are those of that setting) and retrieval once, scores as TextScorer does, and a second call evaluates nothing."""
+    import json
+
+    import decoding_sweep
+    from recreason.data.dataset import Dataset
+    from recreason.data.records import target_text
+    from recreason.evaluation.evaluate import TextScorer
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("generate:\n  max_new_tokens: 8\n  precision: fp32\n  batch_size: 8\n")
+    work, results = tmp_path / "work", tmp_path / "results"
+    setting = "no_repeat_ngram=2,min_new_tokens=3"
+    out = decoding_sweep.sweep(tiny_run[0], [str(config)], [setting], 6, work, "sweep", results)
+    assert list(out["systems"]) == ["retrieval", setting]
+    evaluated = json.loads((work / "no_repeat_ngram-2_min_new_tokens-3" / "validation.json").read_text())
+    assert evaluated["generation"]["no_repeat_ngram"] == 2 and evaluated["generation"]["min_new_tokens"] == 3
+    dataset = Dataset(prepared_dir)
+    records = dataset.subset(1, "validation")[:6]
+    scorer = TextScorer(records, [target_text(r, "sentence") for r in records], dataset.subset(1, "train"),
+                        dataset.features, 20, 0, semantic=False)
+    kept = work / "no_repeat_ngram-2_min_new_tokens-3" / "texts.jsonl"
+    texts = [json.loads(line)["generated"] for line in kept.read_text().splitlines()]
+    row = out["systems"][setting]
+    assert row["BLEU-1"] == pytest.approx(scorer.score("again", texts)["BLEU-1"], abs=1e-9)
+    assert row["distinct reasons"] == len(set(texts)) and len(texts) == 6
+    assert f"| {setting} | {row['BLEU-1']:.2f}" in (results / "sweep.md").read_text()
+
+    def no_second_run(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(decoding_sweep.subprocess, "run", no_second_run)
+    again = decoding_sweep.sweep(tiny_run[0], [str(config)], [setting], 6, work, "sweep", results)
+    assert again["systems"] == json.loads(json.dumps(out["systems"]))
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        decoding_sweep.folder_name("min_new_tokens")
