@@ -394,7 +394,8 @@ def test_greedy_reasons_with_a_minimum_length_reach_it(tiny_run):
     tok = predictor.tokenizer
     stops = stop_token_ids(tok)
     newline = tok("\n", add_special_tokens=False)["input_ids"][0]
-    assert tok.eos_token_id in stops and newline in stops
+    assert tok.eos_token_id in stops and newline in stops and set(tok.all_special_ids) <= set(stops)
+    assert tok("the", add_special_tokens=False)["input_ids"][0] not in stops
     records = predictor.dataset.subset(1, "test")[:6]
     prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
     tok.padding_side = "left"

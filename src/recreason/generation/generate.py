@@ -64,7 +64,8 @@ _STOPS: dict[int, list[int]] = {}
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end a reason: the end-of-text token and every token holding a line break (a reason is the
+    """Token ids that end a reason: the end-of-text token, the other special tokens (``<|im_start|>`` in a reason
+    is never content, and decoding would drop it silently) and every token holding a line break (a reason is the
     answer's first line, :func:`clean_output`). Computed once per tokenizer."""
     key = id(tokenizer)
     if key not in _STOPS:
@@ -72,6 +73,7 @@ def stop_token_ids(tokenizer) -> list[int]:
         ids = tokenizer.convert_ids_to_tokens(list(vocab.values()))
         text = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in ids]
         stops = {i for i, t in zip(vocab.values(), text) if "\n" in t}
+        stops.update(tokenizer.all_special_ids)
         if tokenizer.eos_token_id is not None:
             stops.add(tokenizer.eos_token_id)
         _STOPS[key] = sorted(stops)
@@ -79,8 +81,8 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 class MinReasonLength:
-    """A logits processor that keeps a reason from ending before ``n`` tokens: the stop tokens (end of text, line
-    breaks) are banned until then. A fine-tuned model's likeliest reason is its shortest generic one ("This is a
+    """A logits processor that keeps a reason from ending before ``n`` tokens: the stop tokens (end of text, other
+    special tokens, line breaks) are banned until then. A fine-tuned model's likeliest reason is its shortest generic one ("This is a
     great album."); corpus BLEU's brevity penalty, and readers, ask for the length reviews have. Like
     :class:`NoRepeatInReason` it counts only the generated tokens (its first call marks where they start)."""
 
