@@ -10,7 +10,7 @@ given and those keys set, and retrieval is scored once on the same records as th
 validation, then score the test split once. Each setting's evaluation and texts are kept in ``--work``
 (SETTING/validation.json, SETTING/texts.jsonl): a second call evaluates only the settings it has not seen.
 Writes benchmarks/results/quality/NAME.{json,md}: BLEU-1, BLEU-4 and ROUGE-L with 95% intervals, USR, the
-generic rate and how many distinct reasons the records got.
+generic rate, on Chinese data the share of reasons written in Chinese, and how many distinct reasons the records got.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quality"
-SHOWN = ("BLEU-1", "BLEU-4", "ROUGE-L", "USR", "Generic")
+SHOWN = ("BLEU-1", "BLEU-4", "ROUGE-L", "USR", "Generic", "Chinese")  # Chinese: on Chinese data only
 
 
 def folder_name(setting: str) -> str:
@@ -79,11 +79,12 @@ def sweep(run: Path, configs: list[str], settings: list[str], records: int, work
     out = {"run": str(run), "configs": configs, "split": "validation", "records": records, "systems": rows}
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    shown = [m for m in SHOWN if any(m in r for r in rows.values())]
     lines = [f"# Decoding settings on {records} validation records of {run.name}", "",
-             "| generate settings | " + " | ".join(SHOWN) + " | distinct reasons |", "|---|" + "---|" * (len(SHOWN) + 1)]
+             "| generate settings | " + " | ".join(shown) + " | distinct reasons |", "|---|" + "---|" * (len(shown) + 1)]
     for setting, r in rows.items():
         cells = [(f"{r[m]:.2f}" + (" [{:.2f}, {:.2f}]".format(*r["intervals"][m]) if m in r["intervals"] else ""))
-                 if m in r else "" for m in SHOWN]
+                 if m in r else "" for m in shown]
         lines.append(f"| {setting} | " + " | ".join(cells) + f" | {r.get('distinct reasons', '')} |")
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     return out
