@@ -78,7 +78,8 @@ tune: install
 		--config $(CONFIG) --config configs/full.yaml
 
 # Other domains (README, "Other domains and Chinese"). Each prepares once, trains the demo configuration and scores
-# the whole test split against zero-shot and retrieval. On 2 CPU cores: music ~40 min, douban ~30 min, joint ~45 min.
+# the whole test split against zero-shot and retrieval, with the decoding its config file sets. On 2 CPU cores:
+# music ~30 min (30 steps), douban ~30 min, joint ~45 min.
 SHARED ?= ../shared/data
 MUSIC ?= runs/music
 DOUBAN ?= runs/douban
