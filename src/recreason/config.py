@@ -160,7 +160,7 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     no_repeat_ngram: int = 0  # ban repeating any n tokens of the reason itself (0 = off; the prompt's may recur)
-    min_new_tokens: int = 0  # a reason may not end (end of text or line break) before this many tokens (0 = off)
+    min_new_tokens: int = 0  # a reason may not end (end of text, special token, line break) before N tokens (0 = off)
     precision: str = "auto"  # auto (bf16 where native, else fp32) | bf16 | fp32: weights used for generation
     max_records: int | None = None  # generate for the first N records of the split only
     # Choose, don't just decode: with candidates > 1 the greedy text and candidates - 1 samples are scored

@@ -9,6 +9,7 @@ log-likelihood under the model, for a caller that chooses among them.
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -60,14 +61,14 @@ def reason_processors(cfg: GenerateConfig, tokenizer) -> list:
     return out
 
 
-_STOPS: dict[int, list[int]] = {}
+_STOPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> its stop ids
 
 
 def stop_token_ids(tokenizer) -> list[int]:
     """Token ids that end a reason: the end-of-text token, the other special tokens (``<|im_start|>`` in a reason
     is never content, and decoding would drop it silently) and every token holding a line break (a reason is the
     answer's first line, :func:`clean_output`). Computed once per tokenizer."""
-    key = id(tokenizer)
+    key = tokenizer
     if key not in _STOPS:
         vocab = tokenizer.get_vocab()
         ids = tokenizer.convert_ids_to_tokens(list(vocab.values()))
@@ -82,9 +83,10 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 class MinReasonLength:
     """A logits processor that keeps a reason from ending before ``n`` tokens: the stop tokens (end of text, other
-    special tokens, line breaks) are banned until then. A fine-tuned model's likeliest reason is its shortest generic one ("This is a
-    great album."); corpus BLEU's brevity penalty, and readers, ask for the length reviews have. Like
-    :class:`NoRepeatInReason` it counts only the generated tokens (its first call marks where they start)."""
+    special tokens, line breaks) are banned until then. A fine-tuned model's likeliest reason is its shortest
+    generic one ("This is a great album."); corpus BLEU's brevity penalty, and readers, ask for the length reviews
+    have. Like :class:`NoRepeatInReason` it counts only the generated tokens (its first call marks where they
+    start)."""
 
     def __init__(self, n: int, stop_ids: Sequence[int]):
         if n < 1:
