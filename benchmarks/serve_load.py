@@ -171,7 +171,10 @@ def llama_cpp(args, pairs) -> dict | None:
     predictor = _predictor(args)
     gguf = Path(args.tmp) / "fine-tuned.gguf"
     export_gguf(predictor.model.lm, gguf, ALIASES["smollm2-135m"].locate(), "f16")
-    llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
+    import torch
+
+    # as many threads as torch uses (llama-cpp-python's default is half the cores)
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
     texts, start = [], time.monotonic()
     for user, item in pairs:
         if time.monotonic() - start > args.seconds:
@@ -182,6 +185,7 @@ def llama_cpp(args, pairs) -> dict | None:
     ours = [e.generated for e in predictor.explain(pairs[: len(texts)])]
     same = sum(a == b for a, b in zip(texts, ours))
     return {"reasons_per_s": len(texts) / seconds, "requests": len(texts), "same_as_ours": same,
+            "threads": torch.get_num_threads(),
             "note": "the run's fine-tuned weights exported as f16 GGUF; same-as-ours compares greedy texts"}
 
 

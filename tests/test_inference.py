@@ -414,3 +414,104 @@ def test_greedy_reasons_with_a_minimum_length_reach_it(tiny_run):
     assert first_stop(0) == [0] * 6
     assert first_stop(10) == [10] * 6
     assert cache_path(predictor, "test", replace(cfg, min_new_tokens=10)) != cache_path(predictor, "test", cfg)
+
+
+def test_the_own_greedy_loop_writes_generates_tokens_and_lets_finished_rows_go(tiny_run):
+    """greedy_decode gives each prompt exactly the tokens transformers' generate gives it (up to and including its
+    end-of-text token), with a logits processor in play; rows that have ended leave the batch, so the steps
+    after the first ending feed fewer rows."""
+
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import greedy_decode
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=8, precision="fp32"))
+    tok, lm = predictor.tokenizer, predictor.model.lm
+    eos = tok.eos_token_id
+    records = predictor.dataset.subset(1, "test")[:6]
+    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    tok.padding_side = "left"
+    batch = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+
+    class EndsByContent:  # a row ends once the sum of its tokens is a multiple of 3: the same rule in any batch
+        def __init__(self):
+            self.start = None
+
+        def __call__(self, input_ids, scores):
+            self.start = input_ids.shape[1] if self.start is None else self.start
+            if input_ids.shape[1] > self.start:
+                ends = (input_ids.sum(1) % 3 == 0).nonzero().squeeze(-1)
+                scores[ends, eos] = 1e4
+            return scores
+
+    rows_seen: list[int] = []
+    hook = lm.get_input_embeddings().register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
+    try:
+        ours = greedy_decode(lm, dict(batch), 8, [eos], [EndsByContent()])
+    finally:
+        hook.remove()
+    from transformers import LogitsProcessorList
+
+    theirs = predictor.model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8, do_sample=False,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=eos,
+                                      logits_processor=LogitsProcessorList([EndsByContent()])).tolist()
+    theirs = [row[: row.index(eos) + 1] if eos in row else row for row in theirs]
+    assert ours == theirs
+    lengths = sorted(len(row) for row in ours)
+    assert lengths[0] < 8 and lengths[0] < lengths[-1]  # rows end at different steps, some before the limit
+    steps = rows_seen[-len(max(ours, key=len)):]  # one forward per generated token of the longest row
+    assert steps[0] == 6 and steps == sorted(steps, reverse=True) and steps[-1] < 6
+    assert steps == [sum(len(row) > k for row in ours) for k in range(len(steps))]
+
+
+def test_grouped_attention_gives_eager_attentions_logits_without_copying_the_cache(tiny_run):
+    """The CPU inference attention folds each key/value head's query heads together instead of repeating the cache
+    (the tiny model has 4 query heads on 2 key/value heads); on a padded batch, prefill and a cached step, its
+    logits are eager attention's."""
+    import torch
+
+    from recreason.models.registry import GROUPED_ATTENTION, use_grouped_attention
+    from recreason.rundir import Run
+
+    model, tok = Run(tiny_run[0]).load_model(dtype="fp32")
+    lm = model.lm
+    tok.padding_side = "left"
+    batch = tok(["a short prompt", "a somewhat longer prompt than the other"], return_tensors="pt", padding=True)
+
+    def logits():
+        with torch.no_grad():
+            first = lm(**batch, use_cache=True)
+            mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+            step = lm(input_ids=first.logits[:, -1:].argmax(-1), attention_mask=mask, cache=first.cache)
+        return first.logits, step.logits
+
+    lm.set_attn_implementation("eager")
+    eager = logits()
+    assert use_grouped_attention(lm) and lm.config._attn_implementation == GROUPED_ATTENTION
+    grouped = logits()
+    mask = batch["attention_mask"].bool()
+    assert torch.allclose(eager[0][mask], grouped[0][mask], atol=1e-5)  # padded positions carry no meaning
+    assert torch.allclose(eager[1], grouped[1], atol=1e-5)
+
+
+def test_small_products_are_taken_the_other_way_round_only_where_it_pays():
+    """A linear layer switched by transposed_small_products gives F.linear's output (to rounding) for a few rows,
+    and hands larger inputs and anything needing gradients to F.linear itself."""
+    import torch
+    import torch.nn.functional as F
+
+    from recreason.models.registry import SMALL_PRODUCT_ROWS, transposed_small_products
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40)
+    transposed_small_products(torch.nn.Sequential(layer))
+    transposed_small_products(torch.nn.Sequential(layer))  # idempotent
+    few = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        out = layer(few)
+        assert out.shape == (3, 5, 40)
+        assert torch.allclose(out, F.linear(few, layer.weight, layer.bias), atol=1e-6)
+        many = torch.randn(SMALL_PRODUCT_ROWS + 1, 24)
+        assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+    trained = layer(few)
+    assert trained.requires_grad and torch.equal(trained, F.linear(few, layer.weight, layer.bias))

@@ -163,20 +163,70 @@ def _generate(model, batch, **kwargs):
 def generate_texts(
     model, tokenizer, prompts: Sequence[str], cfg: GenerateConfig | None = None, progress: bool = True,
     desc: str = "generating", users: Sequence[str] | None = None, items: Sequence[str] | None = None,
+    own_loop: bool = True,
 ) -> list[str]:
     """Decode one explanation per prompt. ``model`` is a RecReasonModel (soft prompts use ``users`` and
-    ``items``) or a plain Hugging Face causal LM."""
+    ``items``) or a plain Hugging Face causal LM. Greedy decoding of plain token-id prompts runs
+    :func:`greedy_decode`; ``own_loop=False`` hands it to ``generate`` instead (with the shared header still
+    computed once), the baseline ``benchmarks/greedy_loop.py`` measures it against."""
     cfg = cfg or GenerateConfig()
     outputs: list[str] = [""] * len(prompts)
     torch.manual_seed(cfg.seed)
     for idx, batch, extra in _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
         lm = _shared_prefill_lm(model, extra) if cfg.num_beams == 1 and not cfg.do_sample else None
-        if lm is not None and shared_header(batch) >= MIN_SHARED_HEADER:  # the shared header computed once
-            extra["cache"], batch = prefill(lm, batch, 1)
-        new = _generate(model, batch, **_decode_kwargs(cfg, tokenizer), **extra)
+        if lm is not None and own_loop and batch["input_ids"].shape[1] > 1:  # the header once, rows leave when done
+            new = greedy_decode(lm, batch, cfg.max_new_tokens, _eos_ids(tokenizer), reason_processors(cfg, tokenizer))
+        else:
+            if lm is not None and shared_header(batch) >= MIN_SHARED_HEADER:  # the shared header computed once
+                extra["cache"], batch = prefill(lm, batch, 1)
+            new = _generate(model, batch, **_decode_kwargs(cfg, tokenizer), **extra)
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             outputs[i] = clean_output(text)
     return outputs
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+
+@torch.no_grad()
+def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], processors: Sequence = ()) -> list[list[int]]:
+    """Greedy new tokens for a left-padded batch of plain token-id prompts: what ``generate`` writes (the same
+    argmax of the same logits, each row ending with its end-of-text token or at ``max_new_tokens``), without its
+    waste. The prompts are prefilled with their shared header once (:func:`prefill`); a row that has ended
+    leaves the batch and its KV cache (``generate`` decodes finished rows as padding until the longest is done,
+    about half of all decoding steps for reasons of 11 tokens under a limit of 24); only the last position's
+    logits are computed. ``processors`` are logits processors called as ``generate`` calls them, with the rows
+    still decoding."""
+    cache, batch = prefill(lm, batch, 1)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    position = (mask.long().sum(-1, keepdim=True) - 1)
+    rows = list(range(ids.shape[0]))
+    out: list[list[int]] = [[] for _ in rows]
+    ends = torch.tensor(list(eos_ids), dtype=torch.long)
+    seq, step = ids, ids[:, -1:]
+    for n in range(max_new_tokens):
+        logits = lm(input_ids=step, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
+                    logits_to_keep=1).logits[:, -1].float()
+        for processor in processors:
+            logits = processor(seq, logits)
+        token = logits.argmax(-1)
+        for row, t in zip(rows, token.tolist()):
+            out[row].append(t)
+        if n == max_new_tokens - 1:
+            break
+        going = ~torch.isin(token, ends)
+        if not bool(going.any()):
+            break
+        seq = torch.cat([seq, token[:, None]], 1)
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows = [rows[k] for k in keep.tolist()]
+            seq, mask, position, token = seq[keep], mask[keep], position[keep], token[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        position, step = position + 1, token[:, None]
+    return out
 
 
 def _mean_logprobs(sequences: torch.Tensor, logits: Sequence[torch.Tensor], eos_id: int | None, pad_id: int | None):

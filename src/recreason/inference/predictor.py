@@ -27,7 +27,7 @@ from recreason.generation.generate import SHAPING_KEYS, generate_candidates, gen
 from recreason.inference.safety import ReasonChecker
 from recreason.inference.selection import choose, generic_table
 from recreason.models.personalized import INTEREST_LABELS, interest_class
-from recreason.models.registry import resolve_precision
+from recreason.models.registry import resolve_precision, transposed_small_products, use_grouped_attention
 from recreason.prompts.discrete import DiscretePrompter, render, uses_soft_prompt
 from recreason.ranking import Ranker
 from recreason.rundir import Run, checkpoint_stamp
@@ -97,6 +97,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _base_lm(lm):
+    """The transformers model under a peft wrapper (or ``lm`` itself)."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
 class Predictor:
     """Explain, rate and recommend with one trained run (``system="zero-shot"``: its base model, untrained)."""
 
@@ -114,6 +119,9 @@ class Predictor:
         self.device = device or default_device()
         self.dtype = "bf16" if resolve_precision(self.gen_cfg.precision, self.device) == "bf16" else "fp32"
         self.model, self.tokenizer = self._load()
+        if str(self.device).startswith("cpu"):  # decoding's few-row products and attention, faster on CPU
+            transposed_small_products(self.model)
+            use_grouped_attention(_base_lm(self.model.lm))
         self.dataset = dataset or self.run.dataset()
         self.train = self.dataset.subset(self.run.split_seed, "train")
         self.prompter = DiscretePrompter(self.train, self.run.prompt_config)

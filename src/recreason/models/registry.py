@@ -211,6 +211,87 @@ def contiguous_head_input(lm) -> None:
     head._recreason_contiguous = True
 
 
+SMALL_PRODUCT_ROWS = 256  # at most this many input rows, a CPU fp32 linear layer runs as weight @ input^T
+
+
+def transposed_small_products(lm) -> None:
+    """Run every linear layer of ``lm`` as ``weight @ input^T`` when it gets at most :data:`SMALL_PRODUCT_ROWS`
+    rows in fp32 on CPU without gradients (decoding, where each step feeds one token per row).
+
+    ``F.linear`` computes ``input @ weight^T``; for a few rows the CPU BLAS spends most of its time re-laying the
+    weight (a 16 x 576 by 576 x 1536 product ran at 26 GFLOP/s against 50 for the same product taken the other
+    way round; the 49,152-word output head at 15 against 35; ``benchmarks/greedy_loop.py``). Larger inputs
+    (prefill, training) keep ``F.linear``, which wins there. The same products in another order: sums may
+    differ in the last bits. Idempotent; nothing is saved with the model."""
+    import functools
+
+    import torch
+
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Linear) and not getattr(module, "_recreason_small_rows", False):
+            module.forward = functools.partial(_small_rows_linear, module)
+            module._recreason_small_rows = True
+
+
+def _small_rows_linear(module, x):
+    import torch
+    import torch.nn.functional as F
+
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > SMALL_PRODUCT_ROWS or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+        return F.linear(x, module.weight, module.bias)
+    out = torch.mm(module.weight, x.reshape(rows, x.shape[-1]).t()).t()
+    if module.bias is not None:
+        out = out + module.bias
+    return out.reshape(*x.shape[:-1], module.weight.shape[0])
+
+
+GROUPED_ATTENTION = "recreason_grouped"  # the attention inference uses on CPU (:func:`grouped_attention`)
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """Eager attention for grouped-query models that never copies the KV cache.
+
+    transformers' eager attention repeats each key/value head once per query head of its group
+    (``repeat_kv``: SmolLM2-135M's 3 KV heads become 9) before its two products, a copy of the whole cache per
+    layer and step: 15% of a decoding step at 16 rows. Here the query heads of a group are folded into one
+    matrix against their shared key/value head instead. The same products and softmax as eager attention."""
+    import torch
+
+    b, heads, q, d = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scores = torch.matmul(query.reshape(b, kv_heads, group * q, d), key.transpose(2, 3)) * scaling
+    scores = scores.view(b, kv_heads, group, q, -1)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, None, :, : key.shape[-2]]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout and module.training:
+        weights = torch.nn.functional.dropout(weights, p=dropout)
+    out = torch.matmul(weights.view(b, kv_heads, group * q, -1), value).view(b, heads, q, d)
+    return out.transpose(1, 2).contiguous(), weights.view(b, heads, q, -1)
+
+
+GROUPED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # plain eager attention: no soft-capping, no sinks
+
+
+def use_grouped_attention(lm) -> bool:
+    """Switch ``lm`` to :func:`grouped_attention` (registered with transformers once, with eager attention's
+    masks) when its family's attention is the plain kind it reproduces; True if it did. For inference on CPU;
+    idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if getattr(lm.config, "model_type", None) not in GROUPED_FAMILIES:
+        return False
+    if GROUPED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+        AttentionMaskInterface.register(GROUPED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    if lm.config._attn_implementation != GROUPED_ATTENTION:
+        lm.set_attn_implementation(GROUPED_ATTENTION)
+    return True
+
+
 def attention_for(device: str, requested: str = "auto") -> str:
     """``auto``: eager attention on CPU (faster than the CPU flash kernel for our prompts of ~100 tokens:
     +11% training tokens/s, +5% generation, measured), PyTorch SDPA on GPU."""
