@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 FULL ?= runs/full
 
-.PHONY: install demo full temporal tune music douban joint transfer domains test test-fast clean postgres-server chromium
+.PHONY: install bench-deps demo full temporal tune music douban joint transfer domains test test-fast clean postgres-server chromium
 
 # The store tests start a throwaway PostgreSQL server; install Debian's server programs when they are missing.
 postgres-server:
@@ -41,6 +41,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# What the benchmarks compare against and the tests do not need: llama.cpp's Python binding, built from source
+# for this CPU (about 13 minutes on 2 cores).
+bench-deps: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install --quiet -e '.[bench]'
 
 demo: install
 	@start=$$(date +%s); \

@@ -197,6 +197,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--max-wait-ms", type=float, default=50, help="the server's micro-batch wait")
     parser.add_argument("--skip-references", action="store_true", help="measure the server only")
+    parser.add_argument("--batching", nargs="+", choices=["whole", "continuous"], default=["whole"],
+                        help="the server's batching modes to measure, one server run each (the first is compared "
+                             "with the references)")
     parser.add_argument("--tmp", default="/tmp/recreason-load")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_load.json"))
     parser.add_argument("--precomputed", type=int, default=0,
@@ -226,15 +229,18 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     peak = matmul_peak()
-    results = {"server": load_server(args, pairs)}
-    s = results["server"]
-    print(f"server with {args.clients} clients: {s['reasons_per_s']:.2f} reasons/s, p50 {s['p50_s']:.2f} s, "
-          f"p95 {s['p95_s']:.2f} s, p99 {s['p99_s']:.2f} s, {s['errors']} errors", flush=True)
-    bound = results["flop_bound"] = flop_bound(args, pairs, s, peak)
-    print(f"FLOP bound: {bound['gflop_per_reason']:.1f} GFLOP a reason ({bound['prompt_tokens']:.0f} prompt + "
-          f"{bound['generated_tokens']:.1f} generated tokens), {bound['achieved_gflop_s']:.1f} of a measured "
-          f"{bound['peak_gflop_s']:.1f} GFLOP/s peak ({bound['precision']}, {bound['threads']} threads): "
-          f"{100 * bound['share_of_bound']:.0f}% of the bound", flush=True)
+    results: dict = {"servers": {}}
+    for batching in args.batching:
+        s = load_server(args, pairs, ["--batching", batching])
+        print(f"server ({batching} batching) with {args.clients} clients: {s['reasons_per_s']:.2f} reasons/s, p50 "
+              f"{s['p50_s']:.2f} s, p95 {s['p95_s']:.2f} s, p99 {s['p99_s']:.2f} s, {s['errors']} errors", flush=True)
+        bound = s["flop_bound"] = flop_bound(args, pairs, s, peak)
+        print(f"FLOP bound: {bound['gflop_per_reason']:.1f} GFLOP a reason ({bound['prompt_tokens']:.0f} prompt + "
+              f"{bound['generated_tokens']:.1f} generated tokens), {bound['achieved_gflop_s']:.1f} of a measured "
+              f"{bound['peak_gflop_s']:.1f} GFLOP/s peak ({bound['precision']}, {bound['threads']} threads): "
+              f"{100 * bound['share_of_bound']:.0f}% of the bound", flush=True)
+        results["servers"][batching] = s
+    s = results["servers"][args.batching[0]]
     if args.skip_references:
         print(json.dumps(results, indent=2))
         Path(args.out).write_text(json.dumps({"args": vars(args), **results}, indent=2) + "\n")

@@ -515,3 +515,48 @@ def test_small_products_are_taken_the_other_way_round_only_where_it_pays():
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
     trained = layer(few)
     assert trained.requires_grad and torch.equal(trained, F.linear(few, layer.weight, layer.bias))
+
+
+def test_the_continuous_decoder_gives_each_prompt_its_own_greedy_tokens_whenever_it_joins(tiny_run):
+    """Prompts joining a running batch between steps, with their own token limits (so rows leave at different
+    steps) and the no-repeat rule, get exactly the tokens greedy_decode gives each prompt alone; each is answered
+    the step it ends, and the running cache never keeps columns no row attends to."""
+    import torch
+
+    from recreason.config import GenerateConfig
+    from recreason.generation.engine import ContinuousDecoder
+    from recreason.generation.generate import NoRepeatInReason, greedy_decode
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=8, precision="fp32"))
+    tok, lm = predictor.tokenizer, predictor.model.lm
+    records = predictor.dataset.subset(1, "test")[:7]
+    prompts = [tok(predictor.prompt(Request(r.user, r.item, record=r)).prompt, add_special_tokens=False)["input_ids"]
+               for r in records]
+    limits = [3, 8, 5, 2, 7, 4, 6]
+    alone = []
+    for ids, limit in zip(prompts, limits):
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        alone.append(greedy_decode(lm, batch, limit, [tok.eos_token_id], [NoRepeatInReason(2)])[0])
+    decoder = ContinuousDecoder(lm, tok.pad_token_id, [tok.eos_token_id], max_rows=4, no_repeat_ngram=2)
+    answered: dict[int, tuple[int, list[int]]] = {}
+    step = 0
+
+    def done(k):
+        return lambda tokens: answered.__setitem__(k, (step, list(tokens)))
+
+    for k in range(3):
+        decoder.add(prompts[k], limits[k], done(k))
+    widths = []
+    while decoder.busy:
+        step += 1
+        if step == 2:
+            for k in range(3, 7):  # 4 more while 3 run: one joins now, the rest as rows leave (max_rows 4)
+                decoder.add(prompts[k], limits[k], done(k))
+        assert decoder.step() <= 4
+        if decoder.mask is not None:
+            widths.append(decoder.mask.shape[1])
+            assert bool(decoder.mask[:, 0].any())  # no all-masked leading column is kept
+    assert [answered[k][1] for k in range(7)] == alone
+    assert answered[3][0] < answered[1][0]  # a short reason that joined later is answered before a long one
+    assert max(widths) <= max(map(len, prompts)) + max(limits)

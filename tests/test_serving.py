@@ -332,3 +332,74 @@ def test_overload_and_timeout_are_503_and_504_with_a_request_id(served, monkeypa
         monkeypatch.setattr(service, "explain", fail)
         r = client.post("/v1/explanations", json=body)
         assert r.status_code == status and r.headers["x-request-id"]
+
+
+def test_continuous_batching_answers_what_whole_batches_answer(served):
+    """A service with serve.batching continuous gives concurrent greedy requests the reasons the whole-batch
+    service gives them; a beam-search request goes through whole batches there too; a bad mode is one clear line."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recreason.config import GenerateConfig, ServeConfig
+    from recreason.errors import ConfigError
+    from recreason.serving.batching import ContinuousBatcher
+    from recreason.serving.service import ExplanationService
+
+    _, whole, run = served
+    users = list(whole.predictor.prompter.user_profiles)[:3]
+    items = list(whole.predictor.prompter.item_profiles)[:3]
+    pairs = [{"user_id": u, "item_id": i} for u in users for i in items]
+    service = ExplanationService(run, store_url=f"sqlite:///{run}/continuous.db",
+                                 gen_cfg=GenerateConfig(max_new_tokens=6, precision="fp32"),
+                                 serve_cfg=ServeConfig(batching="continuous", max_batch_size=4))
+    try:
+        assert isinstance(service.batcher, ContinuousBatcher)
+        with ThreadPoolExecutor(len(pairs)) as pool:
+            answers = list(pool.map(lambda pair: service.explain([pair])[0]["reason"], pairs))
+        assert answers == [whole.explain([pair])[0]["reason"] for pair in pairs]
+        assert max(service.batch_sizes) > 1 and service.stats["generated_tokens"] > 0
+        beams = {"num_beams": 2}
+        assert service.explain(pairs[:2], beams) == whole.explain(pairs[:2], beams)
+    finally:
+        service.close()
+    with pytest.raises(ConfigError, match="serve.batching"):
+        ExplanationService(run, store_url=f"sqlite:///{run}/bad.db", serve_cfg=ServeConfig(batching="streaming"))
+
+
+def test_a_failed_decoding_step_fails_its_requests_and_the_batcher_goes_on():
+    """When a step of the continuous decoder raises, every request it held gets that error (the server answers
+    500 for them, not a hang), and the next requests are decoded; keys it does not take go through fn whole."""
+    from recreason.serving.batching import ContinuousBatcher
+
+    class Decoder:  # fails the first step, then answers each prompt with its reversed ids
+        def __init__(self):
+            self.waiting, self.rows, self.failed = [], [], False
+
+        @property
+        def busy(self):
+            return bool(self.waiting)
+
+        def add(self, ids, limit, done):
+            self.waiting.append((ids, done))
+
+        def step(self):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("out of memory")
+            jobs, self.waiting = self.waiting, []
+            for ids, done in jobs:
+                done(list(reversed(ids)))
+            return len(jobs)
+
+        def reset(self):
+            self.waiting = []
+
+    batcher = ContinuousBatcher(Decoder(), accepts=lambda key: key == "greedy", start=lambda key, p: (p, 4),
+                                finish=lambda tokens: tokens, fn=lambda key, payloads: [f"{key}:{p}" for p in payloads])
+    try:
+        first = batcher.submit("greedy", [1, 2])
+        with pytest.raises(RuntimeError, match="out of memory"):
+            first.result(timeout=10)
+        assert batcher.submit("greedy", [3, 4]).result(timeout=10) == [4, 3]
+        assert batcher.submit("beams", 7).result(timeout=10) == "beams:7"
+    finally:
+        batcher.close()

@@ -222,6 +222,10 @@ class ServeConfig:
     request_timeout_s: float = 60.0  # a request still waiting after this gets 504
     max_queue: int = 256  # generations waiting beyond this: new requests get 503
     cold_start: str = "item-only"  # unknown user without history: item-only reason, or "error"
+    # "whole": each batch of up to max_batch_size runs from start to end; "continuous": greedy reasons decode in
+    # one running batch, joining and leaving between tokens (beams, sampling and candidates always go whole). On a
+    # CPU prefill is most of the work and continuous batching measured no faster (docs/results.md)
+    batching: str = "whole"
 
 
 SECTIONS = {

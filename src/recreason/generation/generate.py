@@ -115,15 +115,19 @@ class NoRepeatInReason:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.start is None:
             self.start = input_ids.shape[1]
-        n = self.n
         for row, tokens in enumerate(input_ids[:, self.start:].tolist()):
-            if len(tokens) < n:  # no whole n-gram written yet
-                continue
-            prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
-            banned = {tokens[k + n - 1] for k in range(len(tokens) - n + 1) if tuple(tokens[k:k + n - 1]) == prefix}
+            banned = repeated_ngram_bans(tokens, self.n)
             if banned:
-                scores[row, list(banned)] = float("-inf")
+                scores[row, banned] = float("-inf")
         return scores
+
+
+def repeated_ngram_bans(tokens: Sequence[int], n: int) -> list[int]:
+    """The tokens that would complete an ``n``-token sequence ``tokens`` already holds, as their next token."""
+    if len(tokens) < n:  # no whole n-gram written yet
+        return []
+    prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
+    return sorted({tokens[k + n - 1] for k in range(len(tokens) - n + 1) if tuple(tokens[k:k + n - 1]) == prefix})
 
 
 def _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
@@ -311,6 +315,15 @@ def _shared_prefill_lm(model, extra: dict):
     if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         return None
     return model
+
+
+def plain_causal_lm(model):
+    """The causal LM that reads ``model``'s prompts as plain token ids (what :func:`greedy_decode` and
+    :class:`~recreason.generation.engine.ContinuousDecoder` drive), or None: prompts with learned user/item
+    vectors and peft's prompt learning go through ``generate``."""
+    if getattr(model, "soft", False):
+        return None
+    return _shared_prefill_lm(model, {})
 
 
 MIN_SHARED_HEADER = 8  # tokens every prompt of a batch must share before their header is computed once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -77,3 +78,98 @@ class MicroBatcher:
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                 for _, _, future in batch:
                     future.set_exception(exc)
+
+
+class ContinuousBatcher:
+    """Iteration-level batching: greedy jobs (``accepts(key)``) run in a
+    :class:`~recreason.generation.engine.ContinuousDecoder`, one token for every running job per step, joining
+    between steps and leaving as soon as they end; other jobs (beam search, sampling, candidate choice) are
+    batched whole by ``fn(key, payloads)`` as :class:`MicroBatcher` does, between two steps.
+
+    ``start(key, payload)`` gives a job's prompt token ids and token limit; ``finish(tokens)`` its result. The
+    same ``submit``/``close`` as :class:`MicroBatcher`; ``on_batch`` sees the rows of each step."""
+
+    def __init__(self, decoder, accepts: Callable[[Hashable], bool],
+                 start: Callable[[Hashable, Any], tuple[Sequence[int], int]], finish: Callable[[list[int]], Any],
+                 fn: Callable[[Hashable, Sequence[Any]], Sequence[Any]], max_batch: int = 16,
+                 on_batch: Callable[[int], None] | None = None, max_queue: int = 1024):
+        self.decoder, self.accepts, self.start, self.finish, self.fn = decoder, accepts, start, finish, fn
+        self.max_batch, self.on_batch, self.max_queue = max_batch, on_batch, max_queue
+        self._queue: queue.Queue = queue.Queue()
+        self._running: dict[int, Future] = {}  # decoder jobs not yet answered
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="recreason-decoder", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Hashable, payload: Any) -> Future:
+        waiting = self._queue.qsize() + len(self.decoder.waiting)
+        if waiting >= self.max_queue:
+            raise Overloaded(f"{waiting} generations are already waiting; retry later")
+        future: Future = Future()
+        self._queue.put((key, payload, future))
+        return future
+
+    def close(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _answer(self, job: int, tokens: list[int]) -> None:
+        future = self._running.pop(job)
+        try:
+            future.set_result(self.finish(tokens))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            future.set_exception(exc)
+
+    def _take(self, block: bool) -> list | None:
+        """The queued jobs (waiting for the first when ``block``); None once closed."""
+        jobs = []
+        try:
+            job = self._queue.get() if block else self._queue.get_nowait()
+            while True:
+                if job is None:
+                    return None
+                jobs.append(job)
+                job = self._queue.get_nowait()
+        except queue.Empty:
+            return jobs
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            jobs = self._take(block=not self.decoder.busy)
+            if jobs is None:
+                break
+            whole: dict[Hashable, list] = {}
+            for key, payload, future in jobs:
+                if not self.accepts(key):
+                    whole.setdefault(key, []).append((payload, future))
+                    continue
+                try:
+                    ids, limit = self.start(key, payload)
+                    job = next(self._ids)
+                    self._running[job] = future
+                    self.decoder.add(ids, limit, lambda tokens, job=job: self._answer(job, tokens))
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    self._running = {k: f for k, f in self._running.items() if f is not future}
+                    future.set_exception(exc)
+            for key, group in whole.items():
+                for at in range(0, len(group), self.max_batch):
+                    chunk = group[at:at + self.max_batch]
+                    try:
+                        for (_, future), result in zip(chunk, self.fn(key, [p for p, _ in chunk])):
+                            future.set_result(result)
+                    except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
+                        for _, future in chunk:
+                            future.set_exception(exc)
+            if self.decoder.busy:
+                try:
+                    rows = self.decoder.step()
+                except Exception as exc:  # noqa: BLE001 - handed to every running caller
+                    self.decoder.reset()
+                    running, self._running = self._running, {}
+                    for future in running.values():
+                        future.set_exception(exc)
+                    continue
+                if self.on_batch and rows:
+                    self.on_batch(rows)

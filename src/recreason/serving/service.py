@@ -15,7 +15,10 @@ from typing import Any
 from recreason.config import GenerateConfig, ServeConfig
 from recreason.data.records import Explained
 from recreason.inference import Predictor, Prompted, Request
-from recreason.serving.batching import MicroBatcher
+from recreason.errors import ConfigError
+from recreason.generation.engine import ContinuousDecoder
+from recreason.generation.generate import clean_output, plain_causal_lm, stop_token_ids
+from recreason.serving.batching import ContinuousBatcher, MicroBatcher
 from recreason.serving.store import Interaction, open_store
 from recreason.text import tokenize
 
@@ -24,6 +27,8 @@ class ExplanationService:
     def __init__(self, run_dir: str | Path, store_url: str | None = None, gen_cfg: GenerateConfig | None = None,
                  serve_cfg: ServeConfig | None = None):
         self.cfg = serve_cfg or ServeConfig()
+        if self.cfg.batching not in ("whole", "continuous"):
+            raise ConfigError(f"serve.batching must be whole or continuous, got {self.cfg.batching!r}")
         self.predictor = Predictor(run_dir, gen_cfg, cold_start=self.cfg.cold_start)
         self.run = self.predictor.run
         self.gen_cfg = self.predictor.gen_cfg
@@ -39,8 +44,7 @@ class ExplanationService:
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self.stats = collections.Counter()
         self.batch_sizes: list[int] = []
-        self.batcher = MicroBatcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.max_wait_ms / 1000,
-                                    on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue)
+        self.batcher = self._batcher()
         self.model_id = f"{self.run.dir.resolve()}"
         self.model_tag = self.predictor.model_tag
         self.has_stored = self.store.has_reasons(self.model_tag)  # serve --reasons loaded rows of this run
@@ -97,6 +101,33 @@ class ExplanationService:
         return [u for _, u in sorted(counts, key=lambda x: (-x[0], x[1]))[:limit]]
 
     # ----- generation --------------------------------------------------------------------------
+    def _batcher(self):
+        """The continuous decoder for greedy reasons of a plain-prompt model (``serve.batching: continuous``),
+        else whole micro-batches."""
+        lm = plain_causal_lm(self.predictor.model)
+        if self.cfg.batching == "whole" or lm is None:
+            return MicroBatcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.max_wait_ms / 1000,
+                                on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue)
+        tok, cfg = self.predictor.tokenizer, self.gen_cfg
+        decoder = ContinuousDecoder(lm, tok.pad_token_id, [tok.eos_token_id], self.cfg.max_batch_size,
+                                    cfg.min_new_tokens, cfg.no_repeat_ngram,
+                                    stop_token_ids(tok) if cfg.min_new_tokens else ())
+        return ContinuousBatcher(decoder, self._greedy, self._start, self._finish, self._generate_batch,
+                                 self.cfg.max_batch_size, on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue)
+
+    def _greedy(self, key) -> bool:
+        """Whether requests with these options decode as the continuous decoder does: one greedy text."""
+        cfg = self.predictor.generation_config(dict(key))
+        return cfg.num_beams == 1 and not cfg.do_sample and (cfg.candidates <= 1 or self.predictor.system != "fine-tuned")
+
+    def _start(self, key, prompted: Prompted) -> tuple[list[int], int]:
+        ids = self.predictor.tokenizer(prompted.prompt, add_special_tokens=False)["input_ids"]
+        return ids, self.predictor.generation_config(dict(key)).max_new_tokens
+
+    def _finish(self, tokens: list[int]) -> str:
+        self.stats["generated_tokens"] += len([t for t in tokens if t != self.predictor.tokenizer.eos_token_id])
+        return clean_output(self.predictor.tokenizer.decode(tokens, skip_special_tokens=True))
+
     def _generate_batch(self, key, prompted: list[Prompted]) -> list[str]:
         texts = self.predictor.generate(prompted, dict(key))
         self.stats["generated_tokens"] += sum(len(self.predictor.tokenizer(t)["input_ids"]) for t in texts)

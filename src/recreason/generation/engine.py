@@ -1,0 +1,161 @@
+"""Greedy decoding with iteration-level batching, for a server.
+
+:func:`recreason.generation.generate.greedy_decode` decodes one batch from start to end: a prompt that arrives
+while it runs waits for the whole batch, and the last steps run a few rows. :class:`ContinuousDecoder` keeps one
+running batch instead. Each :meth:`~ContinuousDecoder.step` first admits waiting prompts (prefilled together,
+their shared header once, and joined to the running rows' KV cache), then decodes one token for every row; a row
+that has written its end-of-text token or its last allowed token leaves at once and its callback gets the tokens.
+So the batch stays full while requests keep coming, and a short reason is not held back by a long one.
+
+Each row gets the tokens :func:`greedy_decode` gives its prompt: the same argmax of the same logits, with the
+reason-shaping rules (``min_new_tokens``, ``no_repeat_ngram``) applied per row, counting the row's own tokens.
+Only plain token-id prompts of a causal LM (see ``_shared_prefill_lm``); one thread drives it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from recreason.generation.generate import prefill, repeated_ngram_bans
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    max_new_tokens: int
+    done: Callable[[list[int]], None]
+    tokens: list[int] = field(default_factory=list)
+
+
+class ContinuousDecoder:
+    """One running batch of at most ``max_rows`` greedy decodes of ``lm`` (a plain causal LM), ending on
+    ``eos_ids``; ``min_new_tokens`` and ``no_repeat_ngram`` as in ``generate`` (``stop_ids``: the tokens
+    ``min_new_tokens`` holds back, :func:`~recreason.generation.generate.stop_token_ids`)."""
+
+    def __init__(self, lm, pad_id: int, eos_ids: Sequence[int], max_rows: int = 16, min_new_tokens: int = 0,
+                 no_repeat_ngram: int = 0, stop_ids: Sequence[int] = (), admit_at: int | None = None):
+        if max_rows < 1:
+            raise ValueError("max_rows must be at least 1")
+        self.lm, self.pad_id, self.max_rows = lm, pad_id, max_rows
+        # while rows run, waiting prompts join only this many at a time (or as many as fit, if fewer)
+        self.admit_at = max(1, max_rows // 2) if admit_at is None else max(1, admit_at)
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
+        self.min_new_tokens, self.no_repeat_ngram = min_new_tokens, no_repeat_ngram
+        self.stops = list(stop_ids)
+        self.waiting: deque[_Row] = deque()
+        self.rows: list[_Row] = []
+        self.cache = self.mask = self.position = self.step_ids = None  # the running batch; mask = cache + 1 column
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def reset(self) -> None:
+        """Forget every row, running or waiting, without calling back (after a failed step)."""
+        self.waiting.clear()
+        self.rows = []
+        self.cache = self.mask = self.position = self.step_ids = None
+
+    def add(self, prompt_ids: Sequence[int], max_new_tokens: int, done: Callable[[list[int]], None]) -> None:
+        """Queue one prompt (token ids, at least two: a chat prompt has many); ``done(tokens)`` is called from
+        :meth:`step` when it ends (its end-of-text token included, as ``generate`` writes it). A prompt with no
+        token to write gets ``[]`` at once."""
+        if len(prompt_ids) < 2:
+            raise ValueError("a prompt needs at least two tokens")
+        if max_new_tokens < 1:
+            done([])
+            return
+        self.waiting.append(_Row(list(prompt_ids), max_new_tokens, done))
+
+    @torch.no_grad()
+    def step(self) -> int:
+        """Admit waiting prompts up to ``max_rows``, decode one token for every row, let ended rows go. Returns how
+        many rows were decoded."""
+        self._admit()
+        if not self.rows:
+            return 0
+        logits = self.lm(input_ids=self.step_ids, attention_mask=self.mask, position_ids=self.position,
+                         cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        for r, row in enumerate(self.rows):
+            if len(row.tokens) < self.min_new_tokens and self.stops:
+                logits[r, self.stops] = float("-inf")
+            if self.no_repeat_ngram:
+                banned = repeated_ngram_bans(row.tokens, self.no_repeat_ngram)
+                if banned:
+                    logits[r, banned] = float("-inf")
+        token = logits.argmax(-1)
+        ended = torch.isin(token, self.eos)
+        keep = []
+        for r, (row, t) in enumerate(zip(self.rows, token.tolist())):
+            row.tokens.append(t)
+            if bool(ended[r]) or len(row.tokens) >= row.max_new_tokens:
+                row.done(row.tokens)
+            else:
+                keep.append(r)
+        decoded = len(self.rows)
+        if len(keep) < decoded:
+            index = torch.tensor(keep, dtype=torch.long)
+            self.rows = [self.rows[k] for k in keep]
+            if not self.rows:
+                self.cache = self.mask = self.position = self.step_ids = None
+                return decoded
+            self.cache.batch_select_indices(index)
+            self.mask, self.position, token = self.mask[index], self.position[index], token[index]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
+        self.position, self.step_ids = self.position + 1, token[:, None]
+        self._trim()
+        return decoded
+
+    def _admit(self) -> None:
+        room = self.max_rows - len(self.rows)
+        if room <= 0 or not self.waiting:
+            return
+        if self.rows and min(room, len(self.waiting)) < self.admit_at:
+            return  # wait for company: one prefill of many prompts runs at near the matrix peak, one of a few does not
+        new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        width = max(len(r.prompt) for r in new)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for k, row in enumerate(new):
+            ids[k, width - len(row.prompt):] = torch.tensor(row.prompt)
+            mask[k, width - len(row.prompt):] = 1
+        cache, laid = prefill(self.lm, {"input_ids": ids, "attention_mask": mask}, 1)
+        ids, mask = laid["input_ids"], laid["attention_mask"]
+        position = mask.long().sum(-1, keepdim=True) - 1
+        if not self.rows:
+            self.cache, self.mask, self.position, self.step_ids = cache, mask, position, ids[:, -1:]
+        else:
+            self._join(cache, mask, position, ids[:, -1:])
+        self.rows.extend(new)
+
+    def _join(self, cache, mask, position, step_ids) -> None:
+        """Append admitted rows to the running batch: both caches left-padded (masked) to one length."""
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def widen(t: torch.Tensor, to: int, dim: int) -> torch.Tensor:
+            missing = to - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim)
+
+        for ours, theirs in zip(self.cache.layers, cache.layers):
+            ours.keys = torch.cat([widen(ours.keys, width - 1, 2), widen(theirs.keys, width - 1, 2)], 0)
+            ours.values = torch.cat([widen(ours.values, width - 1, 2), widen(theirs.values, width - 1, 2)], 0)
+        self.mask = torch.cat([widen(self.mask, width, 1), widen(mask, width, 1)], 0)
+        self.position = torch.cat([self.position, position], 0)
+        self.step_ids = torch.cat([self.step_ids, step_ids], 0)
+
+    def _trim(self) -> None:
+        """Drop leading cache columns no row attends to (the running batch would otherwise only grow)."""
+        used = self.mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
