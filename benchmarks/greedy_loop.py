@@ -10,6 +10,10 @@ each adding one change to the one before:
 3. + small products the other way round: ``recreason.models.registry.transposed_small_products``;
 4. + grouped attention: ``recreason.models.registry.use_grouped_attention`` (what ``Predictor`` uses on CPU).
 
+With ``--candidates K`` the baseline and the shipped setting also decode K candidates for each of the first
+``--candidate-prompts`` prompts (``generate_candidates``: the greedy text and K - 1 seeded samples, decoded by
+``generate``, so only the products and the attention change there), in batches of ``--candidate-batch``.
+
 The settings take turns for ``--rounds`` rounds (the best round of each is kept, so a slow moment of the
 machine does not pick the winner). Prints reasons per second, the ratio to the baseline, and how many texts
 equal the baseline's. Run it alone on the machine.
@@ -62,6 +66,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--candidates", type=int, default=0, help="also time K-candidate decoding (0: no)")
+    parser.add_argument("--candidate-prompts", type=int, default=16)
+    parser.add_argument("--candidate-batch", type=int, default=4)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/greedy_loop.json"))
     args = parser.parse_args()
 
@@ -93,10 +100,37 @@ def main() -> None:
                       "texts_equal_to_baseline": sum(a == b for a, b in zip(texts[setting], texts[0]))}
         print(f"{name:40s} {rate:5.2f} reasons/s  {best[0] / best[setting]:.2f}x  "
               f"{rows[name]['texts_equal_to_baseline']}/{len(prompts)} texts as the baseline's")
+    candidates = time_candidates(args, predictor, prompts[: args.candidate_prompts]) if args.candidates > 1 else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(),
                                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                                          "settings": rows}, indent=2) + "\n")
+                                          "settings": rows, "candidates": candidates}, indent=2) + "\n")
+
+
+def time_candidates(args, predictor, prompts) -> dict:
+    """Seconds per reason of K-candidate decoding under the baseline and the shipped setting, and how many prompts
+    got the same candidate texts under both."""
+    from dataclasses import replace
+
+    from recreason.generation.generate import generate_candidates
+
+    cfg = replace(predictor.generation_config(None), candidates=args.candidates, batch_size=args.candidate_batch)
+    lm, best, texts = predictor.model.lm, {}, {}
+    for _ in range(args.rounds):
+        for setting in (0, len(SETTINGS) - 1):
+            apply(lm, setting)
+            start = time.perf_counter()
+            out = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False)
+            seconds = (time.perf_counter() - start) / len(prompts)
+            best[setting] = min(best.get(setting, seconds), seconds)
+            texts[setting] = [[c.text for c in row] for row in out]
+            print(f"{args.candidates} candidates, {SETTINGS[setting]}: {seconds:.2f} s a reason", flush=True)
+    base, ours = best[0], best[len(SETTINGS) - 1]
+    same = sum(a == b for a, b in zip(texts[0], texts[len(SETTINGS) - 1]))
+    print(f"{args.candidates} candidates: {base:.2f} -> {ours:.2f} s a reason ({base / ours:.2f}x), "
+          f"{same}/{len(prompts)} prompts with the same candidates")
+    return {"candidates": args.candidates, "prompts": len(prompts), "baseline_s_per_reason": base,
+            "shipped_s_per_reason": ours, "ratio": base / ours, "prompts_with_same_candidates": same}
 
 
 if __name__ == "__main__":

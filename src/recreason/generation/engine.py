@@ -3,7 +3,9 @@
 :func:`recreason.generation.generate.greedy_decode` decodes one batch from start to end: a prompt that arrives
 while it runs waits for the whole batch, and the last steps run a few rows. :class:`ContinuousDecoder` keeps one
 running batch instead. Each :meth:`~ContinuousDecoder.step` first admits waiting prompts (prefilled together,
-their shared header once, and joined to the running rows' KV cache), then decodes one token for every row; a row
+their shared header once, and joined to the running rows' KV cache; while rows run, only once ``admit_at`` of
+them can join at a time, since a prefill of a few prompts runs far from the matrix peak), then decodes one
+token for every row; a row
 that has written its end-of-text token or its last allowed token leaves at once and its callback gets the tokens.
 So the batch stays full while requests keep coming, and a short reason is not held back by a long one.
 
