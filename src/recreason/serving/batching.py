@@ -14,28 +14,22 @@ class Overloaded(RuntimeError):
     """More generations are waiting than ``max_queue``: the server answers 503 instead of queueing forever."""
 
 
-class MicroBatcher:
-    """Collects submitted jobs for up to ``max_wait_s`` (or ``max_batch`` jobs) and runs them in one call.
+class _Worker:
+    """A queue of ``(key, payload, future)`` jobs and the thread that serves it (``_loop``, in subclasses)."""
 
-    Jobs with different ``key`` (e.g. generation options) never share a batch. ``fn(key, payloads)``
-    returns one result per payload.
-    """
-
-    def __init__(self, fn: Callable[[Hashable, Sequence[Any]], Sequence[Any]], max_batch: int = 16,
-                 max_wait_s: float = 0.01, on_batch: Callable[[int], None] | None = None, max_queue: int = 1024):
-        self.fn = fn
+    def __init__(self, max_queue: int, name: str):
         self.max_queue = max_queue
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
-        self.on_batch = on_batch
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="recreason-batcher", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _waiting(self) -> int:
+        return self._queue.qsize()
 
     def submit(self, key: Hashable, payload: Any) -> Future:
-        if self._queue.qsize() >= self.max_queue:
-            raise Overloaded(f"{self._queue.qsize()} generations are already waiting; retry later")
+        waiting = self._waiting()
+        if waiting >= self.max_queue:
+            raise Overloaded(f"{waiting} generations are already waiting; retry later")
         future: Future = Future()
         self._queue.put((key, payload, future))
         return future
@@ -44,6 +38,26 @@ class MicroBatcher:
         self._stop.set()
         self._queue.put(None)
         self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class MicroBatcher(_Worker):
+    """Collects submitted jobs for up to ``max_wait_s`` (or ``max_batch`` jobs) and runs them in one call.
+
+    Jobs with different ``key`` (e.g. generation options) never share a batch. ``fn(key, payloads)``
+    returns one result per payload.
+    """
+
+    def __init__(self, fn: Callable[[Hashable, Sequence[Any]], Sequence[Any]], max_batch: int = 16,
+                 max_wait_s: float = 0.01, on_batch: Callable[[int], None] | None = None, max_queue: int = 1024):
+        super().__init__(max_queue, "recreason-batcher")
+        self.fn = fn
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch
+        self._thread.start()
 
     def _loop(self) -> None:
         pending: list = []
@@ -80,7 +94,7 @@ class MicroBatcher:
                     future.set_exception(exc)
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(_Worker):
     """Iteration-level batching: greedy jobs (``accepts(key)``) run in a
     :class:`~recreason.generation.engine.ContinuousDecoder`, one token for every running job per step, joining
     between steps and leaving as soon as they end; other jobs (beam search, sampling, candidate choice) are
@@ -93,27 +107,15 @@ class ContinuousBatcher:
                  start: Callable[[Hashable, Any], tuple[Sequence[int], int]], finish: Callable[[list[int]], Any],
                  fn: Callable[[Hashable, Sequence[Any]], Sequence[Any]], max_batch: int = 16,
                  on_batch: Callable[[int], None] | None = None, max_queue: int = 1024):
+        super().__init__(max_queue, "recreason-decoder")
         self.decoder, self.accepts, self.start, self.finish, self.fn = decoder, accepts, start, finish, fn
-        self.max_batch, self.on_batch, self.max_queue = max_batch, on_batch, max_queue
-        self._queue: queue.Queue = queue.Queue()
+        self.max_batch, self.on_batch = max_batch, on_batch
         self._running: dict[int, Future] = {}  # decoder jobs not yet answered
         self._ids = itertools.count()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="recreason-decoder", daemon=True)
         self._thread.start()
 
-    def submit(self, key: Hashable, payload: Any) -> Future:
-        waiting = self._queue.qsize() + len(self.decoder.waiting)
-        if waiting >= self.max_queue:
-            raise Overloaded(f"{waiting} generations are already waiting; retry later")
-        future: Future = Future()
-        self._queue.put((key, payload, future))
-        return future
-
-    def close(self) -> None:
-        self._stop.set()
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+    def _waiting(self) -> int:
+        return self._queue.qsize() + len(self.decoder.waiting)
 
     def _answer(self, job: int, tokens: list[int]) -> None:
         future = self._running.pop(job)
