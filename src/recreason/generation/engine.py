@@ -43,7 +43,8 @@ class ContinuousDecoder:
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.lm, self.pad_id, self.max_rows = lm, pad_id, max_rows
-        # while rows run, waiting prompts join only this many at a time (or as many as fit, if fewer)
+        # while rows run, waiting prompts join only once this many can join together (rows leave within their
+        # token limits, so a prompt waits at most that long); into an empty batch they join at once
         self.admit_at = max(1, max_rows // 2) if admit_at is None else max(1, admit_at)
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
         self.min_new_tokens, self.no_repeat_ngram = min_new_tokens, no_repeat_ngram
