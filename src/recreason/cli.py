@@ -480,11 +480,6 @@ def _add_explain(sub, common) -> None:
     p.add_argument("--out", required=True, help="output file: .jsonl, .csv or .parquet; rerunning resumes it")
     p.add_argument("--chunk-size", type=_bounded(int, 1, 100_000), default=256, dest="chunk_size",
                    help="pairs per chunk written to the journal; a killed job loses at most one (default 256)")
-    p.add_argument("--batching", choices=["whole", "continuous"], default="whole",
-                   help="whole (default): each batch of up to --max-batch-size runs from start to end; continuous: "
-                        "greedy reasons decode in one running batch, each request joining between two tokens and "
-                        "answered as soon as its reason ends (beam search, sampling and candidate choice always go "
-                        "whole). On a CPU, where the prompt is most of the work, continuous measured no faster")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
                    help="unknown user without history: item-only reason, or reject the row (default item-only)")
     _add_engine(p)
@@ -591,11 +586,6 @@ def _add_recommend(sub, common) -> None:
                    help="with --all-users: users per chunk written to the journal (default 32)")
     p.add_argument("-k", type=_bounded(int, 1, 1000), default=10, help="how many items, 1 to 1000 (default 10)")
     p.add_argument("--include-seen", action="store_true", help="also rank items the user already interacted with")
-    p.add_argument("--batching", choices=["whole", "continuous"], default="whole",
-                   help="whole (default): each batch of up to --max-batch-size runs from start to end; continuous: "
-                        "greedy reasons decode in one running batch, each request joining between two tokens and "
-                        "answered as soon as its reason ends (beam search, sampling and candidate choice always go "
-                        "whole). On a CPU, where the prompt is most of the work, continuous measured no faster")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
                    help="unknown user: rank by popularity with item-only reasons, or fail (default item-only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
