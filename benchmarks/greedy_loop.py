@@ -10,15 +10,20 @@ each adding one change to the one before:
 3. + small products the other way round: ``recreason.models.registry.transposed_small_products``;
 4. + grouped attention: ``recreason.models.registry.use_grouped_attention`` (what ``Predictor`` uses on CPU).
 
-With ``--candidates K`` the baseline and the shipped setting also decode K candidates for each of the first
-``--candidate-prompts`` prompts (``generate_candidates``: the greedy text and K - 1 seeded samples, decoded by
-``generate``, so only the products and the attention change there), in batches of ``--candidate-batch``.
+With ``--candidates K`` the same four settings also decode K candidates for each of the first
+``--candidate-prompts`` prompts (``generate_candidates``: the greedy text and K - 1 seeded samples, one prefill
+per prompt; from setting 2 on in the own loop, where a draw that has ended leaves the batch), in batches of
+``--candidate-batch``.
+
+``--precision`` is the weights' precision (default auto: bf16 where the CPU has native bf16 products, as
+``Predictor`` ships; the small-products switch applies to fp32 only, so under bf16 setting 3 changes nothing).
 
 The settings take turns for ``--rounds`` rounds (the best round of each is kept, so a slow moment of the
 machine does not pick the winner). Prints reasons per second, the ratio to the baseline, and how many texts
 equal the baseline's. Run it alone on the machine.
 
 Usage: python benchmarks/greedy_loop.py --run runs/demo/run [--prompts 64 --batch-size 16 --rounds 2]
+           [--candidates 32 --candidate-prompts 16 --candidate-batch 4] [--precision auto|fp32|bf16]
 Results: benchmarks/results/greedy_loop.json
 """
 
@@ -69,10 +74,11 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=0, help="also time K-candidate decoding (0: no)")
     parser.add_argument("--candidate-prompts", type=int, default=16)
     parser.add_argument("--candidate-batch", type=int, default=4)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/greedy_loop.json"))
     args = parser.parse_args()
 
-    predictor = Predictor(args.run, GenerateConfig(precision="fp32", max_new_tokens=args.max_new_tokens,
+    predictor = Predictor(args.run, GenerateConfig(precision=args.precision, max_new_tokens=args.max_new_tokens,
                                                    batch_size=args.batch_size))
     if not str(predictor.device).startswith("cpu"):
         raise SystemExit("this benchmark measures CPU decoding; run it without a GPU")
@@ -104,12 +110,13 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(),
                                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                          "dtype": predictor.dtype,
                                           "settings": rows, "candidates": candidates}, indent=2) + "\n")
 
 
 def time_candidates(args, predictor, prompts) -> dict:
-    """Seconds per reason of K-candidate decoding under the baseline and the shipped setting, and how many prompts
-    got the same candidate texts under both."""
+    """Seconds per reason of K-candidate decoding under each setting, and how many prompts got the baseline's
+    candidate texts."""
     from dataclasses import replace
 
     from recreason.generation.generate import generate_candidates
@@ -117,20 +124,23 @@ def time_candidates(args, predictor, prompts) -> dict:
     cfg = replace(predictor.generation_config(None), candidates=args.candidates, batch_size=args.candidate_batch)
     lm, best, texts = predictor.model.lm, {}, {}
     for _ in range(args.rounds):
-        for setting in (0, len(SETTINGS) - 1):
+        for setting in range(len(SETTINGS)):
             apply(lm, setting)
             start = time.perf_counter()
-            out = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False)
+            out = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False,
+                                      own_loop=setting >= 1)
             seconds = (time.perf_counter() - start) / len(prompts)
             best[setting] = min(best.get(setting, seconds), seconds)
             texts[setting] = [[c.text for c in row] for row in out]
             print(f"{args.candidates} candidates, {SETTINGS[setting]}: {seconds:.2f} s a reason", flush=True)
-    base, ours = best[0], best[len(SETTINGS) - 1]
-    same = sum(a == b for a, b in zip(texts[0], texts[len(SETTINGS) - 1]))
-    print(f"{args.candidates} candidates: {base:.2f} -> {ours:.2f} s a reason ({base / ours:.2f}x), "
-          f"{same}/{len(prompts)} prompts with the same candidates")
-    return {"candidates": args.candidates, "prompts": len(prompts), "baseline_s_per_reason": base,
-            "shipped_s_per_reason": ours, "ratio": base / ours, "prompts_with_same_candidates": same}
+    rows = {}
+    for setting, name in enumerate(SETTINGS):
+        rows[name] = {"s_per_reason": best[setting], "ratio_to_baseline": best[0] / best[setting],
+                      "prompts_with_baseline_candidates": sum(a == b for a, b in zip(texts[setting], texts[0]))}
+        print(f"{args.candidates} candidates, {name:40s} {best[setting]:5.2f} s a reason  "
+              f"{best[0] / best[setting]:.2f}x  {rows[name]['prompts_with_baseline_candidates']}/{len(prompts)} "
+              "prompts with the baseline's candidates")
+    return {"candidates": args.candidates, "prompts": len(prompts), "settings": rows}
 
 
 if __name__ == "__main__":

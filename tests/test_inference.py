@@ -560,3 +560,43 @@ def test_the_continuous_decoder_gives_each_prompt_its_own_greedy_tokens_whenever
     assert [answered[k][1] for k in range(7)] == alone
     assert answered[3][0] < answered[1][0]  # a short reason that joined later is answered before a long one
     assert max(widths) <= max(map(len, prompts)) + max(limits)
+
+
+def test_candidates_decoded_in_the_own_loop_are_generates_and_ended_draws_leave(tiny_run):
+    """generate_candidates' own loop (one prefill per prompt, a draw that has ended leaves the batch) writes the
+    candidates, counts and likelihoods that transformers' generate writes with the same seeded sampler; the rows
+    fed to the model fall as draws end."""
+    import torch
+
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import generate_candidates
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=8, precision="fp32"))
+    tok = predictor.tokenizer
+    records = predictor.dataset.subset(1, "test")[:4]
+    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    # a high temperature over the tiny model's scores: draws end (end-of-text sampled) at different steps
+    cfg = GenerateConfig(max_new_tokens=8, precision="fp32", candidates=6, batch_size=2, sample_temperature=50.0,
+                         sample_top_p=1.0)
+    rows_seen: list[tuple[int, int]] = []
+    embed = predictor.model.lm.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
+    bias = torch.zeros(embed.weight.shape[0])
+    bias[tok.eos_token_id] = 8.0  # make ending likely enough to happen within 8 tokens
+    head = predictor.model.lm.get_output_embeddings()
+    old_bias = head.bias
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    try:
+        ours = generate_candidates(predictor.model, tok, prompts, cfg, progress=False)
+        steps = [rows for rows, width in rows_seen if width == 1]
+        theirs = generate_candidates(predictor.model, tok, prompts, cfg, progress=False, own_loop=False)
+    finally:
+        hook.remove()
+        head.bias = old_bias
+    assert [[(c.text, c.greedy, c.count) for c in cands] for cands in ours] == \
+        [[(c.text, c.greedy, c.count) for c in cands] for cands in theirs]
+    assert [c.logprob for cands in ours for c in cands] == \
+        pytest.approx([c.logprob for cands in theirs for c in cands], abs=1e-4)
+    assert sum(c.count for c in ours[0]) == 6
+    assert steps[0] == 12 and min(steps) < 12  # two prompts x six draws, fewer once some have ended

@@ -194,27 +194,41 @@ def _eos_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], processors: Sequence = ()) -> list[list[int]]:
+def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], processors: Sequence = (),
+                  draws: int = 1, scores: bool = False):
     """Greedy new tokens for a left-padded batch of plain token-id prompts: what ``generate`` writes (the same
     argmax of the same logits, each row ending with its end-of-text token or at ``max_new_tokens``), without its
     waste. The prompts are prefilled with their shared header once (:func:`prefill`); a row that has ended
     leaves the batch and its KV cache (``generate`` decodes finished rows as padding until the longest is done,
     about half of all decoding steps for reasons of 11 tokens under a limit of 24); only the last position's
     logits are computed. ``processors`` are logits processors called as ``generate`` calls them, with the rows
-    still decoding."""
-    cache, batch = prefill(lm, batch, 1)
+    still decoding; one with a ``select(rows)`` method is told which of its rows stay when some leave.
+
+    ``draws`` rows decode per prompt (prompt-major, as ``repeat_interleave``), from one prefill of the prompt: with
+    a :class:`SeededSampler` last among the processors they are its samples. ``scores=True`` also returns each
+    row's mean log-likelihood of its tokens under the model's raw logits (the end-of-text token included), as
+    :func:`_mean_logprobs` reads it off ``generate``'s logits."""
+    cache, batch = prefill(lm, batch, draws)
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    if draws > 1:
+        ids, mask = ids.repeat_interleave(draws, 0), mask.repeat_interleave(draws, 0)
     position = (mask.long().sum(-1, keepdim=True) - 1)
     rows = list(range(ids.shape[0]))
     out: list[list[int]] = [[] for _ in rows]
+    logprob = [0.0 for _ in rows]
     ends = torch.tensor(list(eos_ids), dtype=torch.long)
     seq, step = ids, ids[:, -1:]
     for n in range(max_new_tokens):
         logits = lm(input_ids=step, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
                     logits_to_keep=1).logits[:, -1].float()
+        norm = logits.logsumexp(-1) if scores else None  # before processors change the scores in place
+        shaped = logits
         for processor in processors:
-            logits = processor(seq, logits)
-        token = logits.argmax(-1)
+            shaped = processor(seq, shaped)
+        token = shaped.argmax(-1)
+        if scores:  # the chosen token's raw score: processors only ban tokens, and a banned token is never chosen
+            for row, lp in zip(rows, (logits.gather(-1, token[:, None]).squeeze(-1) - norm).tolist()):
+                logprob[row] += lp
         for row, t in zip(rows, token.tolist()):
             out[row].append(t)
         if n == max_new_tokens - 1:
@@ -226,10 +240,15 @@ def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], 
         if not bool(going.all()):
             keep = going.nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
+            for processor in processors:
+                if hasattr(processor, "select"):
+                    processor.select(keep.tolist())
             rows = [rows[k] for k in keep.tolist()]
             seq, mask, position, token = seq[keep], mask[keep], position[keep], token[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         position, step = position + 1, token[:, None]
+    if scores:
+        return out, [lp / max(1, len(tokens)) for lp, tokens in zip(logprob, out)]
     return out
 
 
@@ -284,6 +303,10 @@ class SeededSampler:
         self.eos = torch.tensor([] if eos_token_id is None else
                                 [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         self.started = False  # the first call sees the prompts' last tokens, not a generated one
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these rows' streams, in this order (rows that ended left the batch: :func:`greedy_decode`)."""
+        self.generators = [self.generators[k] for k in rows]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if not self.started:
@@ -399,7 +422,7 @@ def prompt_seed(seed: int, prompt: str, sample: int) -> int:
 def generate_candidates(
     model, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, progress: bool = True, desc: str = "generating",
     users: Sequence[str] | None = None, items: Sequence[str] | None = None, draws: Sequence[int] | None = None,
-    shared_prefill: bool = True,
+    shared_prefill: bool = True, own_loop: bool = True,
 ) -> list[list[Candidate]]:
     """``cfg.candidates`` candidates per prompt: the greedy text first, then ``cfg.candidates - 1`` samples
     (``cfg.sample_temperature``, ``cfg.sample_top_p``), each with its mean token log-likelihood under the
@@ -409,7 +432,10 @@ def generate_candidates(
     which draws to make (0 = greedy, j = sample j; default ``range(cfg.candidates)``): draws 8-15 merged
     (:func:`merge_candidates`) into draws 0-7 are the 16 candidates of one decode, at half its cost.
     ``shared_prefill`` (default) computes each prompt's KV cache once for all of its draws (:func:`prefill`);
-    False recomputes it per draw, the baseline ``benchmarks/candidate_speed.py`` measures it against."""
+    False recomputes it per draw, the baseline ``benchmarks/candidate_speed.py`` measures it against. Plain
+    token-id prompts decode in :func:`greedy_decode` (the samples as its seeded processor; a draw that has ended
+    leaves the batch); ``own_loop=False`` hands them to ``generate`` (every row decodes until the longest ends),
+    the baseline ``benchmarks/greedy_loop.py --candidates K`` measures it against."""
     from transformers import LogitsProcessorList
 
     draws = list(range(max(1, cfg.candidates))) if draws is None else list(draws)
@@ -419,23 +445,26 @@ def generate_candidates(
         seeds = [None if j == 0 else prompt_seed(cfg.seed, prompts[i], j) for i in idx for j in draws]
         expanded = {k: v.repeat_interleave(n, 0) for k, v in batch.items()}
         ids = {k: v.repeat_interleave(n, 0) for k, v in extra.items()}
-        lm = _shared_prefill_lm(model, extra) if shared_prefill and n > 1 and batch["input_ids"].shape[1] > 1 else None
-        if lm is not None:  # the prompt's cache is computed once and copied to each of its draws
-            ids["cache"], laid = prefill(lm, batch, n)
-            expanded = {k: v.repeat_interleave(n, 0) for k, v in laid.items()}
-        result = _generate(model, expanded, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                           return_dict_in_generate=True, output_logits=True,
-                           logits_processor=LogitsProcessorList(
-                               reason_processors(cfg, tokenizer) + [
-                                   SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p,
-                                                 tokenizer.eos_token_id)]), **ids)
-        logprobs = _mean_logprobs(result.sequences, result.logits, tokenizer.eos_token_id,
-                                  tokenizer.pad_token_id).tolist()
-        texts = tokenizer.batch_decode(result.sequences, skip_special_tokens=True)
+        lm = _shared_prefill_lm(model, extra) if shared_prefill and batch["input_ids"].shape[1] > 1 else None
+        sampler = SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p, tokenizer.eos_token_id)
+        if lm is not None and own_loop:  # one prefill per prompt, rows leave as they end
+            tokens, logprobs = greedy_decode(lm, batch, cfg.max_new_tokens, _eos_ids(tokenizer),
+                                             reason_processors(cfg, tokenizer) + [sampler], draws=n, scores=True)
+        else:
+            if lm is not None and n > 1:  # the prompt's cache is computed once and copied to each of its draws
+                ids["cache"], laid = prefill(lm, batch, n)
+                expanded = {k: v.repeat_interleave(n, 0) for k, v in laid.items()}
+            result = _generate(model, expanded, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               return_dict_in_generate=True, output_logits=True,
+                               logits_processor=LogitsProcessorList(reason_processors(cfg, tokenizer) + [sampler]),
+                               **ids)
+            tokens = result.sequences
+            logprobs = _mean_logprobs(result.sequences, result.logits, tokenizer.eos_token_id,
+                                      tokenizer.pad_token_id).tolist()
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for row, (text, lp) in enumerate(zip(texts, logprobs)):
-            target = out[idx[row // n]]
-            _add(target, Candidate(clean_output(text), float(lp), greedy=draws[row % n] == 0))
+            _add(out[idx[row // n]], Candidate(clean_output(text), float(lp), greedy=draws[row % n] == 0))
     return out
 
 
