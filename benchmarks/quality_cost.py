@@ -16,8 +16,10 @@ are comparable; run it alone on the machine.
 Each (system, count) row is one look at the split; the file says how many looks were taken in all.
 
 Writes benchmarks/results/quality/cost.json (``--name cost``; {"systems": {NAME: {"records", "candidates",
-"seconds_per_reason", metrics..., "intervals": {...}, "vs_reference": {...}}}}) and cost.png (ROUGE-L and BLEU-4
-against seconds per reason).
+"seconds_per_reason", metrics..., "intervals": {...}, "vs_reference": {...}, "meets_bar": bool}}}), cost.md (the
+table) and cost.png (ROUGE-L and BLEU-4 against seconds per reason). A row meets the bar (the issue's "done when")
+when its BLEU-4 and ROUGE-L are inside the reference row's 95% interval or above it, and its USR is at least the
+reference's and its generic and ungrounded rates at most the reference's.
 """
 
 from __future__ import annotations
@@ -91,6 +93,39 @@ def measure(name: str, run: str, gen, counts: list[int], records_limit: int | No
 top_bootstrap = [1000]
 
 
+def meets_bar(row: dict, reference: dict) -> bool:
+    """Inside the reference's 95% interval or above on BLEU-4 and ROUGE-L, at least as good on USR, generic and
+    ungrounded rates."""
+    inside = all(row[m] >= reference["intervals"].get(m, [reference[m]])[0] for m in ("BLEU-4", "ROUGE-L"))
+    return (inside and row["USR"] >= reference["USR"] and row["Generic"] <= reference["Generic"]
+            and row["Ungrounded"] <= reference["Ungrounded"])
+
+
+def table(result: dict) -> str:
+    """The rows as a markdown table: intervals beside BLEU-4 and ROUGE-L, the paired difference to the reference."""
+    lines = [f"Reference row: {result['reference']} ({result['split']} split; seconds per reason timed on the first "
+             f"{result['timing_records']} records, side by side in one process).", "",
+             "| system | s / reason | BLEU-1 | BLEU-4 | ROUGE-L | USR | FMR | FCR | Generic | Ungrounded "
+             "| BLEU-4 vs ref. | ROUGE-L vs ref. | meets the bar |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def with_interval(row, m):
+        low, high = row["intervals"].get(m, [float("nan")] * 2)
+        return f"{row[m]:.2f} ({low:.2f}-{high:.2f})"
+
+    def diff(row, m):
+        d = row.get("vs_reference", {}).get(m)
+        return f"{d['diff']:+.2f} ({d['low']:+.2f} to {d['high']:+.2f})" if d else ""
+
+    for label, row in result["systems"].items():
+        timing = f"{row['seconds_per_reason']:.2f}" if row["seconds_per_reason"] else ""
+        lines.append(f"| {label} | {timing} | {row['BLEU-1']:.2f} | {with_interval(row, 'BLEU-4')} | "
+                     f"{with_interval(row, 'ROUGE-L')} | {row['USR']:.3f} | {row['FMR']:.3f} | {row['FCR']:.3f} | "
+                     f"{row['Generic']:.3f} | {row['Ungrounded']:.3f} | {diff(row, 'BLEU-4')} | "
+                     f"{diff(row, 'ROUGE-L')} | {'reference' if label == result['reference'] else 'yes' if row['meets_bar'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(systems: dict, path: Path) -> None:
     import matplotlib
 
@@ -161,11 +196,14 @@ def main() -> None:
         if label != reference and scorer.samples is not None:
             row["vs_reference"] = intervals_mod.paired_difference(scorer.sentence_scores[label],
                                                                   scorer.sentence_scores[reference], scorer.samples)
+    for label, row in systems.items():
+        row["meets_bar"] = label != reference and meets_bar(row, systems[reference])
     result = {"split": args.split, "configs": [str(c) for c in configs], "overrides": args.set,
               "reference": reference, "looks_at_test": len(systems) if args.split == "test" else 0, "timing_records": args.timing_records,
               "systems": systems}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / f"{args.name}.md").write_text(table(result))
     if all(row["seconds_per_reason"] for row in systems.values()):
         plot(systems, OUT / f"{args.name}.png")
     print(f"wrote {OUT / (args.name + '.json')} ({result['looks_at_test']} looks at the test split)")

@@ -26,6 +26,21 @@ def test_unpaired_difference_is_wider_than_either_interval_alone():
     assert high - low > 1.55 - 0.76 and high - low > 0.78
 
 
+def test_the_cost_tables_bar_is_the_issues_inside_the_interval_and_no_worse_on_the_rates():
+    import quality_cost
+
+    ref = {"BLEU-4": 1.2, "ROUGE-L": 17.4, "USR": 0.9, "Generic": 0.06, "Ungrounded": 0.18,
+           "intervals": {"BLEU-4": [0.8, 1.6], "ROUGE-L": [16.7, 18.1]}}
+    row = {"BLEU-4": 0.9, "ROUGE-L": 16.8, "USR": 0.9, "Generic": 0.05, "Ungrounded": 0.18}
+    assert quality_cost.meets_bar(row, ref)  # inside both intervals, rates equal or better
+    assert quality_cost.meets_bar({**row, "BLEU-4": 2.0, "ROUGE-L": 19.0}, ref)  # above the interval is fine
+    assert not quality_cost.meets_bar({**row, "BLEU-4": 0.7}, ref)
+    assert not quality_cost.meets_bar({**row, "ROUGE-L": 16.6}, ref)
+    assert not quality_cost.meets_bar({**row, "USR": 0.89}, ref)
+    assert not quality_cost.meets_bar({**row, "Generic": 0.07}, ref)
+    assert not quality_cost.meets_bar({**row, "Ungrounded": 0.19}, ref)
+
+
 def test_every_result_file_is_indexed_and_under_a_megabyte():
     # benchmarks/results/README.md names each benchmark's current result; caches and trials stay in run directories
     import re
