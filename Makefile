@@ -2,6 +2,7 @@
 #   make demo   set up .venv, then prepare -> train -> evaluate on the embedded model and the shared data
 #   make test   set up .venv, then run the test suite
 #   make full   the best configuration (configs/full.yaml) on the whole test split: long on a CPU
+#   make distill    the full run's candidate choice taught to one greedy decode, and quality against decoding cost
 #   make temporal   the same configuration checked on the latest reviews (a split by time): long on a CPU
 #   make tune       choose full.yaml's selection weights again from the full, demo and temporal runs
 VENV ?= .venv
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 
 FULL ?= runs/full
 
-.PHONY: install bench-deps demo full temporal tune music douban joint transfer domains test test-fast clean postgres-server chromium
+.PHONY: install bench-deps demo full distill temporal tune music douban joint transfer domains test test-fast clean postgres-server chromium
 
 # The store tests start a throwaway PostgreSQL server; install Debian's server programs when they are missing.
 postgres-server:
@@ -74,6 +75,16 @@ temporal: install
 	$(RECREASON) train $(TEMPORAL)/data --out $(TEMPORAL)/run --config $(CONFIG) --config configs/full.yaml && \
 	$(PY) benchmarks/quality.py --demo-run $(TEMPORAL)/demo --full-run $(TEMPORAL)/run --name temporal1 && \
 	echo "later-reviews check finished in $$(( $$(date +%s) - start )) s: benchmarks/results/quality/temporal1.md"
+
+# The full run's choice among its candidates taught to one greedy decode (needs `make full`; docs/results.md):
+# candidates decoded and chosen for configs/distill.yaml's training pairs, a second stage trained from the full run,
+# then reason quality against decoding cost on the whole test split (benchmarks/results/quality/cost.{json,md,png}):
+# the full run at 1-32 candidates, the distilled run at 1, 4 and 8.
+distill: install
+	$(RECREASON) distill --run $(FULL)/run --out $(FULL)/distilled --config $(CONFIG) --config configs/full.yaml \
+		--config configs/distill.yaml
+	$(PY) benchmarks/quality_cost.py --system "full run=$(FULL)/run" --system "distilled=$(FULL)/distilled@1,4,8" \
+		--candidates 1 4 8 16 32 --config $(CONFIG) --config configs/full.yaml
 
 # The selection weights of configs/full.yaml, chosen on validation records of seed 1 (with the demo run as the
 # grounding bar's reference) and of the split by time: needs `make demo`, `make full` and `make temporal` first.
