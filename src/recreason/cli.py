@@ -569,7 +569,7 @@ def _add_distill(sub, common) -> None:
                    help="chosen texts as targets | chosen and the reviews | DPO chosen vs lowest-scored "
                         "(default: distill.mode, chosen)")
     p.add_argument("--pairs", type=_bounded(int, 1, 10**12),
-                   help="training records to decode candidates for (default: distill.pairs, 2000)")
+                   help="training records to decode candidates for (default: distill.pairs, 500)")
     p.add_argument("--resume-or-start", action="store_true", dest="resume_or_start",
                    help="continue the second stage from OUT/last when it exists (decoded candidates are always kept)")
     p.set_defaults(func=cmd_distill)

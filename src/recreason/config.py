@@ -184,7 +184,7 @@ class DistillConfig:
     """`recreason distill`: a second training stage on the run's own chosen reasons (docs/design.md)."""
     mode: str = "chosen"  # chosen: the chosen candidate is the target | mixed: chosen and the reference, both |
     # preference: DPO, the chosen candidate against the lowest-scored one, from the run's weights as reference
-    pairs: int | None = 2000  # training records whose candidates are decoded (the cost); null: all of them
+    pairs: int | None = 500  # training records whose candidates are decoded (the cost); null: all of them
     validation_pairs: int = 64  # validation records decoded: early stopping measures their chosen texts' loss
     seed: int = 0  # which training and validation records are drawn
 
