@@ -37,12 +37,18 @@ METRICS = ("BLEU-1", "BLEU-4", "ROUGE-L", "USR", "FMR", "FCR", "Generic", "Ungro
 ROWS_PER_BATCH = 128
 
 
+def per_batch(gen, k: int):
+    """``gen`` at ``k`` candidates, its batches holding about :data:`ROWS_PER_BATCH` sequences (greedy decoding
+    of 4 prompts at a time, full.yaml's batch for 32 candidates, would take longer than the 32 candidates)."""
+    return replace(gen, candidates=k, batch_size=max(1, min(50, ROWS_PER_BATCH // k)))
+
+
 def seconds_per_reason(predictor, prompted, records, gen, k: int) -> float:
     """Decode ``records``' candidates afresh at count ``k`` (no cache) and choose: seconds per reason."""
     from recreason.generation.generate import generate_candidates
     from recreason.inference import candidates as cache
 
-    cfg = replace(gen, candidates=k, batch_size=max(1, min(50, ROWS_PER_BATCH // k)))
+    cfg = per_batch(gen, k)
     generic = predictor.generic_table(gen) if k > 1 else None  # measured once per run and kept: not a reason's cost
     start = time.perf_counter()
     for i in range(0, len(records), cfg.batch_size):
@@ -74,7 +80,7 @@ def measure(name: str, run: str, gen, counts: list[int], records_limit: int | No
         raise SystemExit(f"{run}: not the same test records as the first system's (same dataset and split needed)")
     rows = {}
     for k in counts:  # ascending: each count's cache reuses the smaller one's draws and decodes the rest
-        prompted, cands, _ = cache.decode(predictor, split, records, replace(top, candidates=k))
+        prompted, cands, _ = cache.decode(predictor, split, records, per_batch(top, k))
         if k == 1:
             texts = [c[0].text for c in cands]
         else:
