@@ -443,17 +443,16 @@ def generate_candidates(
     out: list[list[Candidate]] = [[] for _ in prompts]
     for idx, batch, extra in _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
         seeds = [None if j == 0 else prompt_seed(cfg.seed, prompts[i], j) for i in idx for j in draws]
-        expanded = {k: v.repeat_interleave(n, 0) for k, v in batch.items()}
-        ids = {k: v.repeat_interleave(n, 0) for k, v in extra.items()}
         lm = _shared_prefill_lm(model, extra) if shared_prefill and batch["input_ids"].shape[1] > 1 else None
         sampler = SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p, tokenizer.eos_token_id)
         if lm is not None and own_loop:  # one prefill per prompt, rows leave as they end
             tokens, logprobs = greedy_decode(lm, batch, cfg.max_new_tokens, _eos_ids(tokenizer),
                                              reason_processors(cfg, tokenizer) + [sampler], draws=n, scores=True)
         else:
+            ids = {k: v.repeat_interleave(n, 0) for k, v in extra.items()}
             if lm is not None and n > 1:  # the prompt's cache is computed once and copied to each of its draws
-                ids["cache"], laid = prefill(lm, batch, n)
-                expanded = {k: v.repeat_interleave(n, 0) for k, v in laid.items()}
+                ids["cache"], batch = prefill(lm, batch, n)
+            expanded = {k: v.repeat_interleave(n, 0) for k, v in batch.items()}
             result = _generate(model, expanded, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                return_dict_in_generate=True, output_logits=True,
