@@ -5,12 +5,19 @@
    so the reason cache never answers); reports reasons/s and p50/p95/p99 latency.
 2. Plain transformers: the same run's model (LoRA merged), fp32 and SDPA attention as `from_pretrained`
    gives them, `generate` one request at a time, same prompts and max_new_tokens, for `--seconds` seconds.
-3. llama.cpp (`llama-cpp-python`, when installed) on the embedded GGUF file, one stream.
+3. llama.cpp (`llama-cpp-python`, when installed) on the run's weights exported as f16 GGUF, one stream,
+   drawing as many candidates per reason as the server (the greedy text and ``generate.candidates - 1``
+   samples at the config's temperature and top-p; llama.cpp keeps the prompt's KV cache between the draws of
+   one prompt, so each reason costs it one prompt and K decodes, as it costs the server).
+
+``--config`` and ``--set`` reach the server as they reach ``recreason serve`` (e.g. ``--config configs/demo.yaml
+--config configs/full.yaml --set generate.candidates=4``); the FLOP bound then counts the prompt once and every
+candidate's tokens.
 
 Prints the ratios of the server's throughput to each reference. Every loop is bounded in time and count,
 and only loopback addresses are used.
 
-Usage: python benchmarks/serve_load.py --run runs/demo/run [--clients 16 --seconds 60]
+Usage: python benchmarks/serve_load.py --run runs/demo/run [--clients 16 --seconds 60] [--config F ...] [--set K=V ...]
 Results: benchmarks/results/serve_load.json
 """
 
@@ -40,12 +47,26 @@ def pairs_for(run_dir: str, n: int) -> list[tuple[str, str]]:
     return [(r.user, r.item) for r in test[:n]]
 
 
+def _config_args(args) -> list[str]:
+    """The server's --config and --set flags: the benchmark's, then its token limit."""
+    flags = [flag for path in args.config for flag in ("--config", path)]
+    flags += [flag for item in args.set for flag in ("--set", item)]
+    return flags + ["--set", f"generate.max_new_tokens={args.max_new_tokens}"]
+
+
+def _generate_config(args):
+    """The generate section the server runs with (the same --config and --set)."""
+    from recreason.config import load_config
+
+    return load_config(args.config or None, [*args.set, f"generate.max_new_tokens={args.max_new_tokens}"])["generate"]
+
+
 def load_server(args, pairs, extra: list[str] | None = None) -> dict:
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     Path(f"{args.tmp}/load.db").unlink(missing_ok=True)
     server, base = start_server(["--run", args.run, "--max-batch-size", str(args.clients), "--max-wait-ms", str(args.max_wait_ms),
                                  "--store", f"sqlite:///{args.tmp}/load.db",
-                                 "--set", f"generate.max_new_tokens={args.max_new_tokens}", *(extra or [])])
+                                 *_config_args(args), *(extra or [])])
     try:
         result = drive(base, pairs, args.clients, args.seconds)
         metrics = httpx.get(f"{base}/metrics").text
@@ -110,13 +131,12 @@ def precomputed_and_live(args, pairs) -> dict:
     reasons.unlink(missing_ok=True)
     start = time.monotonic()
     subprocess.run([sys.executable, "-m", "recreason.cli", "explain", "--run", args.run, "--pairs", str(pairs_file),
-                    "--out", str(reasons), "--quiet", "--set", f"generate.max_new_tokens={args.max_new_tokens}",
-                    "--set", "generate.batch_size=50"], check=True)
+                    "--out", str(reasons), "--quiet", *_config_args(args)], check=True)
     batch_seconds = time.monotonic() - start
     Path(f"{args.tmp}/load.db").unlink(missing_ok=True)
     server, base = start_server(["--run", args.run, "--max-batch-size", str(args.clients), "--max-wait-ms",
                                  str(args.max_wait_ms), "--store", f"sqlite:///{args.tmp}/load.db",
-                                 "--set", f"generate.max_new_tokens={args.max_new_tokens}", "--reasons", str(reasons)])
+                                 *_config_args(args), "--reasons", str(reasons)])
     try:
         from_store = drive(base, stored, args.clients, args.seconds, repeat=True, server_pid=server.pid)
         generated = drive(base, live, args.clients, args.seconds)
@@ -146,10 +166,12 @@ def plain_generate(args, pairs) -> dict:
 
 
 def _predictor(args):
-    from recreason.config import GenerateConfig
+    """The run's greedy predictor in fp32: prompts, token counts and the greedy texts llama.cpp's are compared with."""
+    from dataclasses import replace
+
     from recreason.inference import Predictor
 
-    return Predictor(args.run, GenerateConfig(precision="fp32", max_new_tokens=args.max_new_tokens))
+    return Predictor(args.run, replace(_generate_config(args), precision="fp32", candidates=1))
 
 
 def _prompt(predictor, user: str, item: str) -> str:
@@ -160,7 +182,10 @@ def _prompt(predictor, user: str, item: str) -> str:
 
 def llama_cpp(args, pairs) -> dict | None:
     """llama.cpp on the run's own fine-tuned weights, exported with `recreason export --format gguf` (f16),
-    single stream; also how many of its greedy reasons equal the Predictor's greedy reasons."""
+    single stream, drawing the server's number of candidates per reason (the greedy text, then samples seeded per
+    draw; the prompt's KV cache is kept between them, as llama-cpp-python does for a repeated prefix); also how
+    many of its greedy reasons equal the Predictor's greedy reasons. Choosing among the candidates is left out:
+    llama.cpp has no scorer, so its figure is a little generous."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -175,17 +200,25 @@ def llama_cpp(args, pairs) -> dict | None:
 
     # as many threads as torch uses (llama-cpp-python's default is half the cores)
     llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
-    texts, start = [], time.monotonic()
-    for user, item in pairs:
+    gen = _generate_config(args)
+    draws = max(1, gen.candidates)
+    texts, tokens, start = [], 0, time.monotonic()
+    for n, (user, item) in enumerate(pairs):
         if time.monotonic() - start > args.seconds:
             break
-        out = llm(_prompt(predictor, user, item), max_tokens=args.max_new_tokens, temperature=0.0)
+        prompt = _prompt(predictor, user, item)
+        out = llm(prompt, max_tokens=args.max_new_tokens, temperature=0.0)
         texts.append(out["choices"][0]["text"].strip().split("\n", 1)[0].strip())
+        tokens += out["usage"]["completion_tokens"]
+        for j in range(1, draws):
+            out = llm(prompt, max_tokens=args.max_new_tokens, temperature=gen.sample_temperature,
+                      top_p=gen.sample_top_p, top_k=0, seed=n * draws + j)
+            tokens += out["usage"]["completion_tokens"]
     seconds = time.monotonic() - start
     ours = [e.generated for e in predictor.explain(pairs[: len(texts)])]
     same = sum(a == b for a, b in zip(texts, ours))
-    return {"reasons_per_s": len(texts) / seconds, "requests": len(texts), "same_as_ours": same,
-            "threads": torch.get_num_threads(),
+    return {"reasons_per_s": len(texts) / seconds, "requests": len(texts), "candidates": draws,
+            "generated_tokens": tokens, "same_as_ours": same, "threads": torch.get_num_threads(),
             "note": "the run's fine-tuned weights exported as f16 GGUF; same-as-ours compares greedy texts"}
 
 
@@ -200,6 +233,11 @@ def main() -> None:
     parser.add_argument("--batching", nargs="+", choices=["whole", "continuous"], default=["whole"],
                         help="the server's batching modes to measure, one server run each (the first is compared "
                              "with the references)")
+    parser.add_argument("--config", action="append", default=[],
+                        help="config files for the server, as recreason serve takes them (e.g. configs/demo.yaml, "
+                             "then configs/full.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config override for the server, as recreason's --set (generate.candidates=4)")
     parser.add_argument("--tmp", default="/tmp/recreason-load")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_load.json"))
     parser.add_argument("--precomputed", type=int, default=0,

@@ -365,6 +365,35 @@ def test_continuous_batching_answers_what_whole_batches_answer(served):
         ExplanationService(run, store_url=f"sqlite:///{run}/bad.db", serve_cfg=ServeConfig(batching="streaming"))
 
 
+def test_served_token_count_holds_every_candidate(served):
+    """With generate.candidates > 1 the server's token count (recreason_generated_tokens_total, which
+    benchmarks/serve_load.py turns into FLOP per reason) is every draw's tokens, not only the chosen text's."""
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import generate_candidates
+    from recreason.inference import Request
+    from recreason.serving.service import ExplanationService
+
+    _, whole, run = served
+    users = list(whole.predictor.prompter.user_profiles)[:2]
+    items = list(whole.predictor.prompter.item_profiles)[:1]
+    pairs = [(u, i) for u in users for i in items]
+    cfg = GenerateConfig(max_new_tokens=6, precision="fp32", candidates=4, min_new_tokens=3)
+    service = ExplanationService(run, store_url=f"sqlite:///{run}/candidates.db", gen_cfg=cfg)
+    try:
+        service.explain([{"user_id": u, "item_id": i} for u, i in pairs])
+        p = service.predictor
+        prompts = [p.prompt(Request(u, i)).prompt for u, i in pairs]
+        drawn = generate_candidates(p.model, p.tokenizer, prompts, p.gen_cfg, progress=False,
+                                    users=users, items=items * len(users))
+        assert [sum(c.count for c in cands) for cands in drawn] == [4, 4]
+        every = sum(p._tokens(c.text) * c.count for cands in drawn for c in cands)
+        longest = sum(max(p._tokens(c.text) for c in cands) for cands in drawn)
+        assert every > longest > 0
+        assert service.stats["generated_tokens"] == every
+    finally:
+        service.close()
+
+
 def test_a_failed_decoding_step_fails_its_requests_and_the_batcher_goes_on():
     """When a step of the continuous decoder raises, every request it held gets that error (the server answers
     500 for them, not a hang), and the next requests are decoded; keys it does not take go through fn whole."""

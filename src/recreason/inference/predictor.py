@@ -129,6 +129,7 @@ class Predictor:
         self.matcher = FeatureMatcher(self.vocabulary)
         self.checker = ReasonChecker(self.vocabulary)
         self._generic: tuple[str, collections.Counter] | None = None
+        self.decoded_tokens = 0  # tokens :meth:`generate` has written, every candidate's (a server's cost count)
         self._model_tag: str | None = None
         ranker_dir = self.run.paths.ranker
         self.ranker = Ranker.load(ranker_dir) if Ranker.exists(ranker_dir) else None
@@ -240,11 +241,18 @@ class Predictor:
                     items=[p.request.item for p in prompted])
         prompts = [p.prompt for p in prompted]
         if cfg.candidates <= 1 or self.system != "fine-tuned":
-            return generate_texts(self.model, self.tokenizer, prompts, cfg, **args)
+            texts = generate_texts(self.model, self.tokenizer, prompts, cfg, **args)
+            self.decoded_tokens += sum(self._tokens(t) for t in texts)
+            return texts
         generic = self.generic_table(cfg)
         candidates = generate_candidates(self.model, self.tokenizer, prompts, cfg, **args)
+        self.decoded_tokens += sum(self._tokens(c.text) * c.count for cands in candidates for c in cands)
         return [choose(c, set(p.known_features), p.user_features, generic, cfg, self.matcher).text
                 for p, c in zip(prompted, candidates)]
+
+    def _tokens(self, text: str) -> int:
+        """How many tokens a generated text took (its end-of-text token left out)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def generic_table(self, cfg: GenerateConfig) -> collections.Counter:
         """How often the run's greedy reason is each sentence, on ``cfg.generic_records`` validation records:

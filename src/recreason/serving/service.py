@@ -129,8 +129,9 @@ class ExplanationService:
         return clean_output(self.predictor.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def _generate_batch(self, key, prompted: list[Prompted]) -> list[str]:
+        before = self.predictor.decoded_tokens  # one batch at a time: the batcher's thread is the only caller
         texts = self.predictor.generate(prompted, dict(key))
-        self.stats["generated_tokens"] += sum(len(self.predictor.tokenizer(t)["input_ids"]) for t in texts)
+        self.stats["generated_tokens"] += self.predictor.decoded_tokens - before  # every candidate's tokens
         return texts
 
     def options(self, requested: dict[str, Any] | None) -> dict[str, Any]:
