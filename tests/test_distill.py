@@ -76,6 +76,20 @@ def test_distill_trains_from_the_runs_weights_on_the_texts_it_chooses(distilled)
     assert Predictor(out, gen).explain([(mine[0].user, mine[0].item)])[0].generated.strip()
 
 
+def test_the_teachers_candidate_count_is_distills_own(tiny_run, tmp_path):
+    """distill.candidates, when set, is the count the teacher chooses among, whatever generate.candidates serves."""
+    from recreason.config import load_config
+    from recreason.errors import ConfigError
+    from recreason.jobs.distill import distill
+
+    config = tmp_path / "distill.yaml"
+    config.write_text(DECODE + SCHEDULE + "  candidates: 1\n")
+    assert load_config([config])["generate"].candidates == 3
+    with pytest.raises(ConfigError, match="distill.candidates"):
+        distill(tiny_run[0], tmp_path / "out", load_config([config]), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_mixed_trains_on_chosen_texts_and_reviews_and_preference_on_pairs(distilled):
     from recreason.cli import main
     from recreason.rundir import RunPaths

@@ -286,9 +286,10 @@ def cmd_tune(args) -> int:
 
 def cmd_distill(args) -> int:
     """Teach a run to write in one greedy decode the reason it would choose among its candidates: decode
-    generate.candidates candidates for distill.pairs training records (kept in RUN/candidates/, resumable), choose
-    with generate's selection weights, and train a second stage from RUN's weights into --out (distill.mode:
-    chosen | mixed | preference). --out is a run like any other: evaluate, serve and export take it."""
+    distill.candidates (default generate.candidates) candidates for distill.pairs training records (kept in
+    RUN/candidates/, resumable), choose with generate's selection weights, and train a second stage from RUN's
+    weights into --out (distill.mode: chosen | mixed | preference). --out is a run like any other: evaluate, serve
+    and export take it."""
     from recreason.jobs.distill import distill
 
     config = _config(args, {"distill.mode": args.mode, "distill.pairs": args.pairs})

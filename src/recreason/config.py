@@ -187,6 +187,7 @@ class DistillConfig:
     pairs: int | None = 500  # training records whose candidates are decoded (the cost); null: all of them
     validation_pairs: int = 64  # validation records decoded: early stopping measures their chosen texts' loss
     seed: int = 0  # which training and validation records are drawn
+    candidates: int | None = None  # the teacher's candidates per pair (null: generate.candidates)
 
 
 @dataclass

@@ -3,7 +3,7 @@ choose among many candidates (MBR/QE fine-tuning, Finkelstein et al. 2023; DPO, 
 
 ``distill(RUN, OUT, config)``:
 
-1. decodes ``generate.candidates`` candidates for ``distill.pairs`` training records and ``distill.validation_pairs``
+1. decodes ``distill.candidates`` (null: ``generate.candidates``) candidates for ``distill.pairs`` training records and ``distill.validation_pairs``
    validation records of the run's split (kept in RUN/candidates/, resumable, as ``recreason tune`` keeps them:
    the validation records are the last ones of the split, the same ones tuning decodes);
 2. chooses among them with the selection score and weights of ``generate`` (the score the run ships:
@@ -75,10 +75,11 @@ def student_config(run: Run, train_cfg):
 def distill(run_dir: str | Path, out_dir: str | Path, config: dict, progress: bool = True,
             resume: bool | str = False) -> dict:
     """Decode, choose and train (module docstring); returns OUT/distill/summary.json's content."""
-    gen, dcfg = config["generate"], config["distill"]
+    dcfg = config["distill"]
+    gen = dataclasses.replace(config["generate"], candidates=dcfg.candidates or config["generate"].candidates)
     if gen.candidates < 2:
-        raise ConfigError("distill chooses among candidates: set generate.candidates to 2 or more "
-                          "(configs/full.yaml decodes 32)")
+        raise ConfigError("distill chooses among candidates: set distill.candidates (or generate.candidates) to 2 "
+                          "or more (configs/distill.yaml decodes 32)")
     out = RunPaths(out_dir)
     if Path(out_dir).resolve() == Path(run_dir).resolve():
         raise ConfigError("--out must be a new run directory, not the run being distilled")
