@@ -1,6 +1,6 @@
 """Greedy decoding on CPU, step by step from transformers' generate to what recreason ships, side by side.
 
-One run's model is loaded once; the same test prompts are decoded greedily in batches under four settings,
+One run's model is loaded once; the same test prompts are decoded greedily in batches under five settings,
 each adding one change to the one before:
 
 1. baseline: transformers' ``generate`` (with the prompts' shared header prefilled once, as before), eager
@@ -8,9 +8,11 @@ each adding one change to the one before:
 2. + own loop: ``recreason.generation.generate.greedy_decode`` (finished rows leave the batch, logits of the
    last position only);
 3. + small products the other way round: ``recreason.models.registry.transposed_small_products``;
-4. + grouped attention: ``recreason.models.registry.use_grouped_attention`` (what ``Predictor`` uses on CPU).
+4. + grouped attention: ``recreason.models.registry.use_grouped_attention`` (what ``Predictor`` uses on CPU);
+5. + shared prompt cache: each prompt's KV cache kept once for all of its rows
+   (``recreason.models.registry.SharedPrefix``, ``greedy_decode(shared_prefix=True)``; shipped).
 
-With ``--candidates K`` the same four settings also decode K candidates for each of the first
+With ``--candidates K`` the same five settings also decode K candidates for each of the first
 ``--candidate-prompts`` prompts (``generate_candidates``: the greedy text and K - 1 seeded samples, one prefill
 per prompt; from setting 2 on in the own loop, where a draw that has ended leaves the batch), in batches of
 ``--candidate-batch``.
@@ -37,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("baseline: generate, eager, F.linear", "+ own loop", "+ small products the other way round",
-            "+ grouped attention (shipped)")
+            "+ grouped attention", "+ shared prompt cache (shipped)")
 
 
 def apply(lm, setting: int) -> None:
@@ -93,9 +95,11 @@ def main() -> None:
     for _ in range(args.rounds):
         for setting in range(len(SETTINGS)):
             apply(lm, setting)
-            generate_texts(model, tok, prompts[: args.batch_size], cfg, progress=False, own_loop=setting >= 1)  # warm
+            generate_texts(model, tok, prompts[: args.batch_size], cfg, progress=False, own_loop=setting >= 1,
+                           shared_prefix=setting >= 4)  # warm
             start = time.perf_counter()
-            texts[setting] = generate_texts(model, tok, prompts, cfg, progress=False, own_loop=setting >= 1)
+            texts[setting] = generate_texts(model, tok, prompts, cfg, progress=False, own_loop=setting >= 1,
+                                            shared_prefix=setting >= 4)
             seconds = time.perf_counter() - start
             best[setting] = min(best.get(setting, seconds), seconds)
             print(f"{SETTINGS[setting]}: {len(prompts) / seconds:.2f} reasons/s", flush=True)
@@ -128,18 +132,23 @@ def time_candidates(args, predictor, prompts) -> dict:
             apply(lm, setting)
             start = time.perf_counter()
             out = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False,
-                                      own_loop=setting >= 1)
+                                      own_loop=setting >= 1, shared_prefix=setting >= 4)
             seconds = (time.perf_counter() - start) / len(prompts)
             best[setting] = min(best.get(setting, seconds), seconds)
             texts[setting] = [[c.text for c in row] for row in out]
             print(f"{args.candidates} candidates, {SETTINGS[setting]}: {seconds:.2f} s a reason", flush=True)
     rows = {}
     for setting, name in enumerate(SETTINGS):
+        drawn = [text for row in texts[setting] for text in row]
         rows[name] = {"s_per_reason": best[setting], "ratio_to_baseline": best[0] / best[setting],
-                      "prompts_with_baseline_candidates": sum(a == b for a, b in zip(texts[setting], texts[0]))}
+                      "prompts_with_baseline_candidates": sum(a == b for a, b in zip(texts[setting], texts[0])),
+                      "candidates_as_baseline": sum(text in set(base) for row, base in zip(texts[setting], texts[0])
+                                                    for text in row),
+                      "candidates": len(drawn)}
         print(f"{args.candidates} candidates, {name:40s} {best[setting]:5.2f} s a reason  "
               f"{best[0] / best[setting]:.2f}x  {rows[name]['prompts_with_baseline_candidates']}/{len(prompts)} "
-              "prompts with the baseline's candidates")
+              f"prompts with the baseline's candidates ({rows[name]['candidates_as_baseline']}/{len(drawn)} texts "
+              "among the baseline's)")
     return {"candidates": args.candidates, "prompts": len(prompts), "settings": rows}
 
 

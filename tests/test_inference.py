@@ -301,14 +301,52 @@ def test_nucleus_from_the_top_k_tokens_is_the_nucleus_of_a_full_sort():
     assert nucleus_drop(logits, 0.85, k=2).tolist() == [[False, False, False, True], [True, False, False, False]]
 
     def by_sort(x, top_p):
-        probs, order = torch.softmax(x, -1).sort(-1, descending=True)
+        probs, order = torch.softmax(x, -1).sort(dim=-1, descending=True, stable=True)
         return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs > top_p)
 
     torch.manual_seed(0)
+    straddled = 0
     for scale in (0.5, 3.0, 10.0):  # flat rows overrun k and fall back to the sort; bf16 scores tie often
         x = (torch.randn(32, 3000) * scale).to(torch.bfloat16).float()
         for top_p in (0.5, 0.95):
-            assert torch.equal(nucleus_drop(x, top_p, k=32), by_sort(x, top_p))
+            drop, reference = nucleus_drop(x, top_p, k=32), by_sort(x, top_p)
+            assert torch.equal(drop, reference)
+            assert torch.equal(nucleus_drop(x, top_p), reference)  # the top 64, then the top 1,024, then the sort
+            probs = torch.softmax(x, -1)  # rows whose nucleus ends inside a run of equal probabilities
+            last = probs.masked_fill(reference, 2.0).min(-1, keepdim=True).values
+            straddled += int(((probs == last) & reference).any(-1).sum())
+    assert straddled > 10  # the tie rule was exercised, not only the sort
+
+
+def test_seeded_samples_are_gumbel_max_over_the_whole_nucleus():
+    """SeededSampler adds noise only where the nucleus keeps a token; its samples are the Gumbel-max samples with
+    noise drawn for every token (each row's stream advancing by the vocabulary each step), banned tokens never."""
+    import torch
+
+    from recreason.generation.generate import SeededSampler, nucleus_drop
+
+    torch.manual_seed(0)
+    seeds, vocab, temperature, top_p = [None, 11, 12, 13], 500, 0.8, 0.9
+    sampler = SeededSampler(seeds, temperature, top_p)
+    streams = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+    ids = torch.zeros(len(seeds), 3, dtype=torch.long)
+    picked = set()
+    for _ in range(20):
+        scores = (torch.randn(len(seeds), vocab) * 2).to(torch.bfloat16).float()  # ties, as bf16 scores have
+        scores[:, :5] = float("-inf")  # banned by an earlier processor
+        expected = []
+        for row, stream in enumerate(streams):
+            if stream is None:
+                expected.append(int(scores[row].argmax()))
+                continue
+            x = scores[row : row + 1] / temperature
+            x = x.masked_fill(nucleus_drop(x, top_p), float("-inf"))
+            u = torch.rand(vocab, generator=stream).clamp_(1e-10, 1 - 1e-10)
+            expected.append(int((x - torch.log(-torch.log(u))).argmax()))
+        chosen = sampler(ids, scores.clone()).argmax(-1).tolist()
+        assert chosen == expected and min(chosen) >= 5
+        picked.update(chosen[1:])
+    assert len(picked) > 20  # samples, not the argmax every time
 
 
 def test_no_repeat_bans_only_the_reasons_own_ngrams():
@@ -600,3 +638,87 @@ def test_candidates_decoded_in_the_own_loop_are_generates_and_ended_draws_leave(
         pytest.approx([c.logprob for cands in theirs for c in cands], abs=1e-4)
     assert sum(c.count for c in ours[0]) == 6
     assert steps[0] == 12 and min(steps) < 12  # two prompts x six draws, fewer once some have ended
+
+
+def test_draws_attend_to_one_copy_of_their_prompts_cache(tiny_run, monkeypatch):
+    """greedy_decode's shared prefix (cascade attention): the draws of a prompt attend to one copy of its KV cache
+    and write the tokens and likelihoods they write from a copy each; the model's own cache never holds a prompt,
+    and a prompt whose draws have all ended leaves the shared cache."""
+    import torch
+
+    from recreason.config import GenerateConfig
+    from recreason.generation import generate as g
+    from recreason.inference import Predictor, Request
+    from recreason.models.registry import SharedPrefix
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=8, precision="fp32"))
+    tok = predictor.tokenizer
+    records = predictor.dataset.subset(1, "test")[:3]
+    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    cfg = GenerateConfig(max_new_tokens=8, precision="fp32", candidates=5, batch_size=3, sample_temperature=1.0,
+                         sample_top_p=1.0)
+    idx, batch, extra = next(iter(g._batches(predictor.model, tok, prompts, cfg, None, None, False, "")))
+    lm = g._shared_prefill_lm(predictor.model, extra)
+    head = lm.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[tok.eos_token_id] = 11.0  # draws end (end-of-text sampled) at different steps
+    monkeypatch.setattr(head, "bias", torch.nn.Parameter(bias, requires_grad=False))
+    prompts_left, own_tokens = [], []
+    select, attend = SharedPrefix.select, SharedPrefix.attend
+
+    def counting_select(self, keep):
+        select(self, keep)
+        prompts_left.append(self.keys[0].shape[0])
+
+    def counting_attend(self, layer, query, key, value, scaling):
+        own_tokens.append(key.shape[2])
+        return attend(self, layer, query, key, value, scaling)
+
+    monkeypatch.setattr(SharedPrefix, "select", counting_select)
+    monkeypatch.setattr(SharedPrefix, "attend", counting_attend)
+
+    def decode(shared: bool):
+        seeds = [None if j == 0 else g.prompt_seed(cfg.seed, prompts[i], j) for i in idx for j in range(5)]
+        sampler = g.SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p, tok.eos_token_id)
+        with torch.no_grad():
+            return g.greedy_decode(lm, batch, 8, g._eos_ids(tok), g.reason_processors(cfg, tok) + [sampler], draws=5,
+                                   scores=True, shared_prefix=shared)
+
+    copies = decode(False)
+    assert not own_tokens  # the baseline never attends through the shared prefix
+    shared = decode(True)
+    assert shared[0] == copies[0] and len({len(t) for t in shared[0]}) > 1
+    assert shared[1] == pytest.approx(copies[1], abs=1e-5)
+    prompt_length = int(batch["attention_mask"].sum(1).min())
+    assert own_tokens and max(own_tokens) <= 8 < prompt_length
+    assert min(prompts_left) < 3, [len(t) for t in shared[0]]
+
+
+def test_shared_prefix_attention_is_attention_over_each_rows_whole_cache():
+    """SharedPrefix.attend, after rows and a whole prompt in the middle have left, gives every row and query head
+    eager attention over its prompt's tokens (padding masked) followed by its own tokens."""
+    import torch
+
+    from recreason.models.registry import SharedPrefix
+
+    torch.manual_seed(0)
+    prompts, draws, kv_heads, group, d, length, own = 3, 4, 3, 3, 8, 7, 2
+    keys, values = [torch.randn(prompts, kv_heads, length, d)], [torch.randn(prompts, kv_heads, length, d)]
+    mask = torch.ones(prompts, length)
+    mask[2, :3] = 0  # the last prompt is shorter: left padding
+    shared = SharedPrefix(keys, values, mask, torch.arange(prompts).repeat_interleave(draws))
+    keep = torch.tensor([0, 2, 3, 9, 10])  # prompt 1's rows have all ended; prompts 0 and 2 keep some
+    shared.select(keep)
+    assert shared.keys[0].shape[0] == 2
+    q = torch.randn(len(keep), kv_heads * group, 1, d)
+    k, v = torch.randn(len(keep), kv_heads, own, d), torch.randn(len(keep), kv_heads, own, d)
+    out, _ = shared.attend(0, q, k, v, 0.125)
+    assert out.shape == (len(keep), 1, kv_heads * group, d)
+    for r, row in enumerate(keep.tolist()):
+        p = row // draws
+        bias = torch.cat([(1 - mask[p]) * torch.finfo(torch.float32).min, torch.zeros(own)])
+        for h in range(kv_heads * group):
+            whole_k = torch.cat([keys[0][p, h // group], k[r, h // group]])
+            whole_v = torch.cat([values[0][p, h // group], v[r, h // group]])
+            weights = torch.softmax(q[r, h, 0] @ whole_k.T * 0.125 + bias, -1)
+            assert torch.allclose(out[r, 0, h], weights @ whole_v, atol=1e-5)

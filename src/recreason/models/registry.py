@@ -21,6 +21,7 @@ which can be trained and saved like any other model.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import importlib
 import importlib.util
@@ -258,6 +259,9 @@ def grouped_attention(module, query, key, value, attention_mask, scaling: float,
     matrix against their shared key/value head instead. The same products and softmax as eager attention."""
     import torch
 
+    shared = SHARED_PREFIX.get()
+    if shared is not None and query.shape[2] == 1:
+        return shared.attend(module.layer_idx, query, key, value, scaling)
     b, heads, q, d = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -270,6 +274,83 @@ def grouped_attention(module, query, key, value, attention_mask, scaling: float,
         weights = torch.nn.functional.dropout(weights, p=dropout)
     out = torch.matmul(weights.view(b, kv_heads, group * q, -1), value).view(b, heads, q, d)
     return out.transpose(1, 2).contiguous(), weights.view(b, heads, q, -1)
+
+
+class SharedPrefix:
+    """Each prompt's KV cache kept once for all of its rows while they decode (cascade attention).
+
+    Candidates of one prompt (greedy + samples) share every prompt token; copying the prompt's cache to each of
+    them (``batch_repeat_interleave``) and letting the cache grow by concatenation made each decoding step read and
+    write 32 copies of a 150-token prompt's cache per layer. Here the prompts' cache (``keys``/``values`` per layer,
+    [prompts, kv heads, prompt length, head dim]) stays as prefilled, and the model's own cache holds only each
+    row's own tokens (its last prompt token and what it wrote). A step's query meets the prompt part as one product
+    per prompt and key/value head, for all of that prompt's rows and query heads together (rows laid out per prompt,
+    padded to the prompt with the most rows still decoding), and its own tokens row by row; one softmax over both, as
+    eager attention computes it over the whole cache. ``mask`` [prompts, prompt length] is 1 on the prompts' tokens,
+    0 on padding; ``owner`` gives each row's prompt (rows prompt-major). :func:`grouped_attention` hands single-token
+    queries to :meth:`attend` while :data:`SHARED_PREFIX` holds one (``recreason.generation.generate.greedy_decode``
+    sets it for its decoding loop)."""
+
+    def __init__(self, keys: list, values: list, mask, owner):
+        import torch
+
+        self.keys, self.values = keys, values
+        dtype = keys[0].dtype
+        self.bias = (1.0 - mask.to(dtype)) * torch.finfo(dtype).min  # [prompts, prompt length], added to scores
+        self.owner = owner
+        self._layout()
+
+    def _layout(self) -> None:
+        import torch
+
+        counts = torch.bincount(self.owner, minlength=self.keys[0].shape[0])
+        self.width = int(counts.max())
+        first = torch.cumsum(counts, 0) - counts
+        self.slot = torch.arange(len(self.owner)) - first[self.owner]
+
+    def select(self, keep) -> None:
+        """Keep rows ``keep`` (in order); prompts none of whose rows remain leave the prefix."""
+        import torch
+
+        owner = self.owner[keep]
+        alive = torch.unique(owner)
+        if len(alive) < self.keys[0].shape[0]:
+            self.keys = [k[alive] for k in self.keys]
+            self.values = [v[alive] for v in self.values]
+            self.bias = self.bias[alive]
+            owner = torch.searchsorted(alive, owner)
+        self.owner = owner
+        self._layout()
+
+    def attend(self, layer: int, query, key, value, scaling: float):
+        import torch
+
+        rows, heads, _, d = query.shape
+        kv_heads = key.shape[1]
+        group = heads // kv_heads
+        pk, pv = self.keys[layer], self.values[layer]
+        prompts, length = pk.shape[0], pk.shape[2]
+        width, owner, slot = self.width, self.owner, self.slot
+        q = query.view(rows, kv_heads, group, d)
+        padded = q.new_zeros(prompts, width, kv_heads, group, d)
+        padded[owner, slot] = q
+        padded = padded.permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, width * group, d)
+        on_prompt = torch.matmul(padded, pk.transpose(2, 3)) * scaling + self.bias[:, None, None, :]
+        on_prompt = on_prompt.view(prompts, kv_heads, width, group, length).permute(0, 2, 1, 3, 4)[owner, slot]
+        on_own = torch.matmul(q, key.transpose(2, 3)) * scaling  # [rows, kv heads, group, own tokens]
+        weights = torch.softmax(torch.cat([on_prompt, on_own], -1), dim=-1, dtype=torch.float32).to(query.dtype)
+        # the two halves of the weighted sum in fp32, rounded once as eager attention's one product is (in bf16 a
+        # rounding per half changed a third of greedy texts); the operands are small
+        spread = weights.new_zeros(prompts, width, kv_heads, group, length, dtype=torch.float32)
+        spread[owner, slot] = weights[..., :length].float()
+        spread = spread.permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, width * group, length)
+        out = torch.matmul(spread, pv.float()).view(prompts, kv_heads, width, group, d).permute(0, 2, 1, 3, 4)
+        out = out[owner, slot] + torch.matmul(weights[..., length:].float(), value.float())
+        return out.to(query.dtype).reshape(rows, 1, heads, d), None
+
+
+# the SharedPrefix of the decoding loop under way in this context, if any
+SHARED_PREFIX = contextvars.ContextVar("recreason_shared_prefix", default=None)
 
 
 GROUPED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # plain eager attention: no soft-capping, no sinks
