@@ -79,12 +79,14 @@ temporal: install
 # The full run's choice among its candidates taught to one greedy decode (needs `make full`; docs/results.md):
 # candidates decoded and chosen for configs/distill.yaml's training pairs, a second stage trained from the full run,
 # then reason quality against decoding cost on the whole test split (benchmarks/results/quality/cost.{json,md,png}):
-# the full run at 1-32 candidates, the distilled run at 1 and 4. About 1 1/4 hours on 2 cores with AVX-512 BF16.
+# the full run at 1-32 candidates, the distilled run at 1, 4 and 8. About 1 1/4 hours on 2 cores with AVX-512 BF16.
+# The later-reviews split: make distill FULL=runs/temporal COST=cost-temporal1 (after make temporal).
+COST ?= cost
 distill: install
 	$(RECREASON) distill --run $(FULL)/run --out $(FULL)/distilled --config $(CONFIG) --config configs/full.yaml \
 		--config configs/distill.yaml
-	$(PY) benchmarks/quality_cost.py --system "full run=$(FULL)/run" --system "distilled=$(FULL)/distilled@1,4" \
-		--candidates 1 4 8 16 32 --config $(CONFIG) --config configs/full.yaml
+	$(PY) benchmarks/quality_cost.py --system "full run=$(FULL)/run" --system "distilled=$(FULL)/distilled@1,4,8" \
+		--candidates 1 4 8 16 32 --config $(CONFIG) --config configs/full.yaml --name $(COST)
 
 # The selection weights of configs/full.yaml, chosen on validation records of seed 1 (with the demo run as the
 # grounding bar's reference) and of the split by time: needs `make demo`, `make full` and `make temporal` first.
