@@ -600,6 +600,16 @@ def test_the_continuous_decoder_gives_each_prompt_its_own_greedy_tokens_whenever
     assert max(widths) <= max(map(len, prompts)) + max(limits)
 
 
+def _tiny_prompts(tiny_run, n: int):
+    """The tiny run's fp32 predictor and the prompts of its first ``n`` test records."""
+    from recreason.config import GenerateConfig
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=8, precision="fp32"))
+    records = predictor.dataset.subset(1, "test")[:n]
+    return predictor, [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+
+
 def test_candidates_decoded_in_the_own_loop_are_generates_and_ended_draws_leave(tiny_run):
     """generate_candidates' own loop (one prefill per prompt, a draw that has ended leaves the batch) writes the
     candidates, counts and likelihoods that transformers' generate writes with the same seeded sampler; the rows
@@ -608,12 +618,9 @@ def test_candidates_decoded_in_the_own_loop_are_generates_and_ended_draws_leave(
 
     from recreason.config import GenerateConfig
     from recreason.generation.generate import generate_candidates
-    from recreason.inference import Predictor, Request
 
-    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=8, precision="fp32"))
+    predictor, prompts = _tiny_prompts(tiny_run, 4)
     tok = predictor.tokenizer
-    records = predictor.dataset.subset(1, "test")[:4]
-    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
     # a high temperature over the tiny model's scores: draws end (end-of-text sampled) at different steps
     cfg = GenerateConfig(max_new_tokens=8, precision="fp32", candidates=6, batch_size=2, sample_temperature=50.0,
                          sample_top_p=1.0)
@@ -648,13 +655,10 @@ def test_draws_attend_to_one_copy_of_their_prompts_cache(tiny_run, monkeypatch):
 
     from recreason.config import GenerateConfig
     from recreason.generation import generate as g
-    from recreason.inference import Predictor, Request
     from recreason.models.registry import SharedPrefix
 
-    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=8, precision="fp32"))
+    predictor, prompts = _tiny_prompts(tiny_run, 3)
     tok = predictor.tokenizer
-    records = predictor.dataset.subset(1, "test")[:3]
-    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
     cfg = GenerateConfig(max_new_tokens=8, precision="fp32", candidates=5, batch_size=3, sample_temperature=1.0,
                          sample_top_p=1.0)
     idx, batch, extra = next(iter(g._batches(predictor.model, tok, prompts, cfg, None, None, False, "")))
