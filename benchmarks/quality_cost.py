@@ -137,6 +137,7 @@ def plot(systems: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, metric in zip(axes, ("ROUGE-L", "BLEU-4")):
@@ -150,6 +151,9 @@ def plot(systems: dict, path: Path) -> None:
                 ax.annotate(str(r["candidates"]), (r["seconds_per_reason"], r[metric]), textcoords="offset points",
                             xytext=(3, 3), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))  # plain seconds, not 2x10^-1
+        ax.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("seconds of CPU per reason (log)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
