@@ -386,8 +386,8 @@ def test_served_token_count_holds_every_candidate(served):
         drawn = generate_candidates(p.model, p.tokenizer, prompts, p.gen_cfg, progress=False,
                                     users=users, items=items * len(users))
         assert [sum(c.count for c in cands) for cands in drawn] == [4, 4]
-        every = sum(p._tokens(c.text) * c.count for cands in drawn for c in cands)
-        longest = sum(max(p._tokens(c.text) for c in cands) for cands in drawn)
+        every = sum(p._tokens([c.text]) * c.count for cands in drawn for c in cands)
+        longest = sum(max(p._tokens([c.text]) for c in cands) for cands in drawn)
         assert every > longest > 0
         assert service.stats["generated_tokens"] == every
     finally:

@@ -242,17 +242,22 @@ class Predictor:
         prompts = [p.prompt for p in prompted]
         if cfg.candidates <= 1 or self.system != "fine-tuned":
             texts = generate_texts(self.model, self.tokenizer, prompts, cfg, **args)
-            self.decoded_tokens += sum(self._tokens(t) for t in texts)
+            self.decoded_tokens += self._tokens(texts)
             return texts
         generic = self.generic_table(cfg)
         candidates = generate_candidates(self.model, self.tokenizer, prompts, cfg, **args)
-        self.decoded_tokens += sum(self._tokens(c.text) * c.count for cands in candidates for c in cands)
+        drawn = [c for cands in candidates for c in cands]
+        self.decoded_tokens += self._tokens([c.text for c in drawn], [c.count for c in drawn])
         return [choose(c, set(p.known_features), p.user_features, generic, cfg, self.matcher).text
                 for p, c in zip(prompted, candidates)]
 
-    def _tokens(self, text: str) -> int:
-        """How many tokens a generated text took (its end-of-text token left out)."""
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _tokens(self, texts: list[str], counts: list[int] | None = None) -> int:
+        """How many tokens generated texts took (end-of-text tokens left out), each ``counts`` times; one batched
+        tokenizer call."""
+        if not texts:
+            return 0
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return sum(len(row) * (1 if counts is None else n) for row, n in zip(ids, counts or [1] * len(ids)))
 
     def generic_table(self, cfg: GenerateConfig) -> collections.Counter:
         """How often the run's greedy reason is each sentence, on ``cfg.generic_records`` validation records:
