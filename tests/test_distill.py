@@ -107,6 +107,14 @@ def test_mixed_trains_on_chosen_texts_and_reviews_and_preference_on_pairs(distil
     assert summary["preference_pairs"] == sum(r["chosen"] != r["rejected"] for r in rows)
     log = [json.loads(x) for x in RunPaths(pref).train_log.read_text().splitlines()]
     assert len(log) == 2 and all(math.isfinite(e["validation_loss"]) for e in log)
+    # against the greedy text: pairs only where the choice was not the greedy text, and that text is the rejected one
+    against_greedy = tmp_path / "against-greedy"
+    assert main(["distill", "--run", str(run), "--out", str(against_greedy), "--config", str(config), "--mode",
+                 "preference", "--set", "distill.rejected=greedy", "--quiet"]) == 0
+    rows = [json.loads(x) for x in (RunPaths(against_greedy).distill_targets).read_text().splitlines()]
+    summary = json.loads((RunPaths(against_greedy).distill_summary).read_text())
+    assert all(r["rejected"] == r["greedy"] for r in rows) and summary["rejected"] == "greedy"
+    assert 0 < summary["preference_pairs"] == sum(r["chosen"] != r["greedy"] for r in rows)
 
 
 def test_the_preference_loss_starts_at_log_two_and_prefers_chosen_after_steps(tiny_run):

@@ -188,6 +188,8 @@ class DistillConfig:
     validation_pairs: int = 64  # validation records decoded: early stopping measures their chosen texts' loss
     seed: int = 0  # which training and validation records are drawn
     candidates: int | None = None  # the teacher's candidates per pair (null: generate.candidates)
+    rejected: str = "lowest"  # preference's rejected text: lowest (the lowest-scored candidate) | greedy (the
+    # run's greedy text where it was not chosen: DPO then moves the greedy decode itself toward the choice)
 
 
 @dataclass

@@ -7,7 +7,8 @@ choose among many candidates (MBR/QE fine-tuning, Finkelstein et al. 2023; DPO, 
    validation records of the run's split (kept in RUN/candidates/, resumable, as ``recreason tune`` keeps them:
    the validation records are the last ones of the split, the same ones tuning decodes);
 2. chooses among them with the selection score and weights of ``generate`` (the score the run ships:
-   :class:`~recreason.inference.selection.TermTable`), and for the preference objective also the lowest-scored;
+   :class:`~recreason.inference.selection.TermTable`), and for the preference objective the text it is preferred
+   to (``distill.rejected``: the lowest-scored candidate, or the greedy one where it was not chosen);
 3. trains OUT from RUN's best weights on them (``distill.mode``): ``chosen`` texts as targets, ``mixed`` chosen
    texts and the records' own reviews, or ``preference`` (DPO, chosen against lowest-scored, RUN as the reference,
    plus the chosen texts' NLL). Early stopping measures the loss of the validation records' chosen texts.
@@ -77,6 +78,8 @@ def distill(run_dir: str | Path, out_dir: str | Path, config: dict, progress: bo
     """Decode, choose and train (module docstring); returns OUT/distill/summary.json's content."""
     dcfg = config["distill"]
     gen = dataclasses.replace(config["generate"], candidates=dcfg.candidates or config["generate"].candidates)
+    if dcfg.rejected not in ("lowest", "greedy"):
+        raise ConfigError(f"distill.rejected must be lowest or greedy, not {dcfg.rejected!r}")
     if gen.candidates < 2:
         raise ConfigError("distill chooses among candidates: set distill.candidates (or generate.candidates) to 2 "
                           "or more (configs/distill.yaml decodes 32)")
@@ -96,12 +99,13 @@ def distill(run_dir: str | Path, out_dir: str | Path, config: dict, progress: bo
     refs = [target_text(r, run.info["target"]) for r in train_records]
     targets = {r.index: [c] + ([ref] if dcfg.mode == "mixed" and ref else [])
                for r, c, ref in zip(train_records, train_choice["chosen"], refs)}
-    rejected = ({r.index: x for r, x, c in zip(train_records, train_choice["rejected"], train_choice["chosen"])
+    against = train_choice["greedy"] if dcfg.rejected == "greedy" else train_choice["rejected"]
+    rejected = ({r.index: x for r, x, c in zip(train_records, against, train_choice["chosen"])
                  if x != c} if dcfg.mode == "preference" else None)
     out.root.mkdir(parents=True, exist_ok=True)
     out.distill.mkdir(parents=True, exist_ok=True)
     with open(out.distill_targets, "w", encoding="utf-8") as f:
-        for r, c, x, g, ref in zip(train_records, train_choice["chosen"], train_choice["rejected"],
+        for r, c, x, g, ref in zip(train_records, train_choice["chosen"], against,
                                    train_choice["greedy"], refs):
             f.write(json.dumps({"index": r.index, "user_id": r.user, "item_id": r.item, "chosen": c, "rejected": x,
                                 "greedy": g, "reference": ref}, ensure_ascii=False) + "\n")
@@ -118,6 +122,7 @@ def distill(run_dir: str | Path, out_dir: str | Path, config: dict, progress: bo
     result = {"mode": dcfg.mode, "teacher": str(Path(run_dir).resolve()), "candidates": gen.candidates,
               "train_pairs": len(train_records), "validation_pairs": len(valid_records),
               "preference_pairs": len(rejected) if rejected is not None else None,
+              "rejected": dcfg.rejected if rejected is not None else None,
               "chosen_is_greedy": sum(c == g for c, g in zip(train_choice["chosen"], train_choice["greedy"])),
               "decode_seconds": train_choice["seconds"] + valid_choice["seconds"],
               "train_seconds": time.time() - start, "steps": summary["steps"],
