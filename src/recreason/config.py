@@ -286,7 +286,7 @@ CHOICES: dict[str, dict[str, tuple]] = {
               "precision": ("auto", "bf16", "fp16", "fp32"), "report_to": ("tensorboard", "wandb")},
     "generate": {"precision": ("auto", "bf16", "fp32")},
     "rank": {"model": ("als", "bpr", "popularity")},
-    "distill": {"mode": ("chosen", "mixed", "preference")},
+    "distill": {"mode": ("chosen", "mixed", "preference"), "rejected": ("lowest", "greedy")},
     "evaluate": {"split": ("train", "validation", "test"), "systems": ("zero-shot", "retrieval", "fine-tuned")},
 }
 MAX_DECODE_ROWS = 8192  # generate.batch_size x generate.candidates sequences decoded at once

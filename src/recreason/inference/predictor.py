@@ -257,7 +257,7 @@ class Predictor:
         if not texts:
             return 0
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return sum(len(row) * (1 if counts is None else n) for row, n in zip(ids, counts or [1] * len(ids)))
+        return sum(len(row) * n for row, n in zip(ids, counts or [1] * len(ids)))
 
     def generic_table(self, cfg: GenerateConfig) -> collections.Counter:
         """How often the run's greedy reason is each sentence, on ``cfg.generic_records`` validation records:

@@ -10,8 +10,8 @@ choose among many candidates (MBR/QE fine-tuning, Finkelstein et al. 2023; DPO, 
    :class:`~recreason.inference.selection.TermTable`), and for the preference objective the text it is preferred
    to (``distill.rejected``: the lowest-scored candidate, or the greedy one where it was not chosen);
 3. trains OUT from RUN's best weights on them (``distill.mode``): ``chosen`` texts as targets, ``mixed`` chosen
-   texts and the records' own reviews, or ``preference`` (DPO, chosen against lowest-scored, RUN as the reference,
-   plus the chosen texts' NLL). Early stopping measures the loss of the validation records' chosen texts.
+   texts and the records' own reviews, or ``preference`` (DPO, chosen against ``distill.rejected``, RUN as the
+   reference, plus the chosen texts' NLL). Early stopping measures the loss of the validation records' chosen texts.
 
 The model, method and prompt are RUN's (the second stage continues the first); ``train`` keys such as the learning
 rate, epochs and validation cadence come from the config. OUT is a run like any other: ``evaluate``, ``serve``
@@ -78,8 +78,6 @@ def distill(run_dir: str | Path, out_dir: str | Path, config: dict, progress: bo
     """Decode, choose and train (module docstring); returns OUT/distill/summary.json's content."""
     dcfg = config["distill"]
     gen = dataclasses.replace(config["generate"], candidates=dcfg.candidates or config["generate"].candidates)
-    if dcfg.rejected not in ("lowest", "greedy"):
-        raise ConfigError(f"distill.rejected must be lowest or greedy, not {dcfg.rejected!r}")
     if gen.candidates < 2:
         raise ConfigError("distill chooses among candidates: set distill.candidates (or generate.candidates) to 2 "
                           "or more (configs/distill.yaml decodes 32)")
