@@ -16,8 +16,8 @@ are comparable; run it alone on the machine.
 Each (system, count) row is one look at the split; the file says how many looks were taken in all.
 
 Writes benchmarks/results/quality/cost.json (``--name cost``; {"systems": {NAME: {"records", "candidates",
-"seconds_per_reason", metrics..., "intervals": {...}, "vs_reference": {...}, "meets_bar": bool}}}), cost.md (the
-table) and cost.png (ROUGE-L and BLEU-4 against seconds per reason). A row meets the bar (the issue's "done when")
+"seconds_per_reason", metrics..., "intervals": {...}, "vs_reference": {...}, "meets_bar": bool, and for a distilled
+run "distillation": its pairs and seconds of decoding and training}}}), cost.md (the table) and cost.png (ROUGE-L and BLEU-4 against seconds per reason). A row meets the bar (the issue's "done when")
 when its BLEU-4 and ROUGE-L are inside the reference row's 95% interval or above it, and its USR is at least the
 reference's and its generic and ungrounded rates at most the reference's.
 """
@@ -61,6 +61,16 @@ def seconds_per_reason(predictor, prompted, records, gen, k: int) -> float:
     return (time.perf_counter() - start) / len(records)
 
 
+def distillation_cost(run: str) -> dict:
+    """A distilled run's training cost (RUN/distill/summary.json: pairs, decoding and training seconds), if any."""
+    path = Path(run) / "distill" / "summary.json"
+    if not path.exists():
+        return {}
+    summary = json.loads(path.read_text())
+    return {"distillation": {k: summary[k] for k in ("mode", "train_pairs", "candidates", "decode_seconds",
+                                                       "train_seconds", "steps") if k in summary}}
+
+
 def measure(name: str, run: str, gen, counts: list[int], records_limit: int | None, timing_records: int,
             scorer_box: list, split: str = "test", from_end: bool = False) -> dict:
     from recreason.evaluation.evaluate import TextScorer, select_records
@@ -90,7 +100,8 @@ def measure(name: str, run: str, gen, counts: list[int], records_limit: int | No
         timing = (seconds_per_reason(predictor, prompted[:timing_records], records[:timing_records], top, k)
                   if timing_records else None)
         rows[label] = {"run": run, "records": len(records), "candidates": k, "seconds_per_reason": timing,
-                       **{m: v for m, v in scorer.score(label, texts).items() if isinstance(v, float)}}
+                       **{m: v for m, v in scorer.score(label, texts).items() if isinstance(v, float)},
+                       **distillation_cost(run)}
         print(f"{label}: {timing or float('nan'):.2f} s/reason, " + ", ".join(f"{m} {rows[label][m]:.4g}" for m in METRICS),
               flush=True)
     return rows
