@@ -63,7 +63,9 @@ def seconds_per_reason(predictor, prompted, records, gen, k: int) -> float:
 
 def distillation_cost(run: str) -> dict:
     """A distilled run's training cost (RUN/distill/summary.json: pairs, decoding and training seconds), if any."""
-    path = Path(run) / "distill" / "summary.json"
+    from recreason.rundir import RunPaths
+
+    path = RunPaths(run).distill_summary
     if not path.exists():
         return {}
     summary = json.loads(path.read_text())

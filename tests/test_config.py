@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from recreason.config import CHOICES, LIMITS, SECTIONS, load_config
@@ -50,6 +50,7 @@ def test_every_numeric_key_has_a_range():
 
 @settings(max_examples=400, deadline=None)
 @given(st.sampled_from(KEYS), HOSTILE)
+@example(("prepare", "columns"), {"\n\n    ": 0})  # a mapping key with newlines: once a two-line error
 def test_a_hostile_value_is_one_line_of_error_or_a_documented_accept(key, value):
     section, name = key
     try:

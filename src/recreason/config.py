@@ -347,7 +347,7 @@ def check_value(section: str, key: str, value: Any, annotation: str, where: str)
             raise ConfigError(f"{where}: expected a mapping of names to names, got {_shown(value)}")
         for name, other in value.items():
             _check_one(name, "str", None, None, where)
-            _check_one(other, "str", None, None, f"{where}.{name}")
+            _check_one(other, "str", None, None, f"{where}[{_shown(name)}]")  # a key may hold newlines
         return
     if base.startswith(("list[", "Sequence[")):
         inner = base[base.index("[") + 1:-1]
