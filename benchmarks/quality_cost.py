@@ -78,6 +78,7 @@ def measure(name: str, run: str, gen, counts: list[int], records_limit: int | No
     from recreason.evaluation.evaluate import TextScorer, select_records
     from recreason.inference import Predictor
     from recreason.inference import candidates as cache
+    from recreason.inference.predictor import Request
 
     top = replace(gen, candidates=max(counts), max_records=None if from_end else records_limit)
     predictor = Predictor(run, top)
@@ -90,16 +91,12 @@ def measure(name: str, run: str, gen, counts: list[int], records_limit: int | No
     scorer = scorer_box[0]
     if [r.index for r in scorer.records] != [r.index for r in records]:
         raise SystemExit(f"{run}: not the same test records as the first system's (same dataset and split needed)")
+    prompted = [predictor.prompt(Request(r.user, r.item, record=r), n) for n, r in enumerate(records[:timing_records])]
     rows = {}
     for k in counts:  # ascending: each count's cache reuses the smaller one's draws and decodes the rest
-        prompted, cands, _ = cache.decode(predictor, split, records, per_batch(top, k))
-        if k == 1:
-            texts = [c[0].text for c in cands]
-        else:
-            table, words = cache.term_table(predictor, prompted, cands, predictor.generic_table(top))
-            texts = [w[j] for w, j in zip(words, table.choose(replace(top, candidates=k)))]
+        texts = cache.chosen_texts(predictor, split, records, per_batch(top, k))
         label = f"{name}, {k} candidate{'s' if k > 1 else ''}"
-        timing = (seconds_per_reason(predictor, prompted[:timing_records], records[:timing_records], top, k)
+        timing = (seconds_per_reason(predictor, prompted, records[:timing_records], top, k)
                   if timing_records else None)
         rows[label] = {"run": run, "records": len(records), "candidates": k, "seconds_per_reason": timing,
                        **{m: v for m, v in scorer.score(label, texts).items() if isinstance(v, float)},
@@ -176,11 +173,23 @@ def plot(systems: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def parse_system(spec: str, counts: list[int]) -> tuple[str, str, list[int], list[str]]:
+    """``NAME=RUN[@K,K][+CONFIG...]`` as (name, run, candidate counts, config files of its own)."""
+    name, equals, run = spec.partition("=")
+    if not equals or not name or not run:
+        raise SystemExit(f"--system {spec!r}: expected NAME=RUN[@K,K][+CONFIG]")
+    run, *own_configs = run.split("+")
+    run, at, own = run.partition("@")
+    mine = sorted({int(k) for k in own.split(",")}) if at else counts
+    return name, run, mine, own_configs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--system", action="append", required=True, metavar="NAME=RUN[@K,K]",
-                        help="a run to measure (repeatable), at --candidates or at its own counts after @; the first "
-                             "system at its largest count is the reference row")
+    parser.add_argument("--system", action="append", required=True, metavar="NAME=RUN[@K,K][+CONFIG]",
+                        help="a run to measure (repeatable), at --candidates or at its own counts after @, with "
+                             "config files of its own layered after --config's (+FILE, repeatable: a distilled run's "
+                             "tuned weights); the first system at its largest count is the reference row")
     parser.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--config", action="append", default=None,
                         help="decoding and selection weights (default: configs/demo.yaml then configs/full.yaml)")
@@ -205,11 +214,13 @@ def main() -> None:
     scorer_box: list = []
     systems: dict = {}
     for spec in args.system:
-        name, _, run = spec.partition("=")
-        run, at, own = run.partition("@")
-        mine = sorted({int(k) for k in own.split(",")}) if at else counts
-        systems.update(measure(name, run, gen, mine, args.records, args.timing_records, scorer_box, args.split,
-                               args.from_end))
+        name, run, mine, own_configs = parse_system(spec, counts)
+        system_gen = load_config([*configs, *own_configs], args.set)["generate"] if own_configs else gen
+        rows = measure(name, run, system_gen, mine, args.records, args.timing_records, scorer_box, args.split,
+                       args.from_end)
+        for row in rows.values():
+            row["configs"] = own_configs
+        systems.update(rows)
     scorer = scorer_box[0]
     first = next(iter(systems.values()))["run"]
     reference = max((label for label, row in systems.items() if row["run"] == first),

@@ -84,6 +84,16 @@ def test_quality_cost_scores_at_each_count_the_reasons_evaluate_writes(tiny_run,
             pytest.approx({m: row[m] for m in ("BLEU-1", "BLEU-4", "ROUGE-L", "USR")}, abs=1e-9)
 
 
+def test_quality_cost_systems_carry_counts_and_configs_of_their_own():
+    import quality_cost
+
+    assert quality_cost.parse_system("full run=runs/full/run", [1, 32]) == ("full run", "runs/full/run", [1, 32], [])
+    assert quality_cost.parse_system("d=runs/d@8,1,8+configs/distilled.yaml+x.yaml", [1, 32]) == \
+        ("d", "runs/d", [1, 8], ["configs/distilled.yaml", "x.yaml"])
+    with pytest.raises(SystemExit, match="NAME=RUN"):
+        quality_cost.parse_system("runs/full/run", [1])
+
+
 def test_domains_rescoring_matches_evaluate_and_refuses_texts_of_other_records(tiny_run, tmp_path):
     """benchmarks/domains.py scores the texts evaluate wrote as evaluate does, adds the paired differences to
     zero-shot and retrieval (and, for texts from another run, to the domain's own run), and refuses a file that is not on the same records in the same order."""

@@ -31,6 +31,22 @@ def test_the_chosen_setting_is_the_best_feasible_one_within_every_bar_it_was_che
     assert tuning.grounding_first([trials[0], trials[1]], bar, 300) is None
 
 
+def test_a_run_standing_in_for_another_may_lose_nothing_it_has_on_usr_generic_and_ungrounded():
+    match = {"USR": 0.9, "Generic": 0.1, "Ungrounded": 0.2}
+    assert tuning.matches({"USR": 0.9, "Generic": 0.1, "Ungrounded": 0.2}, match)  # ties are as good
+    assert not tuning.matches({"USR": 0.89, "Generic": 0.05, "Ungrounded": 0.1}, match)
+    assert not tuning.matches({"USR": 0.95, "Generic": 0.11, "Ungrounded": 0.1}, match)
+    assert not tuning.matches({"USR": 0.95, "Generic": 0.05, "Ungrounded": 0.21}, match)
+    assert tuning.matches({"USR": 0.1, "Generic": 0.9, "Ungrounded": 0.9}, None)
+    # the choice skips the better-gaining trials that lose to the matched run, on either split
+    trials = [{"gain": 3.0, "feasible": True, "Generic": 0.1, "Ungrounded": 0.1, "matches": False},
+              {"gain": 2.0, "feasible": True, "Generic": 0.1, "Ungrounded": 0.1, "matches": True,
+               "later_matches": False},
+              {"gain": 1.0, "feasible": True, "Generic": 0.1, "Ungrounded": 0.1, "matches": True,
+               "later_matches": True}]
+    assert tuning.grounding_first(trials, {}, 300) is trials[2]
+
+
 def test_full_yaml_carries_the_weights_the_recorded_tuning_chose():
     # benchmarks/quality.py measures the weights configs/full.yaml carries; the recorded tuning
     # (benchmarks/results/quality/tuning.json, `recreason tune`'s record without its trials) must have chosen them,
@@ -193,3 +209,50 @@ def test_tune_writes_the_config_that_evaluate_then_uses(tiny_run, tmp_path):
     expected = {r.index: texts[k] for r, texts, k in zip(again.records, again.texts, chosen)}
     assert len(expected) >= 20 and all(written[i] == text for i, text in expected.items())
     assert sum(k > 0 for k in chosen) > 0  # some reasons are not the greedy text: the choice did something
+
+
+def test_tune_with_match_keeps_the_matched_runs_usr_generic_and_ungrounded(tiny_run, tmp_path):
+    """`recreason tune --match TEACHER`: the teacher's served reasons (its own config.yaml: here its greedy text)
+    are scored on the same records, every trial is marked against them, and the chosen one matches."""
+    import shutil
+
+    from recreason.cli import main
+    from recreason.config import load_config
+    from recreason.evaluation.evaluate import TextScorer
+    from recreason.inference import Predictor
+    from recreason.rundir import Run
+
+    run, teacher = tmp_path / "run", tmp_path / "teacher"
+    for to in (run, teacher):
+        shutil.copytree(tiny_run[0], to, ignore=shutil.ignore_patterns("generated", "eval*", "candidates"))
+    base = tmp_path / "decode.yaml"
+    base.write_text("generate:\n  candidates: 3\n  max_new_tokens: 6\n  precision: fp32\n  generic_records: 8\n"
+                    "  batch_size: 4\n")
+    # the teacher serves as its config.yaml says: the choice among 2 candidates with weights of its own
+    Run(teacher).paths.config.write_text("generate:\n  candidates: 2\n  max_new_tokens: 6\n  precision: fp32\n"
+                                         "  generic_records: 8\n  batch_size: 4\n  weight_consensus_bleu: 0.0\n")
+    assert main(["tune", "--run", str(run), "--match", str(teacher), "--config", str(base), "--quiet"]) == 0
+    record = json.loads(Run(run).paths.trials.read_text())
+    served = tuning.served_config(teacher)
+    assert (served.candidates, served.weight_consensus_bleu, served.max_records) == (2, 0.0, None)
+    again = tuning.ValidationSet(run, load_config([base])["generate"], progress=False)  # the same records, cached
+    predictor = Predictor(teacher, served)
+    from recreason.inference import candidates as cache
+
+    texts = cache.chosen_texts(predictor, "validation", again.records, served, progress=False)
+    from recreason.data.records import target_text
+
+    scorer = TextScorer(again.records, [target_text(r, again.run.info["target"]) for r in again.records],
+                        predictor.train, predictor.dataset.features, 20, bootstrap=0, semantic=False)
+    expected = scorer.score("teacher", texts)
+    assert record["match_run"] == str(teacher)
+    assert {m: record["match"][m] for m in ("USR", "Generic", "Ungrounded")} == pytest.approx(
+        {m: expected[m] for m in ("USR", "Generic", "Ungrounded")})
+    assert record["bar"] == {}  # matching replaces the half-of-greedy bar when no --reference is given
+    marks = [t["matches"] == tuning.matches(t, record["match"]) for t in record["trials"]]
+    assert len(marks) == 29160 and all(marks)
+    assert any(t["matches"] for t in record["trials"]) and not all(t["matches"] for t in record["trials"])
+    chosen = record["best_within_bar"]
+    assert chosen["matches"] and chosen["gain"] == max(t["gain"] for t in record["trials"]
+                                                       if t["matches"] and t["feasible"])
+    assert tuning.chosen_weights(record) == chosen["weights"]

@@ -254,8 +254,10 @@ def cmd_evaluate(args) -> int:
 def cmd_tune(args) -> int:
     """Choose the selection weights of a run decoding several candidates, on its validation records only:
     the most ROUGE-L + BLEU-4 over greedy decoding, keeping USR, FMR, FCR and the generic rate, with generic and
-    ungrounded rates at most half a reference's (recreason.evaluation.tuning says how). Writes RUN/tuned.yaml,
-    a config to layer last (--config RUN/tuned.yaml), and every trial to RUN/tuning/trials.json."""
+    ungrounded rates at most half a reference's (recreason.evaluation.tuning says how). With --match FULL_RUN (a
+    distilled run's teacher) the choice must also be at least as good as FULL_RUN's served reasons on USR,
+    generic and ungrounded rates. Writes RUN/tuned.yaml, a config to layer last (--config RUN/tuned.yaml), and
+    every trial to RUN/tuning/trials.json."""
     from recreason.evaluation.tuning import chosen_weights, tune
 
     gen = _config(args)["generate"]
@@ -263,8 +265,12 @@ def cmd_tune(args) -> int:
         from recreason.errors import ConfigError
 
         raise ConfigError("--also-reference is the reference of the run given with --also")
+    if args.also_match and not args.also:
+        from recreason.errors import ConfigError
+
+        raise ConfigError("--also-match is the run that --also's run stands in for")
     result = tune(args.run, gen, args.reference, args.also, args.also_reference, args.records,
-                  progress=not args.quiet)
+                  progress=not args.quiet, match=args.match, also_match=args.also_match)
     from recreason.rundir import RunPaths
 
     weights = chosen_weights(result)
@@ -553,6 +559,10 @@ def _add_tune(sub, common) -> None:
     p.add_argument("--also-reference", dest="also_reference", help="the reference run for --also's split")
     p.add_argument("--records", type=_bounded(int, 1, 10**9), help="tune on the last N validation records only (default: all after "
                                                "the first generate.generic_records)")
+    p.add_argument("--match", help="a run this one stands in for (a distilled run: the full run that taught it), "
+                                   "served as configured: choose only weights whose USR, generic and ungrounded rates "
+                                   "are at least as good as its reasons' on the same records")
+    p.add_argument("--also-match", dest="also_match", help="the run --also's run stands in for")
     p.set_defaults(func=cmd_tune)
 
 

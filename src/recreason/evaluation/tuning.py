@@ -17,6 +17,12 @@ score (:mod:`recreason.inference.selection`); the score's weights are chosen her
   the run's own greedy text when none is given. ``--also RUN2`` (with ``--also-reference``): a run trained on
   another split of the same log (by time, say); the bar must then hold on its validation records too
   (``within_later_bar``), so the choice does not rest on one split's records. No test record is read.
+* **Match** (``--match RUN``, :func:`matches`): for a run that stands in for another, e.g. a distilled run for
+  the full run that taught it: the other run's reasons as it serves them (its RUN/config.yaml: 32 candidates and
+  its own weights) on the same records set what may not get worse, USR at least theirs and generic and
+  ungrounded rates at most theirs (``--also-match`` for ``--also``'s split). Without ``--reference`` it replaces
+  the bar above. So the distilled run's smaller candidate count gets weights of its own: its candidates are
+  sharper, and the full run's weights (strong consensus) pick its most common sentence.
 * **Choice**: the feasible setting with the highest objective within every bar (``best_within_bar``); the
   best without the bar (``best``) is recorded to show what the bar costs.
 
@@ -83,11 +89,19 @@ def within_bar(rates: dict, bar: dict, n: int) -> bool:
     return all(rate_upper_bound(rates[m], n) <= bar[m] for m in bar)
 
 
+def matches(rates: dict, match: dict | None) -> bool:
+    """Whether a choice is at least as good as ``match`` (the rates of the run it should stand in for, on the same
+    records) where the issue's bar asks for no loss: USR at least its, generic and ungrounded rates at most its.
+    True where there is nothing to match."""
+    return match is None or (rates["USR"] >= match["USR"] and all(rates[m] <= match[m] for m in RATES))
+
+
 def grounding_first(trials: list[dict], bar: dict, n: int) -> dict | None:
-    """The best feasible trial within the bar (a recorded ``within_bar`` stands where the trial has one), and
-    within the second split's bar too where it was checked (``within_later_bar``)."""
+    """The best feasible trial within the bar (a recorded ``within_bar`` stands where the trial has one), within
+    the second split's bar too where it was checked (``within_later_bar``), and matching the run it stands in for
+    on each split where one was given (``matches``, ``later_matches``)."""
     within = [t for t in trials if t["feasible"] and t.get("within_bar", within_bar(t, bar, n))
-              and t.get("within_later_bar", True)]
+              and t.get("within_later_bar", True) and t.get("matches", True) and t.get("later_matches", True)]
     return max(within, key=lambda t: t["gain"]) if within else None
 
 
@@ -146,7 +160,7 @@ class ValidationSet:
     (:data:`BAR_FRACTION` of the reference's generic and ungrounded rates on the same records)."""
 
     def __init__(self, run: str | Path, gen: GenerateConfig, reference: str | Path | None = None,
-                 n_records: int | None = None, progress: bool = True):
+                 n_records: int | None = None, progress: bool = True, match: str | Path | None = None):
         predictor = Predictor(run, gen)
         self.run = predictor.run
         validation = predictor.dataset.subset(self.run.split_seed, "validation")
@@ -171,7 +185,14 @@ class ValidationSet:
         else:
             texts = Predictor(reference, reference_config(reference)).explain_records(self.records, progress=progress)
             self.reference = _rates(scorer.score("reference", texts))
-        self.bar = {m: self.reference[m] * BAR_FRACTION for m in RATES}
+        # matching a run replaces the bar of half the run's own greedy rates (the match is the stricter, real one)
+        self.bar = {} if reference is None and match is not None else {m: self.reference[m] * BAR_FRACTION
+                                                                        for m in RATES}
+        self.match = None
+        if match is not None:  # the other run's reasons as it serves them, on the same records
+            teacher = Predictor(match, served_config(match))
+            texts = candidate_cache.chosen_texts(teacher, "validation", self.records, teacher.gen_cfg, progress)
+            self.match = _rates(scorer.score("match", texts))
         self.scored: dict = {}
 
     def score(self, cfg: GenerateConfig) -> dict:
@@ -185,15 +206,21 @@ class ValidationSet:
         return {"run": str(run), "reference": str(reference) if reference else "greedy text of the run",
                 "records": len(self.records), "first_record": self.first_record,
                 "candidate_seconds": self.seconds, "greedy": self.greedy, "reference_rates": self.reference,
-                "bar": self.bar}
+                "bar": self.bar, **({"match": self.match} if self.match else {})}
+
+
+def served_config(run: str | Path) -> GenerateConfig:
+    """How a run serves reasons: the generate settings it was trained with (RUN/config.yaml), its candidate count
+    and selection weights included, over the whole split."""
+    paths = Run(run).paths
+    gen = load_config([paths.config])["generate"] if paths.config.exists() else GenerateConfig()
+    return replace(gen, max_records=None)
 
 
 def reference_config(run: str | Path) -> GenerateConfig:
     """How a reference run decodes: greedily, with the generate settings it was trained with (RUN/config.yaml;
     the batch size matters: bf16 rounds differently in other batch shapes)."""
-    paths = Run(run).paths
-    gen = load_config([paths.config])["generate"] if paths.config.exists() else GenerateConfig()
-    return replace(gen, candidates=1, max_records=None)
+    return replace(served_config(run), candidates=1)
 
 
 def settings(grid: dict | None = None) -> list[dict]:
@@ -203,15 +230,21 @@ def settings(grid: dict | None = None) -> list[dict]:
 
 def tune(run: str | Path, gen: GenerateConfig, reference: str | Path | None = None,
          also: str | Path | None = None, also_reference: str | Path | None = None, n_records: int | None = None,
-         grid: dict | None = None, progress: bool = True) -> dict:
+         grid: dict | None = None, progress: bool = True, match: str | Path | None = None,
+         also_match: str | Path | None = None) -> dict:
     """Score every setting of ``grid`` on ``run``'s validation records (and check the bar on ``also``'s), write
-    RUN/tuning/trials.json and RUN/tuned.yaml, and return the tuning's record (without its trials)."""
+    RUN/tuning/trials.json and RUN/tuned.yaml, and return the tuning's record (without its trials).
+
+    ``match``: a run ``run`` should stand in for (the full run a distilled run was taught by), served as it was
+    configured (:func:`served_config`); a setting is then chosen only where its USR, generic and ungrounded rates
+    are at least as good as that run's reasons on the same records (:func:`matches`); ``also_match`` likewise for
+    ``also``'s split."""
     if gen.candidates < 2:
         raise ConfigError(f"generate.candidates is {gen.candidates}: tuning chooses among candidates; layer a config "
                      "with generate.candidates > 1 (configs/full.yaml decodes 32)")
     grid = grid or GRID
-    first = ValidationSet(run, gen, reference, n_records, progress)
-    second = ValidationSet(also, gen, also_reference, n_records, progress) if also else None
+    first = ValidationSet(run, gen, reference, n_records, progress, match)
+    second = ValidationSet(also, gen, also_reference, n_records, progress, also_match) if also else None
     start = time.time()
     trials = []
     for weights in tqdm(settings(grid), desc="scoring weight settings", unit="setting", disable=not progress):
@@ -219,16 +252,21 @@ def tune(run: str | Path, gen: GenerateConfig, reference: str | Path | None = No
         trial = {"weights": weights, "gain": objective(row, first.greedy), "feasible": feasible(row, first.greedy),
                  **row}
         trial["within_bar"] = within_bar(row, first.bar, len(first.records))
-        if second is not None and trial["feasible"] and trial["within_bar"]:
+        if first.match is not None:
+            trial["matches"] = matches(row, first.match)
+        if second is not None and trial["feasible"] and trial["within_bar"] and trial.get("matches", True):
             rates = second.score(replace(gen, **weights))
-            trial["later"] = {m: rates[m] for m in RATES}
+            trial["later"] = {m: rates[m] for m in (*RATES, "USR", "BLEU-4", "ROUGE-L")}
             trial["within_later_bar"] = within_bar(rates, second.bar, len(second.records))
+            if second.match is not None:
+                trial["later_matches"] = matches(rates, second.match)
         trials.append(trial)
     trials.sort(key=lambda t: (not t["feasible"], -t["gain"]))
     result = {"split": "validation", "candidates": gen.candidates, "grid": grid, "settings": len(trials),
               "distinct_selections": len(first.scored), "grid_seconds": time.time() - start,
               **first.summary(run, reference),
               **({"later": second.summary(also, also_reference)} if second else {}),
+              **({"match_run": str(match)} if match else {}),
               "best_within_bar": grounding_first(trials, first.bar, len(first.records)), "best": trials[0]}
     paths = first.run.paths
     paths.trials.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +294,7 @@ def write_tuned(path: Path, result: dict, trials: Path) -> None:
                "over greedy")
     else:
         why = (f"ROUGE-L + BLEU-4 {best['gain']:+.2f} over greedy, within the grounding bar"
+               + (f", as good as {result['match_run']} on USR, generic and ungrounded" if "match_run" in result else "")
                + (" on both runs' validation records" if "later" in result else ""))
     lines = [f"# Chosen by `recreason tune` on {result['records']} validation records of {result['run']}",
              f"# ({result['settings']} settings, {result['candidates']} candidates): {why}.",

@@ -110,3 +110,14 @@ def term_table(predictor: Predictor, prompted: Sequence[Prompted], candidates: S
               for c, a in zip(cands, agreements(cands))] for p, cands in zip(prompted, candidates)]
     texts = [[c.text for c in cands] for cands in candidates]
     return TermTable(terms, texts), texts
+
+
+def chosen_texts(predictor: Predictor, split: str, records: Sequence, gen: GenerateConfig,
+                 progress: bool = True) -> list[str]:
+    """The reason ``gen`` serves for each of ``records``: the greedy text at one candidate, else the choice of
+    ``gen``'s weights among its candidates (decoded through the cache)."""
+    prompted, candidates, _ = decode(predictor, split, records, gen, progress)
+    if gen.candidates <= 1:
+        return [c[0].text for c in candidates]
+    table, texts = term_table(predictor, prompted, candidates, predictor.generic_table(gen))
+    return [words[k] for words, k in zip(texts, table.choose(gen))]
