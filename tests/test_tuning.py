@@ -38,6 +38,10 @@ def test_a_run_standing_in_for_another_may_lose_nothing_it_has_on_usr_generic_an
     assert not tuning.matches({"USR": 0.95, "Generic": 0.11, "Ungrounded": 0.1}, match)
     assert not tuning.matches({"USR": 0.95, "Generic": 0.05, "Ungrounded": 0.21}, match)
     assert tuning.matches({"USR": 0.1, "Generic": 0.9, "Ungrounded": 0.9}, None)
+    # with a margin a tie is not enough: better by the margin on each of the three
+    assert not tuning.matches({"USR": 0.9, "Generic": 0.1, "Ungrounded": 0.2}, match, 0.01)
+    assert tuning.matches({"USR": 0.91, "Generic": 0.09, "Ungrounded": 0.19}, match, 0.01)
+    assert not tuning.matches({"USR": 0.95, "Generic": 0.05, "Ungrounded": 0.195}, match, 0.01)
     # the choice skips the better-gaining trials that lose to the matched run, on either split
     trials = [{"gain": 3.0, "feasible": True, "Generic": 0.1, "Ungrounded": 0.1, "matches": False},
               {"gain": 2.0, "feasible": True, "Generic": 0.1, "Ungrounded": 0.1, "matches": True,
@@ -45,6 +49,9 @@ def test_a_run_standing_in_for_another_may_lose_nothing_it_has_on_usr_generic_an
               {"gain": 1.0, "feasible": True, "Generic": 0.1, "Ungrounded": 0.1, "matches": True,
                "later_matches": True}]
     assert tuning.grounding_first(trials, {}, 300) is trials[2]
+    # where both splits were matched, their gains add up: a smaller first-split gain can win on the sum
+    both = [{**trials[2], "gain": 2.0, "later_gain": -1.5}, {**trials[2], "gain": 1.0, "later_gain": 0.2}]
+    assert tuning.grounding_first(both, {}, 300) is both[1]
 
 
 def test_full_yaml_carries_the_weights_the_recorded_tuning_chose():
@@ -231,7 +238,9 @@ def test_tune_with_match_keeps_the_matched_runs_usr_generic_and_ungrounded(tiny_
     # the teacher serves as its config.yaml says: the choice among 2 candidates with weights of its own
     Run(teacher).paths.config.write_text("generate:\n  candidates: 2\n  max_new_tokens: 6\n  precision: fp32\n"
                                          "  generic_records: 8\n  batch_size: 4\n  weight_consensus_bleu: 0.0\n")
-    assert main(["tune", "--run", str(run), "--match", str(teacher), "--config", str(base), "--quiet"]) == 0
+    # no margin: on a tiny run's few records a margin of 0.01 leaves nothing to choose
+    assert main(["tune", "--run", str(run), "--match", str(teacher), "--match-margin", "0", "--config", str(base),
+                 "--quiet"]) == 0
     record = json.loads(Run(run).paths.trials.read_text())
     served = tuning.served_config(teacher)
     assert (served.candidates, served.weight_consensus_bleu, served.max_records) == (2, 0.0, None)
@@ -249,6 +258,7 @@ def test_tune_with_match_keeps_the_matched_runs_usr_generic_and_ungrounded(tiny_
     assert {m: record["match"][m] for m in ("USR", "Generic", "Ungrounded")} == pytest.approx(
         {m: expected[m] for m in ("USR", "Generic", "Ungrounded")})
     assert record["bar"] == {}  # matching replaces the half-of-greedy bar when no --reference is given
+    assert record["match_margin"] == 0.0
     marks = [t["matches"] == tuning.matches(t, record["match"]) for t in record["trials"]]
     assert len(marks) == 29160 and all(marks)
     assert any(t["matches"] for t in record["trials"]) and not all(t["matches"] for t in record["trials"])

@@ -270,7 +270,8 @@ def cmd_tune(args) -> int:
 
         raise ConfigError("--also-match is the run that --also's run stands in for")
     result = tune(args.run, gen, args.reference, args.also, args.also_reference, args.records,
-                  progress=not args.quiet, match=args.match, also_match=args.also_match)
+                  progress=not args.quiet, match=args.match, also_match=args.also_match,
+                  match_margin=args.match_margin)
     from recreason.rundir import RunPaths
 
     weights = chosen_weights(result)
@@ -285,6 +286,10 @@ def cmd_tune(args) -> int:
                                                            "Generic", "Ungrounded"))
               + f" (ROUGE-L + BLEU-4 {best['gain']:+.2f} over greedy)"
               + ("" if result["best_within_bar"] else "; no setting met the grounding bar"))
+    for split, entry in (("", result), (" (--also)", result.get("later", {}))):
+        if entry.get("match"):
+            print(f"  matched run{split}: " + ", ".join(f"{m} {entry['match'][m]:.4g}"
+                                                     for m in ("BLEU-4", "ROUGE-L", "USR", "Generic", "Ungrounded")))
     paths = RunPaths(args.run)
     print(f"wrote {paths.tuned_config} (layer it: --config {paths.tuned_config}) and {paths.trials}")
     return 0
@@ -563,6 +568,9 @@ def _add_tune(sub, common) -> None:
                                    "served as configured: choose only weights whose USR, generic and ungrounded rates "
                                    "are at least as good as its reasons' on the same records")
     p.add_argument("--also-match", dest="also_match", help="the run --also's run stands in for")
+    p.add_argument("--match-margin", dest="match_margin", type=_bounded(float, 0.0, 1.0), default=0.01,
+                   help="how much better than the matched run's USR, generic and ungrounded rates a choice must be "
+                        "on the validation records (default 0.01: a guard against a setting that is best by luck)")
     p.set_defaults(func=cmd_tune)
 
 
