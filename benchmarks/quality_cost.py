@@ -167,9 +167,10 @@ def plot(systems: dict, path: Path) -> None:
         ax.set_xlabel("seconds of CPU per reason (log)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()  # below the plots: the lines fill both axes
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     fig.suptitle("reason quality against decoding cost (points: candidates decoded)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=110)
 
 
