@@ -314,6 +314,9 @@ def cmd_distill(args) -> int:
           f"{result['train_seconds']:.0f} s; best validation loss {result['best_validation_loss']:.4f}")
     print(f"what it was trained on: {RunPaths(args.out).distill_targets}; evaluate it greedily with "
           f"recreason evaluate --run {args.out} --set generate.candidates=1")
+    print(f"choose its own selection weights with recreason tune --run {args.out} --match {args.run} (configs/"
+          f"distilled.yaml holds those measured on the full run), then serve it with them layered last: recreason "
+          f"serve --run {args.out} --config ... --config configs/distilled.yaml")
     return 0
 
 
@@ -580,8 +583,10 @@ def _add_distill(sub, common) -> None:
                        epilog="example (configs/distill.yaml holds the measured settings):\n"
                               "  recreason distill --run runs/full/run --out runs/full/distilled \\\n"
                               "      --config configs/demo.yaml --config configs/full.yaml --config configs/distill.yaml\n"
-                              "then: recreason evaluate --run runs/full/distilled --config configs/demo.yaml "
-                              "--set generate.candidates=1")
+                              "then its own selection weights (make tune-distilled; configs/distilled.yaml holds "
+                              "the measured ones) and serving with them:\n"
+                              "  recreason serve --run runs/full/distilled --config configs/demo.yaml "
+                              "--config configs/full.yaml --config configs/distilled.yaml")
     p.add_argument("--run", required=True, help="the run to distil (from 'recreason train')")
     p.add_argument("--out", required=True, help="the new run directory")
     p.add_argument("--mode", choices=("chosen", "mixed", "preference"),
