@@ -79,22 +79,22 @@ temporal: install
 # The full run's choice among its candidates taught to one greedy decode (needs `make full`; docs/results.md):
 # candidates decoded and chosen for configs/distill.yaml's training pairs, a second stage trained from the full run,
 # then reason quality against decoding cost on the whole test split (benchmarks/results/quality/cost.{json,md,png}):
-# the full run at 1-32 candidates, the distilled run at 1, 4 and 8, and at 16 with its own weights (configs/distilled.yaml). About 1 1/4 hours on 2 cores with AVX-512 BF16.
+# the full run at 1-32 candidates, the distilled run at 1, 4 and 8, and at 12 with its own weights (configs/distilled.yaml). About 1 1/4 hours on 2 cores with AVX-512 BF16.
 # The later-reviews split: make distill FULL=runs/temporal COST=cost-temporal1 (after make temporal).
 COST ?= cost
 distill: install
 	$(RECREASON) distill --run $(FULL)/run --out $(FULL)/distilled --config $(CONFIG) --config configs/full.yaml \
 		--config configs/distill.yaml
 	$(PY) benchmarks/quality_cost.py --system "full run=$(FULL)/run" --system "distilled=$(FULL)/distilled@1,4,8" \
-		--system "distilled, own weights=$(FULL)/distilled@16+configs/distilled.yaml" \
+		--system "distilled, own weights=$(FULL)/distilled@12+configs/distilled.yaml" \
 		--candidates 1 4 8 16 32 --config $(CONFIG) --config configs/full.yaml --name $(COST)
 
 # The distilled run's own selection weights (configs/distilled.yaml): chosen on validation records of both splits
-# so that its choice among 16 candidates beats the full run's 32-candidate choice on USR, generic and ungrounded
+# so that its choice among 12 candidates beats the full run's 32-candidate choice on USR, generic and ungrounded
 # rates (needs make full, make temporal and make distill on both splits). Writes $(FULL)/distilled/tuned.yaml.
 tune-distilled: install
 	$(RECREASON) tune --run $(FULL)/distilled --match $(FULL)/run --also $(TEMPORAL)/distilled \
-		--also-match $(TEMPORAL)/run --config $(CONFIG) --config configs/full.yaml --set generate.candidates=16 \
+		--also-match $(TEMPORAL)/run --config $(CONFIG) --config configs/full.yaml --set generate.candidates=12 \
 		--records 256
 
 # The selection weights of configs/full.yaml, chosen on validation records of seed 1 (with the demo run as the
