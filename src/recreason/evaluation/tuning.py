@@ -21,11 +21,11 @@ score (:mod:`recreason.inference.selection`); the score's weights are chosen her
   the full run that taught it: the other run's reasons as it serves them (its RUN/config.yaml: 32 candidates and
   its own weights) on the same records set what may not get worse: USR above theirs and generic and ungrounded
   rates under theirs, each by :data:`MATCH_MARGIN` (``--match-margin``; ``--also-match`` for ``--also``'s split,
-  whose gain then adds to the objective). Without ``--reference`` it replaces the bar above. The margin (0.01:
-  about 2.5 of 256 records) guards against the best of 29,160 settings on a few hundred records being best by
-  luck: weights chosen with none met the full run's rates on validation and fell 0.004 short on USR and 0.007
-  on the generic rate on seed 1's test split. So the distilled run's smaller candidate count gets weights of its own: its candidates are
-  sharper, and the full run's weights (strong consensus) pick its most common sentence.
+  whose gain then adds to the objective). Without ``--reference`` it replaces the bar above. Why a distilled run
+  needs weights of its own: its candidates are sharper, and the full run's weights (strong consensus) pick its
+  most common sentence. The margin (0.01: about 2.5 of 256 records) guards against the best of 29,160 settings
+  on a few hundred records being best by luck: weights chosen with none met the full run's rates on validation
+  and fell 0.004 short on USR and 0.007 on the generic rate on seed 1's test split.
 * **Choice**: the feasible setting with the highest objective within every bar (``best_within_bar``); the
   best without the bar (``best``) is recorded to show what the bar costs.
 
