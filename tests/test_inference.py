@@ -349,6 +349,48 @@ def test_seeded_samples_are_gumbel_max_over_the_whole_nucleus():
     assert len(picked) > 20  # samples, not the argmax every time
 
 
+def test_sampler_pick_is_the_argmax_of_its_perturbed_scores():
+    """SeededSampler.pick (the decoding loop's path: the nucleus read off the top tokens) chooses what the argmax of
+    its whole-vocabulary scores chooses, with ties at the nucleus' edge, nuclei past the top tokens, banned tokens,
+    greedy rows and rows that ended; both samplers' streams advance alike."""
+    import torch
+
+    from recreason.generation import generate as g
+
+    torch.manual_seed(0)
+    vocab, rows = 700, 12
+    seeds = [None] + [100 + n for n in range(rows - 1)]
+    fallbacks = resolved = 0
+    for temperature, top_p, scale in ((0.8, 0.95, 2.0), (1.0, 0.5, 6.0), (0.7, 0.999, 0.3), (1.2, 1.0, 2.0)):
+        whole, picking = (g.SeededSampler(seeds, temperature, top_p, eos_token_id=3) for _ in range(2))
+        ids = torch.zeros(rows, 1, dtype=torch.long)
+        for step in range(12):
+            scores = (torch.randn(rows, vocab) * scale).to(torch.bfloat16).float()  # bf16 scores tie often
+            scores[:, 5:9] = float("-inf")  # banned by an earlier processor
+            scores[step % rows, 40:400] = scores[step % rows, 40]  # a long run of equal scores
+            expected = whole(ids, scores.clone()).argmax(-1)
+            assert torch.equal(picking.pick(ids, scores.clone()), expected)
+            if top_p < 1.0:
+                _, _, inside = g._nucleus_in_top(scores / temperature, top_p, g.PICK_TOP)
+                resolved, fallbacks = resolved + int(inside.sum()), fallbacks + int((~inside).sum())
+            ids = torch.cat([ids, expected[:, None]], 1)
+            ids[step % 5, -1] = 3  # that row wrote the end token: it is no longer sampled
+    assert resolved > 50 and fallbacks > 10  # both paths ran
+
+    # the nucleus read off the top tokens is nucleus_drop's wherever it says it resolved a row; a tie at the edge
+    # keeps its first tokens by id, and a tie reaching past the top tokens is left to the whole row
+    edge = torch.full((3, vocab), -30.0)
+    edge[0, 50], edge[0, [44, 10, 30]] = 0.0, float(torch.log(torch.tensor(0.4)))  # 0.5, then 0.2 x 3 tied
+    edge[1, 7], edge[1, 100:200] = 0.0, float(torch.log(torch.tensor(0.01)))  # 0.5, then 0.005 x 100 tied
+    edge[2] = torch.randn(vocab) * 3
+    kept, index, inside = g._nucleus_in_top(edge, 0.75, g.PICK_TOP)
+    expected = ~g.nucleus_drop(edge, 0.75)
+    assert inside.tolist() == [True, False, True]
+    assert sorted(index[0][kept[0]].tolist()) == [10, 30, 50] and expected[0].nonzero().squeeze(-1).tolist() == [10, 30, 50]
+    for row in (0, 2):
+        assert sorted(index[row][kept[row]].tolist()) == expected[row].nonzero().squeeze(-1).tolist()
+
+
 def test_no_repeat_bans_only_the_reasons_own_ngrams():
     """generate.no_repeat_ngram bans a token that would complete an n-gram the reason already wrote; the prompt's
     n-grams stay allowed (a reason may name the features its prompt lists)."""
@@ -553,6 +595,58 @@ def test_small_products_are_taken_the_other_way_round_only_where_it_pays():
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
     trained = layer(few)
     assert trained.requires_grad and torch.equal(trained, F.linear(few, layer.weight, layer.bias))
+
+
+def test_packed_products_equal_f_linear_bit_for_bit_and_follow_weight_changes():
+    """A bf16 linear layer switched by packed_products gives exactly F.linear's output for decoding's and prefill's
+    shapes, packs its weight again after an in-place change, and leaves fp32 inputs and gradients to the layer's
+    previous forward (transposed_small_products' here)."""
+    import torch
+    import torch.nn.functional as F
+
+    from recreason.models.registry import packed_products, transposed_small_products
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    transposed_small_products(torch.nn.Sequential(layer))
+    if not packed_products(torch.nn.Sequential(layer)):  # no oneDNN bf16 here: the layer is left as it was
+        assert not getattr(layer, "_recreason_packed", False)
+        return
+    packed_products(torch.nn.Sequential(layer))  # idempotent
+    with torch.no_grad():
+        for shape in ((5, 64), (192, 64), (3, 40, 64)):
+            x = torch.randn(*shape).to(torch.bfloat16)
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        first = layer._recreason_weight
+        layer.weight.mul_(2)  # changed in place, as an optimizer step does
+        x = torch.randn(7, 64).to(torch.bfloat16)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and layer._recreason_weight is not first
+        layer.float()
+        x32 = torch.randn(4, 64)
+        assert torch.allclose(layer(x32), F.linear(x32, layer.weight, layer.bias), atol=1e-6)
+    assert layer(x32).requires_grad  # training goes through the layer's own forward
+
+
+def test_freed_memory_is_reused_without_faulting_pages_in_again():
+    """After reuse_freed_memory, a 64 MB block allocated, written and freed over and over is faulted in while the
+    heap settles, then no more (glibc maps blocks that large afresh by default: 16,384 page faults every time)."""
+    import resource
+    import sys
+
+    import torch
+
+    from recreason.models.registry import reuse_freed_memory
+
+    took = reuse_freed_memory()
+    assert took == sys.platform.startswith("linux")
+    if not took:
+        return
+    for _ in range(10):  # the heap grows to hold it
+        torch.empty(16 << 20).fill_(1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        torch.empty(16 << 20).fill_(1.0)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 16384  # not one block's worth in 10
 
 
 def test_the_continuous_decoder_gives_each_prompt_its_own_greedy_tokens_whenever_it_joins(tiny_run):

@@ -244,14 +244,15 @@ def _decode_loop(lm, ids, mask, position, cache, prefix, max_new_tokens: int, eo
     logprob = [0.0 for _ in rows]
     ends = torch.tensor(list(eos_ids), dtype=torch.long)
     seq, step = ids, ids[:, -1:]
+    picker = bool(processors) and hasattr(processors[-1], "pick")  # a sampler that chooses without full scores
     for n in range(max_new_tokens):
         logits = lm(input_ids=step, attention_mask=None if prefix is not None else mask, position_ids=position,
                     cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         norm = logits.logsumexp(-1) if scores else None  # before processors change the scores in place
         shaped = logits
-        for processor in processors:
+        for processor in processors[:-1] if picker else processors:
             shaped = processor(seq, shaped)
-        token = shaped.argmax(-1)
+        token = processors[-1].pick(seq, shaped) if picker else shaped.argmax(-1)
         if scores:  # the chosen token's raw score: processors only ban tokens, and a banned token is never chosen
             for row, lp in zip(rows, (logits.gather(-1, token[:, None]).squeeze(-1) - norm).tolist()):
                 logprob[row] += lp
@@ -357,29 +358,121 @@ class SeededSampler:
         """Keep only these rows' streams, in this order (rows that ended left the batch: :func:`greedy_decode`)."""
         self.generators = [self.generators[k] for k in rows]
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def _sampled_rows(self, input_ids: torch.Tensor) -> list[int]:
+        """The rows this step samples (the others stay greedy): a row that wrote an end token stops sampling."""
         if not self.started:
             self.started = True
         elif len(self.eos):
             ended = torch.isin(input_ids[:, -1].cpu(), self.eos).tolist()
             self.generators = [None if end else gen for gen, end in zip(self.generators, ended)]
-        rows = [n for n, gen in enumerate(self.generators) if gen is not None]
+        return [n for n, gen in enumerate(self.generators) if gen is not None]
+
+    def _uniform(self, rows: list[int], vocab: int) -> torch.Tensor:
+        """Each row's next ``vocab`` uniform numbers: every row draws a number per vocabulary token and step, so its
+        stream does not depend on its nucleus. The rows' streams are independent, so they are drawn on the cores
+        in parallel (one generator is only ever advanced by one thread; 31 ms -> 14 ms for 192 rows on 2 cores)."""
+        out = torch.empty(len(rows), vocab)
+
+        def draw(part: range) -> None:
+            for k in part:
+                torch.rand(vocab, generator=self.generators[rows[k]], out=out[k])
+
+        workers = min(torch.get_num_threads(), len(rows))
+        if workers < 2:
+            draw(range(len(rows)))
+        else:
+            list(_draw_pool(workers).map(draw, [range(w, len(rows), workers) for w in range(workers)]))
+        return out
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = self._sampled_rows(input_ids)
         if not rows:
             return scores
         out = scores.clone()
         logits = scores[rows].float() / max(self.temperature, 1e-5)
-        # every row draws a number per vocabulary token and step, so its stream does not depend on its nucleus
-        uniform = torch.stack([torch.rand(logits.shape[-1], generator=self.generators[n]) for n in rows])
+        uniform = self._uniform(rows, logits.shape[-1])
         if self.top_p < 1.0:  # the noise only where the nucleus keeps a token: the rest stays -inf either way
-            keep = (~nucleus_drop(logits, self.top_p) & (logits > float("-inf"))).nonzero(as_tuple=True)
-            sampled = torch.full_like(logits, float("-inf"))
-            noise = uniform[keep].clamp_(1e-10, 1 - 1e-10).to(logits.device)
-            sampled[keep] = logits[keep] - torch.log(-torch.log(noise))
-            out[rows] = sampled.to(out.dtype)
+            out[rows] = _perturbed(logits, uniform, self.top_p).to(out.dtype)
         else:
             gumbel = -torch.log(-torch.log(uniform.clamp_(1e-10, 1 - 1e-10)))
             out[rows] = (logits + gumbel.to(logits.device)).to(out.dtype)
         return out
+
+    def pick(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The tokens ``self(input_ids, scores).argmax(-1)`` chooses, without writing the perturbed scores of the
+        whole vocabulary: a row whose nucleus lies within its :data:`PICK_TOP` most probable tokens (all tokens of
+        a tie at its edge included) is sampled among those alone, the same noise added the same way and a tie
+        between two maxima going to the lower token id as ``argmax`` has it; the other rows take the whole-row
+        path. Over a 16-prompt x 32-draw decode the whole-vocabulary masks, scatters and copies had cost a fifth
+        of the time."""
+        rows = self._sampled_rows(input_ids)
+        token = scores.argmax(-1)
+        if not rows:
+            return token
+        at = torch.tensor(rows, device=scores.device)
+        # every row's tempered scores and nucleus at once (a greedy row's are not needed, but copying the sampled
+        # rows out of the whole-vocabulary scores cost more than computing them)
+        tempered = scores.float() / max(self.temperature, 1e-5)
+        uniform = self._uniform(rows, scores.shape[-1])
+        if self.top_p >= 1.0:
+            gumbel = -torch.log(-torch.log(uniform.clamp_(1e-10, 1 - 1e-10)))
+            token[rows] = (tempered[at] + gumbel).argmax(-1).to(token.device)
+            return token
+        kept, index, resolved = _nucleus_in_top(tempered, self.top_p, min(PICK_TOP, scores.shape[-1]))
+        kept, index, resolved = kept[at], index[at], resolved[at]
+        values = tempered[at[:, None], index]
+        noise = uniform.gather(-1, index).clamp_(1e-10, 1 - 1e-10)
+        sampled = torch.where(kept & (values > float("-inf")), values - torch.log(-torch.log(noise)),
+                              torch.full_like(values, float("-inf")))
+        best = sampled.max(-1, keepdim=True).values
+        choice = torch.where(sampled == best, index, scores.shape[-1]).min(-1).values
+        resolved &= best.squeeze(-1) > float("-inf")
+        rest = (~resolved).nonzero().squeeze(-1)
+        if len(rest):  # nucleus beyond the top tokens, or a tie run crossing their edge: the whole row
+            choice[rest] = _perturbed(tempered[at[rest]], uniform[rest], self.top_p).argmax(-1)
+        token[rows] = choice.to(token.device)
+        return token
+
+
+_POOLS: dict = {}
+
+
+def _draw_pool(workers: int):
+    """A thread pool of ``workers`` threads, made once per size (torch releases the GIL while it draws)."""
+    if workers not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="recreason-draws")
+    return _POOLS[workers]
+
+
+PICK_TOP = 64  # tokens :meth:`SeededSampler.pick` samples among when a row's nucleus lies within them
+
+
+def _perturbed(logits: torch.Tensor, uniform: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Gumbel-perturbed tempered scores on each row's nucleus, -inf elsewhere (and where a processor banned)."""
+    keep = (~nucleus_drop(logits, top_p) & (logits > float("-inf"))).nonzero(as_tuple=True)
+    sampled = torch.full_like(logits, float("-inf"))
+    noise = uniform[keep].clamp_(1e-10, 1 - 1e-10).to(logits.device)
+    sampled[keep] = logits[keep] - torch.log(-torch.log(noise))
+    return sampled
+
+
+def _nucleus_in_top(logits: torch.Tensor, top_p: float, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(which of each row's ``k`` most probable tokens its nucleus keeps, their token ids, the rows for which that
+    is the whole nucleus). The nucleus is :func:`nucleus_drop`'s: every token more probable than its least
+    probable kept one, and of the tokens tied with that one the first by id; it is resolved here when it ends
+    before the ``k``-th token and the ``k``-th token is less probable than its edge (so the whole tie is in view)."""
+    probs = torch.softmax(logits, -1)
+    top, index = probs.topk(k, -1)  # descending
+    count = (top.cumsum(-1) - top <= top_p).sum(-1, keepdim=True)  # tokens in the nucleus, if it ends in the top
+    last = top.gather(-1, (count - 1).clamp(max=k - 1))
+    resolved = ((count < k) & (top[:, -1:] < last)).squeeze(-1)
+    above, run = top > last, top == last
+    room = count - above.sum(-1, keepdim=True)
+    ids = torch.where(run, index, logits.shape[-1])
+    earlier = (ids[:, None, :] < ids[:, :, None]).sum(-1)  # tied tokens with a lower id than each
+    return above | (run & (earlier < room)), index, resolved
 
 
 def _shared_prefill_lm(model, extra: dict):

@@ -27,7 +27,8 @@ from recreason.generation.generate import SHAPING_KEYS, generate_candidates, gen
 from recreason.inference.safety import ReasonChecker
 from recreason.inference.selection import choose, generic_table
 from recreason.models.personalized import INTEREST_LABELS, interest_class
-from recreason.models.registry import resolve_precision, transposed_small_products, use_grouped_attention
+from recreason.models.registry import (packed_products, resolve_precision, reuse_freed_memory,
+                                       transposed_small_products, use_grouped_attention)
 from recreason.prompts.discrete import DiscretePrompter, render, uses_soft_prompt
 from recreason.ranking import Ranker
 from recreason.rundir import Run, checkpoint_stamp
@@ -121,6 +122,8 @@ class Predictor:
         self.model, self.tokenizer = self._load()
         if str(self.device).startswith("cpu"):  # decoding's few-row products and attention, faster on CPU
             transposed_small_products(self.model)
+            packed_products(self.model)
+            reuse_freed_memory()
             use_grouped_attention(_base_lm(self.model.lm))
         self.dataset = dataset or self.run.dataset()
         self.train = self.dataset.subset(self.run.split_seed, "train")
