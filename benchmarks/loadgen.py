@@ -67,7 +67,7 @@ async def _load(base: str, pairs: list, clients: int, seconds: float, repeat: bo
                            for _ in range(clients)))
     elapsed = time.monotonic() - started
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
-    return {"reasons_per_s": len(latencies) / elapsed, "requests": len(latencies), **counts,
+    return {"reasons_per_s": len(latencies) / elapsed, "requests": len(latencies), "seconds": elapsed, **counts,
             "p50_s": q[49], "p95_s": q[94], "p99_s": q[98]}
 
 

@@ -73,9 +73,13 @@ def load_server(args, pairs, extra: list[str] | None = None) -> dict:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    tokens = next((float(line.split()[-1]) for line in metrics.splitlines()
-                   if line.startswith("recreason_generated_tokens_total ")), 0.0)
-    return {**result, "generated_tokens": tokens,
+    def counter(name: str) -> float:
+        return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")), 0.0)
+
+    busy = counter("recreason_generation_seconds_total")
+    # the model's busy time over the run's: what batching left idle between batches (HTTP, checks, waiting)
+    return {**result, "generated_tokens": counter("recreason_generated_tokens_total"), "generation_seconds": busy,
+            "busy_share": busy / result["seconds"] if result.get("seconds") else None,
             "batch_size_lines": [line for line in metrics.splitlines() if line.startswith("recreason_batch_size_")]}
 
 
@@ -271,7 +275,8 @@ def main() -> None:
     for batching in args.batching:
         s = load_server(args, pairs, ["--batching", batching])
         print(f"server ({batching} batching) with {args.clients} clients: {s['reasons_per_s']:.2f} reasons/s, p50 "
-              f"{s['p50_s']:.2f} s, p95 {s['p95_s']:.2f} s, p99 {s['p99_s']:.2f} s, {s['errors']} errors", flush=True)
+              f"{s['p50_s']:.2f} s, p95 {s['p95_s']:.2f} s, p99 {s['p99_s']:.2f} s, {s['errors']} errors; the model "
+              f"busy {100 * (s['busy_share'] or 0):.0f}% of the time", flush=True)
         bound = s["flop_bound"] = flop_bound(args, pairs, s, peak)
         print(f"FLOP bound: {bound['gflop_per_reason']:.1f} GFLOP a reason ({bound['prompt_tokens']:.0f} prompt + "
               f"{bound['generated_tokens']:.1f} generated tokens), {bound['achieved_gflop_s']:.1f} of a measured "

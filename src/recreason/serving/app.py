@@ -148,6 +148,8 @@ class Metrics:
                                buckets=(1, 2, 4, 8, 16, 32, 64))
         self.tokens = Counter("recreason_generated_tokens_total", "generated tokens", registry=self.registry)
         self.reasons = Counter("recreason_reasons_total", "reasons returned", ["outcome"], registry=self.registry)
+        self.busy = Counter("recreason_generation_seconds_total", "seconds the model spent generating (its share of "
+                            "wall time: how busy the batcher kept it)", registry=self.registry)
 
 
 class Problem(BaseModel):
@@ -435,6 +437,7 @@ def _page_and_operations(app: FastAPI, service: ExplanationService, authorize, m
     """The web page, /healthz and /metrics."""
     seen_batches = [0]
     seen_tokens = [0]
+    seen_busy = [0.0]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
@@ -455,6 +458,9 @@ def _page_and_operations(app: FastAPI, service: ExplanationService, authorize, m
         seen_batches[0] = len(service.batch_sizes)
         metrics.tokens.inc(service.stats["generated_tokens"] - seen_tokens[0])
         seen_tokens[0] = service.stats["generated_tokens"]
+        busy = service.batcher.busy_s
+        metrics.busy.inc(busy - seen_busy[0])
+        seen_busy[0] = busy
         return PlainTextResponse(generate_latest(metrics.registry).decode())
 
 

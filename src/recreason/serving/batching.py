@@ -19,6 +19,7 @@ class _Worker:
 
     def __init__(self, max_queue: int, name: str):
         self.max_queue = max_queue
+        self.busy_s = 0.0  # seconds spent generating (over wall time: how much of it the model was kept working)
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -85,6 +86,7 @@ class MicroBatcher(_Worker):
             pending = [j for j in pending if j not in batch]
             if self.on_batch:
                 self.on_batch(len(batch))
+            start = time.perf_counter()
             try:
                 results = self.fn(key, [j[1] for j in batch])
                 for (_, _, future), result in zip(batch, results):
@@ -92,6 +94,7 @@ class MicroBatcher(_Worker):
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                 for _, _, future in batch:
                     future.set_exception(exc)
+            self.busy_s += time.perf_counter() - start
 
 
 class ContinuousBatcher(_Worker):
@@ -158,15 +161,19 @@ class ContinuousBatcher(_Worker):
             for key, group in whole.items():
                 for at in range(0, len(group), self.max_batch):
                     chunk = group[at:at + self.max_batch]
+                    start = time.perf_counter()
                     try:
                         for (_, future), result in zip(chunk, self.fn(key, [p for p, _ in chunk])):
                             future.set_result(result)
                     except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                         for _, future in chunk:
                             future.set_exception(exc)
+                    self.busy_s += time.perf_counter() - start
             if self.decoder.busy:
+                start = time.perf_counter()
                 try:
                     rows = self.decoder.step()
+                    self.busy_s += time.perf_counter() - start
                 except Exception as exc:  # noqa: BLE001 - handed to every running caller
                     self.decoder.reset()
                     running, self._running = self._running, {}
