@@ -694,6 +694,59 @@ def test_the_continuous_decoder_gives_each_prompt_its_own_greedy_tokens_whenever
     assert max(widths) <= max(map(len, prompts)) + max(limits)
 
 
+def test_the_candidate_decoder_gives_each_job_the_draws_it_gets_alone_whenever_it_joins(tiny_run):
+    """Jobs of several draws (greedy + seeded samples) joining a running batch between steps, with their own token
+    limits and the no-repeat rule, get exactly the tokens and likelihoods greedy_decode gives each prompt's draws
+    alone with the same seeds (the shared prompt cache growing and shrinking, later rows' own tokens left-padded);
+    each job is answered the step its last draw ends, and no more rows run than there is room for."""
+    import torch
+
+    from recreason.config import GenerateConfig
+    from recreason.generation import generate as g
+    from recreason.generation.engine import CandidateDecoder
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=8, precision="fp32"))
+    tok, lm = predictor.tokenizer, predictor.model.lm
+    records = predictor.dataset.subset(1, "test")[:7]
+    texts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    limits, draws = [3, 8, 5, 2, 7, 4, 6], [3, 2, 4, 1, 3, 2, 4]
+    alone = []
+    for text, ids, limit, n in zip(texts, prompts, limits, draws):
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        sampler = g.SeededSampler(g.draw_seeds(7, text, range(n)), 0.9, 0.9, tok.eos_token_id)
+        with torch.no_grad():
+            alone.append(g.greedy_decode(lm, batch, limit, [tok.eos_token_id], [g.NoRepeatInReason(2), sampler],
+                                         draws=n, scores=True))
+    decoder = CandidateDecoder(lm, tok.pad_token_id, [tok.eos_token_id], max_rows=8, temperature=0.9, top_p=0.9,
+                               no_repeat_ngram=2)
+    answered: dict = {}
+    step, rows, prompts_held, padded = 0, [], [], 0
+
+    def done(k):
+        return lambda tokens, logprobs: answered.__setitem__(k, (step, tokens, logprobs))
+
+    for k in range(3):
+        decoder.add(prompts[k], limits[k], g.draw_seeds(7, texts[k], range(draws[k])), done(k))
+    while decoder.busy:
+        step += 1
+        if step == 2:  # 4 more while 3 run: they join as rows leave (8 rows at most)
+            for k in range(3, 7):
+                decoder.add(prompts[k], limits[k], g.draw_seeds(7, texts[k], range(draws[k])), done(k))
+        rows.append(decoder.step())
+        if decoder.rows:
+            prompts_held.append(decoder.prefix.keys[0].shape[0])
+            padded += int(decoder.prefix.own_bias is not None)
+            assert bool(decoder.own[:, 0].any())  # no own column that no row has is kept
+    for k in range(7):
+        assert answered[k][1] == alone[k][0]
+        assert answered[k][2] == pytest.approx(alone[k][1], abs=1e-5)
+    assert max(rows) <= 8 and max(rows) >= 7
+    assert answered[3][0] < answered[1][0]  # a one-draw job that joined later is answered before a long one
+    assert padded and max(prompts_held) >= 3 and min(prompts_held) == 1  # joined mid-decode; prompts left
+
+
 def _tiny_prompts(tiny_run, n: int):
     """The tiny run's fp32 predictor and the prompts of its first ``n`` test records."""
     from recreason.config import GenerateConfig
@@ -794,7 +847,8 @@ def test_draws_attend_to_one_copy_of_their_prompts_cache(tiny_run, monkeypatch):
 
 def test_shared_prefix_attention_is_attention_over_each_rows_whole_cache():
     """SharedPrefix.attend, after rows and a whole prompt in the middle have left, gives every row and query head
-    eager attention over its prompt's tokens (padding masked) followed by its own tokens."""
+    eager attention over its prompt's tokens (padding masked) followed by its own tokens; so it does after a
+    longer prompt joins (SharedPrefix.join) with rows that have fewer own tokens (own_bias masks the others)."""
     import torch
 
     from recreason.models.registry import SharedPrefix
@@ -818,5 +872,29 @@ def test_shared_prefix_attention_is_attention_over_each_rows_whole_cache():
         for h in range(kv_heads * group):
             whole_k = torch.cat([keys[0][p, h // group], k[r, h // group]])
             whole_v = torch.cat([values[0][p, h // group], v[r, h // group]])
+            weights = torch.softmax(q[r, h, 0] @ whole_k.T * 0.125 + bias, -1)
+            assert torch.allclose(out[r, 0, h], weights @ whole_v, atol=1e-5)
+
+    # a longer prompt joins with 3 rows, which have one own token where the others have two: it sees its own
+    # prompt and token only, the others are as they were
+    longer = length + 2
+    new_keys, new_values = [torch.randn(1, kv_heads, longer, d)], [torch.randn(1, kv_heads, longer, d)]
+    shared.join(new_keys, new_values, torch.ones(1, longer), torch.zeros(3, dtype=torch.long))
+    own_mask = torch.ones(len(keep) + 3, own)
+    own_mask[len(keep):, 0] = 0
+    shared.own_bias = (1 - own_mask) * torch.finfo(torch.float32).min
+    q = torch.randn(len(keep) + 3, kv_heads * group, 1, d)
+    k = torch.cat([k, torch.randn(3, kv_heads, own, d)])
+    v = torch.cat([v, torch.randn(3, kv_heads, own, d)])
+    out, _ = shared.attend(0, q, k, v, 0.125)
+    for r in range(len(keep) + 3):
+        if r < len(keep):
+            p = keep[r].item() // draws
+            pk, pv, pbias = keys[0][p], values[0][p], (1 - mask[p]) * torch.finfo(torch.float32).min
+        else:
+            pk, pv, pbias = new_keys[0][0], new_values[0][0], torch.zeros(longer)
+        bias = torch.cat([pbias, (1 - own_mask[r]) * torch.finfo(torch.float32).min])
+        for h in range(kv_heads * group):
+            whole_k, whole_v = torch.cat([pk[h // group], k[r, h // group]]), torch.cat([pv[h // group], v[r, h // group]])
             weights = torch.softmax(q[r, h, 0] @ whole_k.T * 0.125 + bias, -1)
             assert torch.allclose(out[r, 0, h], weights @ whole_v, atol=1e-5)

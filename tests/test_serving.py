@@ -365,6 +365,38 @@ def test_continuous_batching_answers_what_whole_batches_answer(served):
         ExplanationService(run, store_url=f"sqlite:///{run}/bad.db", serve_cfg=ServeConfig(batching="streaming"))
 
 
+def test_continuous_candidates_answer_what_whole_batches_answer(served):
+    """With candidates to choose among and serve.batching continuous, every draw of concurrent requests decodes in
+    one running batch (CandidateDecoder: a step holds several requests' draws) and each request gets the reason whole
+    batches give it, every candidate's tokens counted alike; a beam-search request still goes whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recreason.config import GenerateConfig, ServeConfig
+    from recreason.generation.engine import CandidateDecoder
+    from recreason.serving.service import ExplanationService
+
+    _, first, run = served
+    users = list(first.predictor.prompter.user_profiles)[:3]
+    items = list(first.predictor.prompter.item_profiles)[:2]
+    pairs = [{"user_id": u, "item_id": i} for u in users for i in items]
+    cfg = GenerateConfig(max_new_tokens=6, precision="fp32", candidates=4, min_new_tokens=2, no_repeat_ngram=2)
+    whole = ExplanationService(run, store_url=f"sqlite:///{run}/candidates-whole.db", gen_cfg=cfg)
+    running = ExplanationService(run, store_url=f"sqlite:///{run}/candidates-running.db", gen_cfg=cfg,
+                                 serve_cfg=ServeConfig(batching="continuous", max_batch_size=3))
+    try:
+        assert isinstance(running.batcher.decoder, CandidateDecoder) and running.batcher.decoder.max_rows == 12
+        with ThreadPoolExecutor(len(pairs)) as pool:
+            answers = list(pool.map(lambda pair: running.explain([pair])[0]["reason"], pairs))
+        assert answers == [whole.explain([pair])[0]["reason"] for pair in pairs]
+        assert running.stats["generated_tokens"] == whole.stats["generated_tokens"] > 0
+        assert max(running.batch_sizes) > 4  # one step decoded more than one request's draws
+        beams = {"num_beams": 2}
+        assert running.explain(pairs[:2], beams) == whole.explain(pairs[:2], beams)
+    finally:
+        whole.close()
+        running.close()
+
+
 def test_served_token_count_holds_every_candidate(served):
     """With generate.candidates > 1 the server's token count (recreason_generated_tokens_total, which
     benchmarks/serve_load.py turns into FLOP per reason) is every draw's tokens, not only the chosen text's."""
@@ -423,7 +455,7 @@ def test_a_failed_decoding_step_fails_its_requests_and_the_batcher_goes_on():
             self.waiting = []
 
     batcher = ContinuousBatcher(Decoder(), accepts=lambda key: key == "greedy", start=lambda key, p: (p, 4),
-                                finish=lambda tokens: tokens, fn=lambda key, payloads: [f"{key}:{p}" for p in payloads])
+                                finish=lambda payload, tokens: tokens, fn=lambda key, payloads: [f"{key}:{p}" for p in payloads])
     try:
         first = batcher.submit("greedy", [1, 2])
         with pytest.raises(RuntimeError, match="out of memory"):

@@ -12,6 +12,12 @@ So the batch stays full while requests keep coming, and a short reason is not he
 Each row gets the tokens :func:`greedy_decode` gives its prompt: the same argmax of the same logits, with the
 reason-shaping rules (``min_new_tokens``, ``no_repeat_ngram``) applied per row, counting the row's own tokens.
 Only plain token-id prompts of a causal LM (see ``_shared_prefill_lm``); one thread drives it.
+
+:class:`CandidateDecoder` does the same for jobs of several draws each (the greedy text and seeded samples, a
+choice among them made afterwards): a prompt's KV cache is kept once for its draws (:class:`SharedPrefix`), its
+draws join together and leave one by one, and the job is answered when its last draw ends. With whole batches
+the last steps of a batch of 16 prompts x 12 draws decode a handful of rows at the cost of many (a step's cost
+barely falls below 40 ms however few its rows); here the rows of the next prompts fill them.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from recreason.generation.generate import prefill, repeated_ngram_bans
+from recreason.generation.generate import SeededSampler, prefill, repeated_ngram_bans
+from recreason.models.registry import SHARED_PREFIX, SharedPrefix
 
 
 @dataclass
@@ -162,3 +169,170 @@ class ContinuousDecoder:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
             self.mask = self.mask[:, first:]
+
+
+@dataclass
+class _Job:
+    prompt: list[int]
+    max_new_tokens: int
+    seeds: list[int | None]  # one per draw; None: the greedy draw
+    done: Callable[[list[list[int]], list[float]], None]
+    tokens: list[list[int]] = field(default_factory=list)
+    logprob: list[float] = field(default_factory=list)
+    left: int = 0  # draws still decoding
+
+
+class CandidateDecoder:
+    """One running batch of at most ``max_rows`` draws of ``lm`` (a plain causal LM whose attention is
+    :func:`~recreason.models.registry.grouped_attention`), for jobs of one prompt and several draws each: the
+    greedy text and samples at ``temperature`` and ``top_p``, each from its own seeded stream
+    (:class:`~recreason.generation.generate.SeededSampler`), ending on ``eos_ids``; ``min_new_tokens`` and
+    ``no_repeat_ngram`` per draw as in ``generate``. A job's draws get the tokens and mean log-likelihoods
+    :func:`~recreason.generation.generate.greedy_decode` gives its prompt alone with the same seeds (tested).
+
+    Waiting jobs join between steps, as many as there are rows free for all of their draws, once ``admit_at`` of
+    them can join together (into an empty batch at once): their prompts are prefilled together and join the
+    shared prompt cache; their draws' own tokens are left-padded (masked) to the running rows' own columns."""
+
+    def __init__(self, lm, pad_id: int, eos_ids: Sequence[int], max_rows: int, temperature: float, top_p: float,
+                 min_new_tokens: int = 0, no_repeat_ngram: int = 0, stop_ids: Sequence[int] = (), admit_at: int = 1):
+        if max_rows < 1:
+            raise ValueError("max_rows must be at least 1")
+        self.lm, self.pad_id, self.max_rows, self.admit_at = lm, pad_id, max_rows, max(1, admit_at)
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
+        self.min_new_tokens, self.no_repeat_ngram, self.stops = min_new_tokens, no_repeat_ngram, list(stop_ids)
+        self.temperature, self.top_p = temperature, top_p
+        self.waiting: deque[_Job] = deque()
+        self.reset()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def reset(self) -> None:
+        """Forget every job, running or waiting, without calling back (after a failed step)."""
+        self.waiting.clear()
+        self.rows: list[tuple[_Job, int]] = []  # (job, draw), grouped by prompt in the order they joined
+        self.sampler = SeededSampler([], self.temperature, self.top_p)  # its streams follow self.rows
+        self.sampler.started = True
+        self.prefix = self.cache = self.own = self.position = self.step_ids = None
+
+    def add(self, prompt_ids: Sequence[int], max_new_tokens: int, seeds: Sequence[int | None],
+            done: Callable[[list[list[int]], list[float]], None]) -> None:
+        """Queue one prompt (token ids, at least two) with one draw per seed (None: greedy); ``done(tokens,
+        logprobs)`` is called from :meth:`step` when its last draw ends, with each draw's tokens (its end-of-text
+        token included) and mean log-likelihood."""
+        if len(prompt_ids) < 2:
+            raise ValueError("a prompt needs at least two tokens")
+        if not 1 <= len(seeds) <= self.max_rows:
+            raise ValueError(f"a job needs 1 to {self.max_rows} draws, got {len(seeds)}")
+        if max_new_tokens < 1:
+            done([[] for _ in seeds], [0.0 for _ in seeds])
+            return
+        self.waiting.append(_Job(list(prompt_ids), max_new_tokens, list(seeds), done,
+                                 [[] for _ in seeds], [0.0 for _ in seeds], len(seeds)))
+
+    @torch.no_grad()
+    def step(self) -> int:
+        """Admit waiting jobs, decode one token for every draw, let ended draws go and answer finished jobs.
+        Returns how many rows were decoded."""
+        self._admit()
+        if not self.rows:
+            return 0
+        rows = len(self.rows)
+        own = torch.cat([self.own, self.own.new_ones(rows, 1)], 1)  # the token fed now joins each row's own tokens
+        self.prefix.own_bias = None if bool(own.all()) else (1.0 - own) * torch.finfo(torch.float32).min
+        token = SHARED_PREFIX.set(self.prefix)
+        try:
+            logits = self.lm(input_ids=self.step_ids, position_ids=self.position, cache=self.cache, use_cache=True,
+                             logits_to_keep=1).logits[:, -1].float()
+        finally:
+            SHARED_PREFIX.reset(token)
+        self.own = own
+        norm = logits.logsumexp(-1)  # before the rules ban tokens in place
+        for r, (job, draw) in enumerate(self.rows):
+            written = job.tokens[draw]
+            if len(written) < self.min_new_tokens and self.stops:
+                logits[r, self.stops] = float("-inf")
+            if self.no_repeat_ngram:
+                banned = repeated_ngram_bans(written, self.no_repeat_ngram)
+                if banned:
+                    logits[r, banned] = float("-inf")
+        chosen = self.sampler.pick(self.step_ids, logits)
+        scores = (logits.gather(-1, chosen[:, None]).squeeze(-1) - norm).tolist()
+        ended = torch.isin(chosen, self.eos).tolist()
+        keep = []
+        for r, ((job, draw), t, lp) in enumerate(zip(self.rows, chosen.tolist(), scores)):
+            job.tokens[draw].append(t)
+            job.logprob[draw] += lp
+            if ended[r] or len(job.tokens[draw]) >= job.max_new_tokens:
+                job.left -= 1
+                if not job.left:
+                    job.done(job.tokens, [lp / max(1, len(t)) for lp, t in zip(job.logprob, job.tokens)])
+            else:
+                keep.append(r)
+        if len(keep) < rows:
+            if not keep:
+                self.rows, self.sampler.generators = [], []
+                self.prefix = self.cache = self.own = self.position = self.step_ids = None
+                return rows
+            index = torch.tensor(keep, dtype=torch.long)
+            self.cache.batch_select_indices(index)
+            self.prefix.select(index)
+            self.sampler.select(keep)
+            self.rows = [self.rows[k] for k in keep]
+            self.own, self.position, chosen = self.own[index], self.position[index], chosen[index]
+            self._trim()
+        self.position, self.step_ids = self.position + 1, chosen[:, None]
+        return rows
+
+    def _admit(self) -> None:
+        room = self.max_rows - len(self.rows)
+        count = used = 0
+        for job in self.waiting:
+            if used + len(job.seeds) > room:
+                break
+            count, used = count + 1, used + len(job.seeds)
+        if not count or (self.rows and count < self.admit_at):
+            return  # no room, or waiting for company: a prefill of several prompts runs nearer the matrix peak
+        new = [self.waiting.popleft() for _ in range(count)]
+        width = max(len(job.prompt) for job in new)
+        ids = torch.full((count, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((count, width), dtype=torch.long)
+        for k, job in enumerate(new):
+            ids[k, width - len(job.prompt):] = torch.tensor(job.prompt)
+            mask[k, width - len(job.prompt):] = 1
+        cache, laid = prefill(self.lm, {"input_ids": ids, "attention_mask": mask}, 1)
+        ids, mask = laid["input_ids"], laid["attention_mask"]
+        draws = torch.tensor([len(job.seeds) for job in new])
+        owner = torch.arange(count).repeat_interleave(draws)
+        keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        position = (mask.long().sum(-1, keepdim=True) - 1).repeat_interleave(draws, 0)
+        step_ids = ids[:, -1].repeat_interleave(draws)[:, None]
+        generators = [None if seed is None else torch.Generator().manual_seed(seed) for job in new for seed in job.seeds]
+        rows = [(job, draw) for job in new for draw in range(len(job.seeds))]
+        if not self.rows:
+            from transformers import DynamicCache
+
+            self.prefix = SharedPrefix(keys, values, mask[:, :-1], owner)
+            self.cache, self.own = DynamicCache(), torch.zeros(len(rows), 0)
+            self.position, self.step_ids, self.sampler.generators = position, step_ids, generators
+        else:
+            self.prefix.join(keys, values, mask[:, :-1], owner)
+            for layer in self.cache.layers:  # the new rows' own columns so far: masked padding
+                layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(len(rows), *layer.keys.shape[1:])])
+                layer.values = torch.cat([layer.values, layer.values.new_zeros(len(rows), *layer.values.shape[1:])])
+            self.own = torch.cat([self.own, self.own.new_zeros(len(rows), self.own.shape[1])])
+            self.position = torch.cat([self.position, position])
+            self.step_ids = torch.cat([self.step_ids, step_ids])
+            self.sampler.generators = self.sampler.generators + generators
+        self.rows.extend(rows)
+
+    def _trim(self) -> None:
+        """Drop leading own columns no row has a token in (the rows that had them have left)."""
+        used = self.own.any(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.own = self.own[:, first:]

@@ -591,7 +591,7 @@ def generate_candidates(
     n = len(draws)
     out: list[list[Candidate]] = [[] for _ in prompts]
     for idx, batch, extra in _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
-        seeds = [None if j == 0 else prompt_seed(cfg.seed, prompts[i], j) for i in idx for j in draws]
+        seeds = [s for i in idx for s in draw_seeds(cfg.seed, prompts[i], draws)]
         lm = _shared_prefill_lm(model, extra) if shared_prefill and batch["input_ids"].shape[1] > 1 else None
         sampler = SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p, tokenizer.eos_token_id)
         if lm is not None and own_loop:  # one prefill per prompt, rows leave as they end
@@ -611,10 +611,23 @@ def generate_candidates(
             tokens = result.sequences
             logprobs = _mean_logprobs(result.sequences, result.logits, tokenizer.eos_token_id,
                                       tokenizer.pad_token_id).tolist()
-        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        for row, (text, lp) in enumerate(zip(texts, logprobs)):
-            _add(out[idx[row // n]], Candidate(clean_output(text), float(lp), greedy=draws[row % n] == 0))
+        for k, i in enumerate(idx):
+            out[i] = candidate_list(tokenizer, tokens[k * n:(k + 1) * n], logprobs[k * n:(k + 1) * n], draws)
     return out
+
+
+def candidate_list(tokenizer, tokens: Sequence, logprobs: Sequence[float], draws: Sequence[int]) -> list[Candidate]:
+    """One prompt's candidates from its draws' tokens and mean log-likelihoods (draw 0 is the greedy one): texts
+    as :func:`clean_output` gives them, identical ones kept once with their counts."""
+    out: list[Candidate] = []
+    for text, lp, j in zip(tokenizer.batch_decode(tokens, skip_special_tokens=True), logprobs, draws):
+        _add(out, Candidate(clean_output(text), float(lp), greedy=j == 0))
+    return out
+
+
+def draw_seeds(seed: int, prompt: str, draws: Sequence[int]) -> list[int | None]:
+    """The random seed of each of a prompt's draws (None: draw 0, the greedy one): :func:`prompt_seed`."""
+    return [None if j == 0 else prompt_seed(seed, prompt, j) for j in draws]
 
 
 def _add(target: list[Candidate], candidate: Candidate) -> None:

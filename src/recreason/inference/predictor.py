@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 from recreason.config import GenerateConfig
 from recreason.data.records import Explained
 from recreason.errors import ConfigError, UnknownId
-from recreason.generation.generate import SHAPING_KEYS, generate_candidates, generate_texts
+from recreason.generation.generate import SHAPING_KEYS, Candidate, generate_candidates, generate_texts
 from recreason.inference.safety import ReasonChecker
 from recreason.inference.selection import choose, generic_table
 from recreason.models.personalized import INTEREST_LABELS, interest_class
@@ -247,8 +247,13 @@ class Predictor:
             texts = generate_texts(self.model, self.tokenizer, prompts, cfg, **args)
             self.decoded_tokens += self._tokens(texts)
             return texts
+        return self.choose(prompted, generate_candidates(self.model, self.tokenizer, prompts, cfg, **args), cfg)
+
+    def choose(self, prompted: Sequence[Prompted], candidates: Sequence[Sequence[Candidate]],
+               cfg: GenerateConfig) -> list[str]:
+        """The text ``cfg``'s selection score chooses among each request's candidates (however they were decoded:
+        in whole batches here, or in a server's running batch); their tokens are counted in :attr:`decoded_tokens`."""
         generic = self.generic_table(cfg)
-        candidates = generate_candidates(self.model, self.tokenizer, prompts, cfg, **args)
         drawn = [c for cands in candidates for c in cands]
         self.decoded_tokens += self._tokens([c.text for c in drawn], [c.count for c in drawn])
         return [choose(c, set(p.known_features), p.user_features, generic, cfg, self.matcher).text

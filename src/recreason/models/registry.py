@@ -358,6 +358,34 @@ class SharedPrefix:
         dtype = keys[0].dtype
         self.bias = (1.0 - mask.to(dtype)) * torch.finfo(dtype).min  # [prompts, prompt length], added to scores
         self.owner = owner
+        # [rows, own tokens] added to the scores of the rows' own tokens, or None when every row has all of them
+        # (rows that joined a running batch later have fewer: ``recreason.generation.engine.CandidateDecoder``)
+        self.own_bias = None
+        self._layout()
+
+    def join(self, keys: list, values: list, mask, owner) -> None:
+        """Add prompts (their caches per layer [new prompts, kv heads, length, head dim] and ``mask`` [new prompts,
+        length]) and their rows after the rows already here (``owner``: each new row's prompt among the new ones).
+        The shorter side is left-padded with masked columns."""
+        import torch
+
+        dtype = self.keys[0].dtype
+        width = max(self.keys[0].shape[2], keys[0].shape[2])
+
+        def pad(t, fill=0.0):
+            missing = width - t.shape[-2 if t.dim() == 4 else -1]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[-2 if t.dim() == 4 else -1] = missing
+            return torch.cat([t.new_full(shape, fill), t], -2 if t.dim() == 4 else -1)
+
+        first = self.keys[0].shape[0]
+        self.keys = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.keys, keys)]
+        self.values32 = [torch.cat([pad(a), pad(b.float())]) for a, b in zip(self.values32, values)]
+        new_bias = (1.0 - mask.to(dtype)) * torch.finfo(dtype).min
+        self.bias = torch.cat([pad(self.bias, torch.finfo(dtype).min), pad(new_bias, torch.finfo(dtype).min)])
+        self.owner = torch.cat([self.owner, owner + first])
         self._layout()
 
     def _layout(self) -> None:
@@ -379,6 +407,12 @@ class SharedPrefix:
             self.values32 = [v[alive] for v in self.values32]
             self.bias = self.bias[alive]
             owner = torch.searchsorted(alive, owner)
+            used = (self.bias > torch.finfo(self.bias.dtype).min / 2).any(0).nonzero()
+            first = int(used[0]) if len(used) else 0
+            if first:  # the longest prompts left: drop the leading columns only they had
+                self.keys = [k[:, :, first:] for k in self.keys]
+                self.values32 = [v[:, :, first:] for v in self.values32]
+                self.bias = self.bias[:, first:]
         self.owner = owner
         self._layout()
 
@@ -398,6 +432,8 @@ class SharedPrefix:
         on_prompt = torch.matmul(padded, pk.transpose(2, 3)) * scaling + self.bias[:, None, None, :]
         on_prompt = on_prompt.view(prompts, kv_heads, width, group, length).permute(0, 2, 1, 3, 4)[owner, slot]
         on_own = torch.matmul(q, key.transpose(2, 3)) * scaling  # [rows, kv heads, group, own tokens]
+        if self.own_bias is not None:
+            on_own = on_own + self.own_bias[:, None, None, :].to(on_own.dtype)
         weights = torch.softmax(torch.cat([on_prompt, on_own], -1), dim=-1, dtype=torch.float32).to(query.dtype)
         # the two halves of the weighted sum in fp32, rounded once as eager attention's one product is (in bf16 a
         # rounding per half changed a third of greedy texts); the operands are small

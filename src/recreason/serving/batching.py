@@ -15,14 +15,26 @@ class Overloaded(RuntimeError):
 
 
 class _Worker:
-    """A queue of ``(key, payload, future)`` jobs and the thread that serves it (``_loop``, in subclasses)."""
+    """A queue of ``(key, payload, future)`` jobs and the thread that serves it (``_loop``, in subclasses).
 
-    def __init__(self, max_queue: int, name: str):
+    ``threads``: the torch threads the serving thread computes with (torch's thread count is set per thread; the
+    service loads its model with one, so that only this thread keeps a pool of compute threads: see
+    :class:`~recreason.serving.service.ExplanationService`)."""
+
+    def __init__(self, max_queue: int, name: str, threads: int | None = None):
         self.max_queue = max_queue
+        self.threads = threads
         self.busy_s = 0.0  # seconds spent generating (over wall time: how much of it the model was kept working)
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        self._loop()
 
     def _waiting(self) -> int:
         return self._queue.qsize()
@@ -52,8 +64,9 @@ class MicroBatcher(_Worker):
     """
 
     def __init__(self, fn: Callable[[Hashable, Sequence[Any]], Sequence[Any]], max_batch: int = 16,
-                 max_wait_s: float = 0.01, on_batch: Callable[[int], None] | None = None, max_queue: int = 1024):
-        super().__init__(max_queue, "recreason-batcher")
+                 max_wait_s: float = 0.01, on_batch: Callable[[int], None] | None = None, max_queue: int = 1024,
+                 threads: int | None = None):
+        super().__init__(max_queue, "recreason-batcher", threads)
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -98,19 +111,22 @@ class MicroBatcher(_Worker):
 
 
 class ContinuousBatcher(_Worker):
-    """Iteration-level batching: greedy jobs (``accepts(key)``) run in a
-    :class:`~recreason.generation.engine.ContinuousDecoder`, one token for every running job per step, joining
-    between steps and leaving as soon as they end; other jobs (beam search, sampling, candidate choice) are
-    batched whole by ``fn(key, payloads)`` as :class:`MicroBatcher` does, between two steps.
+    """Iteration-level batching: the jobs the decoder runs (``accepts(key)``: greedy reasons in a
+    :class:`~recreason.generation.engine.ContinuousDecoder`, or candidates to choose among in a
+    :class:`~recreason.generation.engine.CandidateDecoder`) decode one token for every running row per step, joining
+    between steps and leaving as soon as they end; other jobs are batched whole by ``fn(key, payloads)`` as
+    :class:`MicroBatcher` does, between two steps.
 
-    ``start(key, payload)`` gives a job's prompt token ids and token limit; ``finish(tokens)`` its result. The
-    same ``submit``/``close`` as :class:`MicroBatcher`; ``on_batch`` sees the rows of each step."""
+    ``start(key, payload)`` gives the arguments of the decoder's ``add`` before its callback (the prompt's token ids,
+    its token limit, and for candidates the draws' seeds); ``finish(payload, *decoded)`` turns what the decoder calls
+    back with into the job's result. The same ``submit``/``close`` as :class:`MicroBatcher`; ``on_batch`` sees the
+    rows of each step."""
 
     def __init__(self, decoder, accepts: Callable[[Hashable], bool],
-                 start: Callable[[Hashable, Any], tuple[Sequence[int], int]], finish: Callable[[list[int]], Any],
+                 start: Callable[[Hashable, Any], tuple], finish: Callable[..., Any],
                  fn: Callable[[Hashable, Sequence[Any]], Sequence[Any]], max_batch: int = 16,
-                 on_batch: Callable[[int], None] | None = None, max_queue: int = 1024):
-        super().__init__(max_queue, "recreason-decoder")
+                 on_batch: Callable[[int], None] | None = None, max_queue: int = 1024, threads: int | None = None):
+        super().__init__(max_queue, "recreason-decoder", threads)
         self.decoder, self.accepts, self.start, self.finish, self.fn = decoder, accepts, start, finish, fn
         self.max_batch, self.on_batch = max_batch, on_batch
         self._running: dict[int, Future] = {}  # decoder jobs not yet answered
@@ -120,10 +136,10 @@ class ContinuousBatcher(_Worker):
     def _waiting(self) -> int:
         return self._queue.qsize() + len(self.decoder.waiting)
 
-    def _answer(self, job: int, tokens: list[int]) -> None:
+    def _answer(self, job: int, payload: Any, decoded: tuple) -> None:
         future = self._running.pop(job)
         try:
-            future.set_result(self.finish(tokens))
+            future.set_result(self.finish(payload, *decoded))
         except Exception as exc:  # noqa: BLE001 - handed to the caller
             future.set_exception(exc)
 
@@ -151,10 +167,10 @@ class ContinuousBatcher(_Worker):
                     whole.setdefault(key, []).append((payload, future))
                     continue
                 try:
-                    ids, limit = self.start(key, payload)
+                    spec = self.start(key, payload)
                     job = next(self._ids)
                     self._running[job] = future
-                    self.decoder.add(ids, limit, lambda tokens, job=job: self._answer(job, tokens))
+                    self.decoder.add(*spec, lambda *decoded, job=job, payload=payload: self._answer(job, payload, decoded))
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
                     self._running = {k: f for k, f in self._running.items() if f is not future}
                     future.set_exception(exc)

@@ -16,8 +16,9 @@ from recreason.config import GenerateConfig, ServeConfig
 from recreason.data.records import Explained
 from recreason.inference import Predictor, Prompted, Request
 from recreason.errors import ConfigError
-from recreason.generation.engine import ContinuousDecoder
-from recreason.generation.generate import clean_output, plain_causal_lm, stop_token_ids
+from recreason.generation.engine import CandidateDecoder, ContinuousDecoder
+from recreason.generation.generate import (candidate_list, clean_output, draw_seeds, plain_causal_lm,
+                                           stop_token_ids)
 from recreason.serving.batching import ContinuousBatcher, MicroBatcher
 from recreason.serving.store import Interaction, open_store
 from recreason.text import tokenize
@@ -29,7 +30,19 @@ class ExplanationService:
         self.cfg = serve_cfg or ServeConfig()
         if self.cfg.batching not in ("whole", "continuous"):
             raise ConfigError(f"serve.batching must be whole or continuous, got {self.cfg.batching!r}")
-        self.predictor = Predictor(run_dir, gen_cfg, cold_start=self.cfg.cold_start)
+        import torch
+
+        # The model is loaded with one torch thread and computes with all of them on the batcher's thread: torch's
+        # thread count is per thread, and each thread that runs a parallel product keeps a pool of its own (GNU
+        # OpenMP). Two such pools on two cores made the worker threads sleep and wake around every parallel step
+        # instead of spinning: one 16 x 12 batch of the distilled run took 8.1-9.9 s on a second thread against
+        # 6.3-7.6 s on the thread that had loaded the model.
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self.predictor = Predictor(run_dir, gen_cfg, cold_start=self.cfg.cold_start)
+        finally:
+            torch.set_num_threads(self._threads)
         self.run = self.predictor.run
         self.gen_cfg = self.predictor.gen_cfg
         self.matcher = self.predictor.matcher
@@ -102,18 +115,31 @@ class ExplanationService:
 
     # ----- generation --------------------------------------------------------------------------
     def _batcher(self):
-        """The continuous decoder for greedy reasons of a plain-prompt model (``serve.batching: continuous``),
-        else whole micro-batches."""
+        """With ``serve.batching: continuous`` and a plain-prompt model, a running batch: of greedy reasons, or, where
+        the configuration chooses among candidates, of every draw of every request (:class:`CandidateDecoder`,
+        ``max_batch_size`` requests' draws at a time). Else whole micro-batches."""
         lm = plain_causal_lm(self.predictor.model)
         if self.cfg.batching == "whole" or lm is None:
             return MicroBatcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.max_wait_ms / 1000,
-                                on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue)
+                                on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue, threads=self._threads)
         tok, cfg = self.predictor.tokenizer, self.gen_cfg
+        stops = stop_token_ids(tok) if cfg.min_new_tokens else ()
+        if self._chooses(cfg):
+            decoder = CandidateDecoder(lm, tok.pad_token_id, [tok.eos_token_id], self.cfg.max_batch_size * cfg.candidates,
+                                       cfg.sample_temperature, cfg.sample_top_p, cfg.min_new_tokens, cfg.no_repeat_ngram,
+                                       stops)
+            return ContinuousBatcher(decoder, self._same_candidates, self._start_candidates, self._finish_candidates,
+                                     self._generate_batch, self.cfg.max_batch_size, on_batch=self.batch_sizes.append,
+                                     max_queue=self.cfg.max_queue, threads=self._threads)
         decoder = ContinuousDecoder(lm, tok.pad_token_id, [tok.eos_token_id], self.cfg.max_batch_size,
-                                    cfg.min_new_tokens, cfg.no_repeat_ngram,
-                                    stop_token_ids(tok) if cfg.min_new_tokens else ())
+                                    cfg.min_new_tokens, cfg.no_repeat_ngram, stops)
         return ContinuousBatcher(decoder, self._greedy, self._start, self._finish, self._generate_batch,
-                                 self.cfg.max_batch_size, on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue)
+                                 self.cfg.max_batch_size, on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue,
+                                 threads=self._threads)
+
+    def _chooses(self, cfg: GenerateConfig) -> bool:
+        """Whether ``cfg`` decodes candidates and chooses among them (a fine-tuned run's greedy decoding)."""
+        return cfg.num_beams == 1 and not cfg.do_sample and cfg.candidates > 1 and self.predictor.system == "fine-tuned"
 
     def _greedy(self, key) -> bool:
         """Whether requests with these options decode as the continuous decoder does: one greedy text."""
@@ -124,9 +150,29 @@ class ExplanationService:
         ids = self.predictor.tokenizer(prompted.prompt, add_special_tokens=False)["input_ids"]
         return ids, self.predictor.generation_config(dict(key)).max_new_tokens
 
-    def _finish(self, tokens: list[int]) -> str:
+    def _finish(self, prompted: Prompted, tokens: list[int]) -> str:
         self.stats["generated_tokens"] += len([t for t in tokens if t != self.predictor.tokenizer.eos_token_id])
         return clean_output(self.predictor.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def _same_candidates(self, key) -> bool:
+        """Whether requests with these options draw the candidates the running batch draws (count, temperature,
+        top-p, length rules: the server's own); others are decoded in whole batches."""
+        cfg, own = self.predictor.generation_config(dict(key)), self.gen_cfg
+        same = ("candidates", "sample_temperature", "sample_top_p", "min_new_tokens", "no_repeat_ngram")
+        return self._chooses(cfg) and all(getattr(cfg, k) == getattr(own, k) for k in same)
+
+    def _start_candidates(self, key, prompted: Prompted) -> tuple[list[int], int, list[int | None]]:
+        ids, limit = self._start(key, prompted)
+        cfg = self.predictor.generation_config(dict(key))
+        return ids, limit, draw_seeds(cfg.seed, prompted.prompt, range(cfg.candidates))
+
+    def _finish_candidates(self, prompted: Prompted, tokens: list[list[int]], logprobs: list[float]) -> str:
+        cfg = self.gen_cfg
+        candidates = candidate_list(self.predictor.tokenizer, tokens, logprobs, range(cfg.candidates))
+        before = self.predictor.decoded_tokens  # the batcher's thread is the only caller
+        text = self.predictor.choose([prompted], [candidates], cfg)[0]
+        self.stats["generated_tokens"] += self.predictor.decoded_tokens - before  # every candidate's tokens
+        return text
 
     def _generate_batch(self, key, prompted: list[Prompted]) -> list[str]:
         before = self.predictor.decoded_tokens  # one batch at a time: the batcher's thread is the only caller
