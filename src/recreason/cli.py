@@ -633,9 +633,10 @@ def _add_serve(sub, common) -> None:
                    help="how long the first queued request waits for others to join its batch (default 50)")
     p.add_argument("--batching", choices=["whole", "continuous"], default="whole",
                    help="whole (default): each batch of up to --max-batch-size runs from start to end; continuous: "
-                        "greedy reasons decode in one running batch, each request joining between two tokens and "
-                        "answered as soon as its reason ends (beam search, sampling and candidate choice always go "
-                        "whole). On a CPU, where the prompt is most of the work, continuous measured no faster")
+                        "the reasons decode in one running batch (greedy reasons, or every draw of every request "
+                        "where the configuration chooses among candidates), each request joining between two tokens "
+                        "and answered as soon as its reason ends (beam search and sampling always go whole). On a "
+                        "CPU at 16 closed-loop clients continuous measured no faster (docs/results.md)")
     p.add_argument("--cold-start", choices=["item-only", "error"], default="item-only",
                    help="unknown user without history: item-only reason, or 404 (default item-only)")
     p.add_argument("--reasons", help="a batch job's output (recreason explain / recommend --all-users: a file or a "

@@ -163,12 +163,18 @@ class ContinuousDecoder:
 
     def _trim(self) -> None:
         """Drop leading cache columns no row attends to (the running batch would otherwise only grow)."""
-        used = self.mask.any(0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        if first > 0:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            self.mask = self.mask[:, first:]
+        self.mask = _trim_columns(self.cache, self.mask)
+
+
+def _trim_columns(cache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns of ``cache`` (its layers' keys and values) in which ``mask`` [rows, columns] has no
+    row's token; the mask without them."""
+    used = mask.any(0).nonzero()
+    first = int(used[0]) if len(used) else 0
+    if first > 0:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    return mask[:, first:]
 
 
 @dataclass
@@ -330,9 +336,4 @@ class CandidateDecoder:
 
     def _trim(self) -> None:
         """Drop leading own columns no row has a token in (the rows that had them have left)."""
-        used = self.own.any(0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        if first > 0:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            self.own = self.own[:, first:]
+        self.own = _trim_columns(self.cache, self.own)
