@@ -394,8 +394,7 @@ class SeededSampler:
         if self.top_p < 1.0:  # the noise only where the nucleus keeps a token: the rest stays -inf either way
             out[rows] = _perturbed(logits, uniform, self.top_p).to(out.dtype)
         else:
-            gumbel = -torch.log(-torch.log(uniform.clamp_(1e-10, 1 - 1e-10)))
-            out[rows] = (logits + gumbel.to(logits.device)).to(out.dtype)
+            out[rows] = (logits - _log_log(uniform).to(logits.device)).to(out.dtype)
         return out
 
     def pick(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -415,14 +414,12 @@ class SeededSampler:
         tempered = scores.float() / max(self.temperature, 1e-5)
         uniform = self._uniform(rows, scores.shape[-1])
         if self.top_p >= 1.0:
-            gumbel = -torch.log(-torch.log(uniform.clamp_(1e-10, 1 - 1e-10)))
-            token[rows] = (tempered[at] + gumbel).argmax(-1).to(token.device)
+            token[rows] = (tempered[at] - _log_log(uniform)).argmax(-1).to(token.device)
             return token
         kept, index, resolved = _nucleus_in_top(tempered, self.top_p, min(PICK_TOP, scores.shape[-1]))
         kept, index, resolved = kept[at], index[at], resolved[at]
         values = tempered[at[:, None], index]
-        noise = uniform.gather(-1, index).clamp_(1e-10, 1 - 1e-10)
-        sampled = torch.where(kept & (values > float("-inf")), values - torch.log(-torch.log(noise)),
+        sampled = torch.where(kept & (values > float("-inf")), values - _log_log(uniform.gather(-1, index)),
                               torch.full_like(values, float("-inf")))
         best = sampled.max(-1, keepdim=True).values
         choice = torch.where(sampled == best, index, scores.shape[-1]).min(-1).values
@@ -453,9 +450,13 @@ def _perturbed(logits: torch.Tensor, uniform: torch.Tensor, top_p: float) -> tor
     """Gumbel-perturbed tempered scores on each row's nucleus, -inf elsewhere (and where a processor banned)."""
     keep = (~nucleus_drop(logits, top_p) & (logits > float("-inf"))).nonzero(as_tuple=True)
     sampled = torch.full_like(logits, float("-inf"))
-    noise = uniform[keep].clamp_(1e-10, 1 - 1e-10).to(logits.device)
-    sampled[keep] = logits[keep] - torch.log(-torch.log(noise))
+    sampled[keep] = logits[keep] - _log_log(uniform[keep]).to(logits.device)
     return sampled
+
+
+def _log_log(uniform: torch.Tensor) -> torch.Tensor:
+    """log(-log(u)) of uniform numbers kept inside (0, 1) (in place): minus Gumbel noise."""
+    return torch.log(-torch.log(uniform.clamp_(1e-10, 1 - 1e-10)))
 
 
 def _nucleus_in_top(logits: torch.Tensor, top_p: float, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -247,9 +247,9 @@ class Predictor:
             texts = generate_texts(self.model, self.tokenizer, prompts, cfg, **args)
             self.decoded_tokens += self._tokens(texts)
             return texts
-        return self.choose(prompted, generate_candidates(self.model, self.tokenizer, prompts, cfg, **args), cfg)
+        return self.choose_among(prompted, generate_candidates(self.model, self.tokenizer, prompts, cfg, **args), cfg)
 
-    def choose(self, prompted: Sequence[Prompted], candidates: Sequence[Sequence[Candidate]],
+    def choose_among(self, prompted: Sequence[Prompted], candidates: Sequence[Sequence[Candidate]],
                cfg: GenerateConfig) -> list[str]:
         """The text ``cfg``'s selection score chooses among each request's candidates (however they were decoded:
         in whole batches here, or in a server's running batch); their tokens are counted in :attr:`decoded_tokens`."""

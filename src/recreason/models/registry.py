@@ -370,21 +370,18 @@ class SharedPrefix:
         import torch
 
         dtype = self.keys[0].dtype
+        masked = torch.finfo(dtype).min
         width = max(self.keys[0].shape[2], keys[0].shape[2])
 
-        def pad(t, fill=0.0):
-            missing = width - t.shape[-2 if t.dim() == 4 else -1]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[-2 if t.dim() == 4 else -1] = missing
-            return torch.cat([t.new_full(shape, fill), t], -2 if t.dim() == 4 else -1)
+        def both(ours, theirs, dim: int, fill: float = 0.0):  # each left-padded to the width along dim, then stacked
+            sides = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0), value=fill)
+                     for t in (ours, theirs)]
+            return torch.cat(sides)
 
         first = self.keys[0].shape[0]
-        self.keys = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.keys, keys)]
-        self.values32 = [torch.cat([pad(a), pad(b.float())]) for a, b in zip(self.values32, values)]
-        new_bias = (1.0 - mask.to(dtype)) * torch.finfo(dtype).min
-        self.bias = torch.cat([pad(self.bias, torch.finfo(dtype).min), pad(new_bias, torch.finfo(dtype).min)])
+        self.keys = [both(a, b, 2) for a, b in zip(self.keys, keys)]
+        self.values32 = [both(a, b.float(), 2) for a, b in zip(self.values32, values)]
+        self.bias = both(self.bias, (1.0 - mask.to(dtype)) * masked, 1, masked)
         self.owner = torch.cat([self.owner, owner + first])
         self._layout()
 

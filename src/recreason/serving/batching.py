@@ -189,12 +189,13 @@ class ContinuousBatcher(_Worker):
                 start = time.perf_counter()
                 try:
                     rows = self.decoder.step()
-                    self.busy_s += time.perf_counter() - start
                 except Exception as exc:  # noqa: BLE001 - handed to every running caller
                     self.decoder.reset()
                     running, self._running = self._running, {}
                     for future in running.values():
                         future.set_exception(exc)
                     continue
+                finally:
+                    self.busy_s += time.perf_counter() - start
                 if self.on_batch and rows:
                     self.on_batch(rows)

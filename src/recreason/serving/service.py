@@ -170,7 +170,7 @@ class ExplanationService:
         cfg = self.gen_cfg
         candidates = candidate_list(self.predictor.tokenizer, tokens, logprobs, range(cfg.candidates))
         before = self.predictor.decoded_tokens  # the batcher's thread is the only caller
-        text = self.predictor.choose([prompted], [candidates], cfg)[0]
+        text = self.predictor.choose_among([prompted], [candidates], cfg)[0]
         self.stats["generated_tokens"] += self.predictor.decoded_tokens - before  # every candidate's tokens
         return text
 
