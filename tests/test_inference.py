@@ -271,6 +271,61 @@ def test_the_shared_header_is_computed_once_and_changes_no_reason(tiny_run):
     assert together == alone
 
 
+def test_length_groups_is_the_cheapest_split_of_the_sorted_rows():
+    import itertools
+    import random
+
+    from recreason.generation.generate import length_groups
+
+    def cost(groups, lengths, call):
+        return sum(len(g) * max(lengths[r] for r in g) + call for g in groups)
+
+    assert length_groups([50, 52, 51, 49], call_tokens=96) == [[3, 0, 2, 1]]  # close lengths: one call
+    assert length_groups([10, 200, 12, 190], call_tokens=16) == [[0, 2], [3, 1]]
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 8))]
+        call = rng.choice([0, 8, 40])
+        groups = length_groups(lengths, call)
+        assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda r: (lengths[r], r))
+        best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))], lengths, call)
+                   for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        assert cost(groups, lengths, call) == best
+
+
+def test_prompts_of_unlike_lengths_prefill_in_groups_and_change_no_candidate(tiny_run):
+    """A batch mixing short and long prompts prefills them in groups of similar length, each padded to its own
+    longest, and every prompt gets the candidates and likelihoods it gets decoded alone."""
+    from recreason.config import GenerateConfig
+    from recreason.generation.generate import generate_candidates
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=6, precision="fp32"))
+    records = predictor.dataset.subset(1, "test")[:4]
+    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    prompts = [p if k % 2 else p + " and more words" * (40 + k) for k, p in enumerate(prompts)]
+    lengths = [len(predictor.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    cfg = GenerateConfig(max_new_tokens=6, precision="fp32", candidates=3, batch_size=4)
+    rows_seen: list[tuple[int, int]] = []
+    embed = predictor.model.lm.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
+    try:
+        together = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False)
+        passes = [shape for shape in rows_seen if shape[1] > 1]
+    finally:
+        hook.remove()
+    header = passes[0][1]
+    assert passes[0][0] == 1
+    own = sorted(passes[1:])
+    assert own == sorted([(2, max(lengths[0], lengths[2]) - header - 1), (2, max(lengths[1], lengths[3]) - header - 1)])
+    alone = [generate_candidates(predictor.model, predictor.tokenizer, [p], cfg, progress=False)[0] for p in prompts]
+    assert [[(c.text, c.count) for c in cands] for cands in together] == \
+        [[(c.text, c.count) for c in cands] for cands in alone]
+    assert [c.logprob for cands in together for c in cands] == \
+        pytest.approx([c.logprob for cands in alone for c in cands], abs=1e-4)
+
+
 def test_candidate_selection_runs_in_every_path(tiny_run, tmp_path):
     """With generate.candidates > 1 the Predictor chooses among candidates; the choice is one of them."""
     from recreason.config import GenerateConfig
