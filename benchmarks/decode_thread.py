@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from runargs import add_run_arguments
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("loading thread", "second thread", "second thread, loaded with one", "no packed layers",
             "no top-64 pick")
@@ -88,10 +90,7 @@ def one(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--config", action="append", default=[], help="config files, layered as for serve")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts in a batch")
+    add_run_arguments(parser)
     parser.add_argument("--batches", type=int, default=1, help="timed batches per process")
     parser.add_argument("--rounds", type=int, default=3, help="processes per setting, the settings alternating")
     parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)  # one process's part

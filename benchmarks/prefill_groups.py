@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from runargs import add_run_arguments
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,10 +39,7 @@ def padding(lengths: list[int], groups: list[list[int]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--config", action="append", default=[], help="config files, layered as for serve")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts in a batch")
+    add_run_arguments(parser)
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds over all batches, after one warm-up")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/prefill_groups.json"))
