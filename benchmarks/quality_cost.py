@@ -44,20 +44,20 @@ def per_batch(gen, k: int):
 
 
 def seconds_per_reason(predictor, prompted, records, gen, k: int) -> float:
-    """Decode ``records``' candidates afresh at count ``k`` (no cache) and choose: seconds per reason."""
+    """Decode ``records``' candidates afresh at count ``k`` (no cache) and choose as the server does
+    (``Predictor.choose_among``): seconds per reason."""
     from recreason.generation.generate import generate_candidates
-    from recreason.inference import candidates as cache
 
     cfg = per_batch(gen, k)
-    generic = predictor.generic_table(gen) if k > 1 else None  # measured once per run and kept: not a reason's cost
+    if k > 1:
+        predictor.generic_table(cfg)  # measured once per run and kept: not a reason's cost
     start = time.perf_counter()
     for i in range(0, len(records), cfg.batch_size):
         part = slice(i, i + cfg.batch_size)
         decoded = generate_candidates(predictor.model, predictor.tokenizer, [p.prompt for p in prompted[part]], cfg,
                                       users=[r.user for r in records[part]], items=[r.item for r in records[part]])
         if k > 1:
-            table, _ = cache.term_table(predictor, prompted[part], decoded, generic)
-            table.choose(cfg)
+            predictor.choose_among(prompted[part], decoded, cfg)
     return (time.perf_counter() - start) / len(records)
 
 
