@@ -216,3 +216,55 @@ def test_decoding_sweep_scores_each_setting_on_validation_and_reuses_what_it_eva
     assert again["systems"] == json.loads(json.dumps(out["systems"]))
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         decoding_sweep.folder_name("min_new_tokens")
+
+
+def test_decode_anatomy_counts_every_product_once_and_splits_prefill_from_decoding(tiny_run, monkeypatch):
+    """benchmarks/decode_anatomy.py's FLOP count of the products is that of every linear layer's calls (counted here
+    by forward hooks), split between the prefill's calls and the decoding steps'; one timed call per step."""
+    import decode_anatomy
+    import torch
+
+    from recreason.config import GenerateConfig
+    from recreason.generation import generate as g
+    from recreason.inference import Predictor, Request
+    from recreason.models import registry
+
+    for owner, name in ((g, "prefill"), (registry.SharedPrefix, "attend"), (g.SeededSampler, "pick"),
+                        (g.SeededSampler, "_uniform")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test: instrument patches them
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=5, precision="fp32", candidates=3, batch_size=4,
+                                                      generic_records=8))
+    predictor.generic_table(predictor.gen_cfg)  # measured once per run (the benchmark's warm-up batch does this)
+    lm = g.plain_causal_lm(predictor.model)
+    flop = {"prefill": 0, "decoding": 0}
+    steps = []
+    phase = {"prefill": False}
+    hooks = [m.register_forward_hook(lambda m, a, out: flop.__setitem__(
+        "prefill" if phase["prefill"] else "decoding",
+        flop["prefill" if phase["prefill"] else "decoding"] + 2 * a[0].numel() // a[0].shape[-1] * m.weight.numel()))
+        for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    hooks.append(lm.register_forward_pre_hook(
+        lambda m, a, kw: steps.append(1) if kw["input_ids"].shape[1] == 1 else None, with_kwargs=True))
+    prefill = g.prefill
+
+    def marked(*args, **kwargs):
+        phase["prefill"] = True
+        try:
+            return prefill(*args, **kwargs)
+        finally:
+            phase["prefill"] = False
+    monkeypatch.setattr(g, "prefill", marked)
+    clock = decode_anatomy.Clock()
+    decode_anatomy.instrument(predictor, clock)
+    try:
+        records = predictor.dataset.subset(1, "test")[:4]
+        predictor.generate([predictor.prompt(Request(r.user, r.item, record=r)) for r in records])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert flop["prefill"] > 0 and flop["decoding"] > 0
+    assert clock.product_flop == flop["prefill"] + flop["decoding"]
+    assert clock.calls["decoding forward"] == len(steps) > 0
+    assert clock.calls["prefill"] == 1 and clock.calls["sampler"] == len(steps)
+    assert clock.seconds["products in the prefill"] > 0 and clock.seconds["products in decoding"] > 0
+    assert clock.seconds["products in decoding"] < clock.seconds["decoding forward"]
