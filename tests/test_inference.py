@@ -1,11 +1,24 @@
 """One inference path: every command and the server give the same reason for the same (user, item, options)."""
 
+import contextlib
 import json
 import math
 
 import pytest
 
 from fastapi.testclient import TestClient
+
+
+@contextlib.contextmanager
+def embedded_shapes(predictor):
+    """The (rows, tokens) of every batch the predictor's language model embeds while the block runs."""
+    seen: list[tuple[int, int]] = []
+    embed = predictor.model.lm.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 def test_generate_recommend_predictor_and_server_agree(tiny_run, tmp_path, capsys):
@@ -217,18 +230,13 @@ def test_one_prefill_per_prompt_gives_the_candidates_of_a_prefill_per_draw(tiny_
     records = predictor.dataset.subset(1, "test")[:5]
     prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
     cfg = GenerateConfig(max_new_tokens=6, precision="fp32", candidates=4, batch_size=3)
-    rows_seen: list[tuple[int, int]] = []
-    embed = predictor.model.lm.get_input_embeddings()
-    hook = embed.register_forward_hook(lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
-    try:
+    with embedded_shapes(predictor) as rows_seen:
         shared = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False)
         prompt_passes = [shape for shape in rows_seen if shape[1] > 1]
         rows_seen.clear()
         each = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False,
                                    shared_prefill=False)
         baseline_passes = [shape for shape in rows_seen if shape[1] > 1]
-    finally:
-        hook.remove()
     # two batches of prompts: their shared header (the chat template's system turn) once, then each prompt's own part
     assert [rows for rows, _ in prompt_passes] == [1, 3, 1, 2]
     assert prompt_passes[0][1] == prompt_passes[2][1] >= 8
@@ -257,13 +265,8 @@ def test_the_shared_header_is_computed_once_and_changes_no_reason(tiny_run):
     records = predictor.dataset.subset(1, "test")[:6]
     prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
     cfg = GenerateConfig(max_new_tokens=8, batch_size=6, precision="fp32")
-    rows_seen: list[tuple[int, int]] = []
-    embed = predictor.model.lm.get_input_embeddings()
-    hook = embed.register_forward_hook(lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
-    try:
+    with embedded_shapes(predictor) as rows_seen:
         together = generate_texts(predictor.model, predictor.tokenizer, prompts, cfg, progress=False)
-    finally:
-        hook.remove()
     header, own = rows_seen[0], rows_seen[1]
     longest = max(len(predictor.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
     assert header[0] == 1 and header[1] >= 8 and own == (6, longest - header[1] - 1)
@@ -307,14 +310,9 @@ def test_prompts_of_unlike_lengths_prefill_in_groups_and_change_no_candidate(tin
     prompts = [p if k % 2 else p + " and more words" * (40 + k) for k, p in enumerate(prompts)]
     lengths = [len(predictor.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     cfg = GenerateConfig(max_new_tokens=6, precision="fp32", candidates=3, batch_size=4)
-    rows_seen: list[tuple[int, int]] = []
-    embed = predictor.model.lm.get_input_embeddings()
-    hook = embed.register_forward_hook(lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
-    try:
+    with embedded_shapes(predictor) as rows_seen:
         together = generate_candidates(predictor.model, predictor.tokenizer, prompts, cfg, progress=False)
-        passes = [shape for shape in rows_seen if shape[1] > 1]
-    finally:
-        hook.remove()
+    passes = [shape for shape in rows_seen if shape[1] > 1]
     header = passes[0][1]
     assert passes[0][0] == 1
     own = sorted(passes[1:])

@@ -580,13 +580,14 @@ def _prefill_own(lm, header_cache, ids, mask, positions, header: int):
     from transformers import DynamicCache
 
     width = ids.shape[1] - 1  # the last prompt token is decoding's first step
-    own = (mask[:, header:width].sum(1)).tolist()
+    own = mask[:, header:width].sum(1).tolist()
+    groups = length_groups(own)
     keys = [layer.keys for layer in header_cache.layers]
     values = [layer.values for layer in header_cache.layers]
     full_k = [k.new_zeros(ids.shape[0], k.shape[1], width, k.shape[3]) for k in keys]
     full_v = [v.new_zeros(ids.shape[0], v.shape[1], width, v.shape[3]) for v in values]
-    for group in length_groups(own):
-        rows = torch.tensor(group)
+    for group in groups:
+        rows = torch.tensor(sorted(group))
         start = width - max(1, max(own[r] for r in group))  # the group's columns: header, then its own part
         columns = torch.cat([torch.arange(header), torch.arange(start, width)])
         cache = DynamicCache()
@@ -595,6 +596,8 @@ def _prefill_own(lm, header_cache, ids, mask, positions, header: int):
                          layer)
         cache = lm(input_ids=ids[rows, start:width], attention_mask=mask[rows][:, columns],
                    position_ids=positions[rows, start:width], cache=cache, use_cache=True, logits_to_keep=1).cache
+        if len(groups) == 1 and start == header:  # one call over every row and column: already the layout
+            return cache
         for layer, part in enumerate(cache.layers):
             full_k[layer][rows[:, None], :, columns] = part.keys.transpose(1, 2)
             full_v[layer][rows[:, None], :, columns] = part.values.transpose(1, 2)
