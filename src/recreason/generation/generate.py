@@ -523,7 +523,7 @@ def prefill(lm, batch: dict, n: int) -> tuple:
     computed once for the batch: the batch is laid out as the header, then each prompt's own tokens left-padded
     after it (a mask hides the padding, positions count real tokens only, so every token sees what a prefill of
     its prompt alone gives it); the own tokens are prefilled in groups of similar length (:func:`_prefill_own`:
-    16 prompts padded to the longest were a fifth padding, in groups 6%; 0.89x the time,
+    16 prompts padded to the longest were a fifth padding, in groups 6%; 0.90x the time,
     ``benchmarks/prefill_groups.py``). Without the cache every draw recomputed the whole prompt: with 16 draws of a
     150-token prompt that was most of the work (``benchmarks/candidate_speed.py``)."""
     header = shared_header(batch)
