@@ -268,3 +268,53 @@ def test_decode_anatomy_counts_every_product_once_and_splits_prefill_from_decodi
     assert clock.calls["prefill"] == 1 and clock.calls["sampler"] == len(steps)
     assert clock.seconds["products in the prefill"] > 0 and clock.seconds["products in decoding"] > 0
     assert clock.seconds["products in decoding"] < clock.seconds["decoding forward"]
+
+
+def test_step_cost_lays_out_whole_requests_and_its_ceiling_is_worked_by_hand():
+    import step_cost
+
+    assert step_cost.layout(192, 16, 12) == (16, 12)
+    assert step_cost.layout(48, 16, 12) == (4, 12)
+    assert step_cost.layout(4, 16, 12) == (1, 4)  # one request's draws
+    for rows, prompts in ((30, 16), (204, 16), (0, 16)):  # not whole requests; more than 16 requests; no rows
+        with pytest.raises(ValueError):
+            step_cost.layout(rows, prompts, 12)
+    fixed, per_row = step_cost.line_fit([1, 2, 4], [5.0, 7.0, 11.0])
+    assert math.isclose(fixed, 3.0) and math.isclose(per_row, 2.0)
+    with pytest.raises(ValueError):
+        step_cost.line_fit([8, 8], [1.0, 2.0])
+    # prefill 0.1 s, 192 tokens a reason in steps of 96 rows at 0.2 s: 0.1 + 2 x 0.2 = 0.5 s a reason;
+    # useful FLOPs 2 x (10 x (100 + 192) + 5 x 192) = 7,760, over 0.5 s and a 100,000 FLOP/s peak
+    got = step_cost.full_rows_share(0.1, 100, 192, 96, 0.2, decoder=10, vocab=5, peak=1e5)
+    assert math.isclose(got["seconds_per_reason"], 0.5) and math.isclose(got["reasons_per_s"], 2.0)
+    assert math.isclose(got["share_of_bound"], 7760 / 0.5 / 1e5)
+
+
+def test_step_cost_decodes_every_row_for_every_step(tiny_run):
+    """The benchmark's steps hold a fixed row count: with no end token no row leaves, even when the model writes its
+    end-of-text token at every step (forced here)."""
+    import step_cost
+
+    from recreason.config import GenerateConfig
+    from recreason.generation import generate as g
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=5, precision="fp32", candidates=3))
+    records = predictor.dataset.subset(1, "test")[:2]
+    prompts = [predictor.prompt(Request(r.user, r.item, record=r)).prompt for r in records]
+    encoded = [predictor.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    lm = g.plain_causal_lm(predictor.model)
+    eos = predictor.tokenizer.eos_token_id
+    calls = []
+
+    def end_now(module, args, out):  # in place; returns None, so the output stays the model's
+        out.logits[..., eos] = 1e4
+    hooks = [lm.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True),
+             lm.register_forward_hook(end_now)]
+    try:
+        tokens = step_cost.decode_rows(lm, predictor.tokenizer, encoded, prompts, predictor.gen_cfg, draws=3, steps=7)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [len(t) for t in tokens] == [7] * 6 and eos in tokens[0]
+    assert [shape[0] for shape in calls if shape[1] == 1] == [6] * 7  # every step: 2 prompts x 3 draws
