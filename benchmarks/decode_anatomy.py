@@ -113,7 +113,7 @@ def main() -> None:
 
     from recreason.config import load_config
     from recreason.inference import Predictor, Request
-    from serve_load import matmul_peak
+    from serve_load import matmul_peak, model_sizes, useful_flop
 
     peak_before = matmul_peak()
     predictor = Predictor(args.run, load_config(args.config or None, args.set)["generate"])
@@ -123,9 +123,7 @@ def main() -> None:
     random.Random(0).shuffle(records)
     requests = [Request(r.user, r.item) for r in records[:args.prompts * (args.batches + 1)]]
     lm = predictor.model.lm if hasattr(predictor.model, "lm") else predictor.model
-    decoder = sum(m.weight.numel() for name, m in lm.named_modules()
-                  if isinstance(m, torch.nn.Linear) and ".layers." in name)
-    vocab = lm.get_output_embeddings().weight.numel()
+    decoder, vocab = model_sizes(lm)
     useful = total = 0.0
     for k in range(args.batches + 1):
         batch = [predictor.prompt(r) for r in requests[k * args.prompts:(k + 1) * args.prompts]]
@@ -138,7 +136,7 @@ def main() -> None:
         total += time.perf_counter() - start
         prompt = sum(len(predictor.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]) for p in batch)
         generated = predictor.decoded_tokens - before
-        useful += 2 * (decoder * (prompt + generated) + vocab * generated)
+        useful += useful_flop(decoder, vocab, prompt, generated)
     n = args.batches
     # the best of a peak measured before and one after: this shared machine's speed wanders (300-430 GFLOP/s)
     after = matmul_peak()

@@ -98,24 +98,35 @@ def matmul_peak() -> tuple[float, str]:
     return max(gflops(dtype, 20, packed=way) for _ in range(5) for way in {False, packed}), precision
 
 
+def model_sizes(lm) -> tuple[int, int]:
+    """(decoder matrix weights, vocabulary projection weights) of a causal LM: what a token's products cost."""
+    import torch
+
+    decoder = sum(m.weight.numel() for name, m in lm.named_modules()
+                  if isinstance(m, torch.nn.Linear) and ".layers." in name)
+    return decoder, lm.get_output_embeddings().weight.numel()
+
+
+def useful_flop(decoder: int, vocab: int, prompt_tokens: float, generated_tokens: float) -> float:
+    """The FLOP bound's count of one reason: 2 x (decoder weights x (prompt + generated tokens) + vocabulary x
+    generated tokens); attention and padding left out."""
+    return 2 * (decoder * (prompt_tokens + generated_tokens) + vocab * generated_tokens)
+
+
 def flop_bound(args, pairs, served: dict, peak: tuple[float, str]) -> dict:
-    """The share of this machine's matrix-product peak the server's reasons used: FLOP per reason = 2 x (decoder
-    matrix weights x (prompt + generated tokens) + vocabulary projection x generated tokens), attention left out
-    (small at these lengths), with the prompts of the pairs served and the generated tokens the server counted;
-    the peak from :func:`matmul_peak`."""
+    """The share of this machine's matrix-product peak the server's reasons used: FLOP per reason as
+    :func:`useful_flop` counts it (attention left out: small at these lengths), with the prompts of the pairs served
+    and the generated tokens the server counted; the peak from :func:`matmul_peak`."""
     import torch
 
     predictor = _predictor(args)
-    lm = predictor.model.lm
-    vocab = lm.get_output_embeddings().weight.numel()
-    decoder = sum(m.weight.numel() for name, m in lm.named_modules()
-                  if isinstance(m, torch.nn.Linear) and ".layers." in name)
+    decoder, vocab = model_sizes(predictor.model.lm)
     served_pairs = pairs[:served["requests"]]
     prompt_tokens = [len(predictor.tokenizer(_prompt(predictor, u, i), add_special_tokens=False)["input_ids"])
                      for u, i in served_pairs]
     generated = served["generated_tokens"] / max(served["requests"], 1)
     prompt = sum(prompt_tokens) / max(len(prompt_tokens), 1)
-    per_reason = 2 * (decoder * (prompt + generated) + vocab * generated)
+    per_reason = useful_flop(decoder, vocab, prompt, generated)
     peak, precision = peak[0] * 1e9, peak[1]
     return {"gflop_per_reason": per_reason / 1e9, "prompt_tokens": prompt, "generated_tokens": generated,
             "peak_gflop_s": peak / 1e9, "precision": precision, "threads": torch.get_num_threads(),

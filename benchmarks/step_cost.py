@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,14 +54,10 @@ def layout(rows: int, prompts: int, candidates: int) -> tuple[int, int]:
 
 
 def line_fit(xs, ys) -> tuple[float, float]:
-    """(intercept, slope) of the least-squares line through the points (at least two distinct xs)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if n < 2 or sxx == 0:
-        raise ValueError("a line needs at least two distinct row counts")
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - slope * mx, slope
+    """(intercept, slope) of the least-squares line through the points (at least two distinct xs; else
+    ``statistics.StatisticsError``, a ValueError)."""
+    slope, intercept = statistics.linear_regression(xs, ys)
+    return intercept, slope
 
 
 def full_rows_share(prefill_s: float, prompt_tokens: float, generated: float, rows: int, step_s: float,
@@ -68,8 +65,10 @@ def full_rows_share(prefill_s: float, prompt_tokens: float, generated: float, ro
     """The share of the bound a reason reaches when its prefill costs ``prefill_s`` and each of its ``generated``
     tokens (every candidate's) is decoded in a step of ``rows`` rows costing ``step_s``: its useful FLOPs over
     that time, over ``peak`` (FLOP/s)."""
+    from serve_load import useful_flop
+
     seconds = prefill_s + generated / rows * step_s
-    useful = 2 * (decoder * (prompt_tokens + generated) + vocab * generated)
+    useful = useful_flop(decoder, vocab, prompt_tokens, generated)
     return {"seconds_per_reason": seconds, "reasons_per_s": 1 / seconds, "gflop_per_reason": useful / 1e9,
             "share_of_bound": useful / seconds / peak}
 
@@ -107,7 +106,7 @@ def main() -> None:
     from recreason.config import load_config
     from recreason.generation import generate as g
     from recreason.inference import Predictor, Request
-    from serve_load import matmul_peak
+    from serve_load import matmul_peak, model_sizes
 
     peak_before = matmul_peak()
     predictor = Predictor(args.run, load_config(args.config or None, args.set)["generate"])
@@ -125,11 +124,8 @@ def main() -> None:
     records = predictor.dataset.subset(predictor.run.split_seed, "validation")
     random.Random(0).shuffle(records)
     prompts = [predictor.prompt(Request(r.user, r.item)).prompt for r in records[:args.prompts]]
-    tokenizer.padding_side = "left"
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    decoder = sum(m.weight.numel() for name, m in lm.named_modules()
-                  if isinstance(m, torch.nn.Linear) and ".layers." in name)
-    vocab = lm.get_output_embeddings().weight.numel()
+    decoder, vocab = model_sizes(lm)
 
     def decode(rows: int, steps: int) -> None:
         used, draws = layouts[rows]
