@@ -318,3 +318,39 @@ def test_step_cost_decodes_every_row_for_every_step(tiny_run):
             hook.remove()
     assert [len(t) for t in tokens] == [7] * 6 and eos in tokens[0]
     assert [shape[0] for shape in calls if shape[1] == 1] == [6] * 7  # every step: 2 prompts x 3 draws
+
+
+def test_closed_loop_serves_every_pair_the_same_reason_both_ways(tiny_run):
+    """benchmarks/closed_loop.py's two schedules write the same reason for each pair (fp32: a prompt's draws do not
+    depend on the rows beside it), the running batch never holding more rows than its clients' draws."""
+    import closed_loop
+
+    from recreason.config import GenerateConfig
+    from recreason.inference import Predictor, Request
+
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=6, precision="fp32", candidates=3, batch_size=2,
+                                                      generic_records=8))
+    records = predictor.dataset.subset(1, "test")[:5]
+    prompted = [predictor.prompt(Request(r.user, r.item, record=r)) for r in records]
+    whole = closed_loop.whole(predictor, prompted, clients=2)
+    running = closed_loop.continuous(predictor, prompted, clients=2, admit_at=1)
+    assert running["texts"] == whole["texts"] and None not in running["texts"]
+    assert whole["steps"] > 0 and running["steps"] > 0
+    assert 0 < running["rows_per_step"] <= 2 * 3 and 0 < whole["rows_per_step"] <= 2 * 3
+
+
+def test_prefix_attention_alternative_computes_the_same_attention():
+    """benchmarks/prefix_attention.py times a fair rival: its fused-kernel attention gives SharedPrefix.attend's
+    output up to bf16 rounding, for rows with one own token and with several."""
+    import prefix_attention
+    import torch
+
+    from recreason.models.registry import SharedPrefix
+
+    for own in (1, 5):
+        prefix, query, key, value = prefix_attention.shapes(own, length=48, prompts=3, draws=4)
+        ours = SharedPrefix.attend(prefix, 0, query, key, value, 0.125)[0].float()
+        theirs = prefix_attention.flash_attend(prefix, 0, query, key, value, 0.125)[0].float()
+        assert theirs.shape == ours.shape == (12, 1, 9, 64)
+        assert torch.allclose(theirs, ours, atol=2e-2), float((theirs - ours).abs().max())
+        assert not torch.allclose(theirs, torch.zeros_like(theirs), atol=2e-2)

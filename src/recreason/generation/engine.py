@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from recreason.generation.generate import SeededSampler, prefill, repeated_ngram_bans
+from recreason.generation.generate import SeededSampler, prefill, repeated_ngram_bans, stop_token_ids
 from recreason.models.registry import SHARED_PREFIX, SharedPrefix
 
 
@@ -210,6 +210,14 @@ class CandidateDecoder:
         self.temperature, self.top_p = temperature, top_p
         self.waiting: deque[_Job] = deque()
         self.reset()
+
+    @classmethod
+    def for_config(cls, lm, tokenizer, cfg, requests: int, admit_at: int = 1) -> "CandidateDecoder":
+        """The decoder a server runs for ``cfg`` (a ``GenerateConfig``): rows for ``requests`` requests of
+        ``cfg.candidates`` draws each, its sampling and reason rules, ending on the tokenizer's end-of-text token."""
+        stops = stop_token_ids(tokenizer) if cfg.min_new_tokens else ()
+        return cls(lm, tokenizer.pad_token_id, [tokenizer.eos_token_id], requests * cfg.candidates,
+                   cfg.sample_temperature, cfg.sample_top_p, cfg.min_new_tokens, cfg.no_repeat_ngram, stops, admit_at)
 
     @property
     def busy(self) -> bool:

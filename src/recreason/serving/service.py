@@ -123,16 +123,14 @@ class ExplanationService:
             return MicroBatcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.max_wait_ms / 1000,
                                 on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue, threads=self._threads)
         tok, cfg = self.predictor.tokenizer, self.gen_cfg
-        stops = stop_token_ids(tok) if cfg.min_new_tokens else ()
         if self._chooses(cfg):
-            decoder = CandidateDecoder(lm, tok.pad_token_id, [tok.eos_token_id], self.cfg.max_batch_size * cfg.candidates,
-                                       cfg.sample_temperature, cfg.sample_top_p, cfg.min_new_tokens, cfg.no_repeat_ngram,
-                                       stops)
+            decoder = CandidateDecoder.for_config(lm, tok, cfg, self.cfg.max_batch_size)
             return ContinuousBatcher(decoder, self._same_candidates, self._start_candidates, self._finish_candidates,
                                      self._generate_batch, self.cfg.max_batch_size, on_batch=self.batch_sizes.append,
                                      max_queue=self.cfg.max_queue, threads=self._threads)
         decoder = ContinuousDecoder(lm, tok.pad_token_id, [tok.eos_token_id], self.cfg.max_batch_size,
-                                    cfg.min_new_tokens, cfg.no_repeat_ngram, stops)
+                                    cfg.min_new_tokens, cfg.no_repeat_ngram,
+                                    stop_token_ids(tok) if cfg.min_new_tokens else ())
         return ContinuousBatcher(decoder, self._greedy, self._start, self._finish, self._generate_batch,
                                  self.cfg.max_batch_size, on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue,
                                  threads=self._threads)
