@@ -84,8 +84,10 @@ def decode_rows(lm, tokenizer, encoded: list, prompts: list[str], cfg, draws: in
     # every row sampled, as all but one of a request's rows are (draws 1..n: seeded samples, no greedy one)
     seeds = [s for p in prompts for s in g.draw_seeds(cfg.seed, p, range(1, draws + 1))]
     sampler = g.SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p)  # no end token: no row leaves
-    return g.greedy_decode(lm, batch, steps, eos_ids=[], processors=g.reason_processors(cfg, tokenizer) + [sampler],
-                           draws=draws, scores=True)[0]
+    decoded = g.greedy_decode(lm, batch, steps, eos_ids=[], processors=g.reason_processors(cfg, tokenizer) + [sampler],
+                              draws=draws, scores=cfg.weight_likelihood != 0,  # the likelihood as the server has it
+                              merge_draws=False)  # a row per draw: rows whose tokens agree would share one
+    return decoded[0] if cfg.weight_likelihood != 0 else decoded
 
 
 def main() -> None:

@@ -800,6 +800,52 @@ def test_the_candidate_decoder_gives_each_job_the_draws_it_gets_alone_whenever_i
     assert padded and max(prompts_held) >= 3 and min(prompts_held) == 1  # joined mid-decode; prompts left
 
 
+def test_a_choice_that_gives_the_likelihood_no_weight_decodes_without_it(tiny_run):
+    """Where the choice gives the likelihood no weight (a server's), candidates decode without its log-normaliser:
+    the same texts in whole batches and in the running batch, with NaN for the likelihood, and the same choice."""
+    import math
+    from dataclasses import replace
+
+    import torch
+
+    from recreason.config import GenerateConfig
+    from recreason.generation import generate as g
+    from recreason.generation.engine import CandidateDecoder
+    from recreason.inference import Request
+
+    predictor, texts = _tiny_prompts(tiny_run, 3)
+    tok, lm = predictor.tokenizer, predictor.model.lm
+    cfg = GenerateConfig(max_new_tokens=6, precision="fp32", candidates=4, batch_size=3, weight_likelihood=0.0)
+    calls = []
+    original = torch.Tensor.logsumexp
+    torch.Tensor.logsumexp = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        with_it = g.generate_candidates(predictor.model, tok, texts, cfg, progress=False)
+        counted = len(calls)
+        without = g.generate_candidates(predictor.model, tok, texts, cfg, progress=False, likelihood=False)
+        assert counted > 0 and len(calls) == counted  # no normaliser computed without the likelihood
+        outcomes = {}
+        for likelihood in (True, False):
+            decoder = CandidateDecoder.for_config(lm, tok, replace(cfg, weight_likelihood=float(not likelihood)), 3)
+            assert decoder.likelihood is (not likelihood)
+            for k, text in enumerate(texts):
+                decoder.add(tok(text, add_special_tokens=False)["input_ids"], 6, g.draw_seeds(cfg.seed, text, range(4)),
+                            lambda tokens, lps, k=k, key=likelihood: outcomes.__setitem__((key, k), (tokens, lps)))
+            while decoder.busy:
+                decoder.step()
+    finally:
+        torch.Tensor.logsumexp = original
+    assert [[c.text for c in cands] for cands in without] == [[c.text for c in cands] for cands in with_it]
+    assert all(math.isnan(c.logprob) for cands in without for c in cands)
+    assert not any(math.isnan(c.logprob) for cands in with_it for c in cands)
+    for k in range(3):  # weight 1: the decoder keeps the likelihood; weight 0: NaN, the same tokens
+        assert outcomes[(False, k)][0] == outcomes[(True, k)][0]
+        assert all(math.isnan(lp) for lp in outcomes[(True, k)][1]) and not any(map(math.isnan, outcomes[(False, k)][1]))
+    prompted = [predictor.prompt(Request(r.user, r.item, record=r)) for r in predictor.dataset.subset(1, "test")[:3]]
+    assert [p.prompt for p in prompted] == texts
+    assert predictor.choose_among(prompted, without, cfg) == predictor.choose_among(prompted, with_it, cfg)
+
+
 def _tiny_prompts(tiny_run, n: int):
     """The tiny run's fp32 predictor and the prompts of its first ``n`` test records."""
     from recreason.config import GenerateConfig
@@ -812,8 +858,8 @@ def _tiny_prompts(tiny_run, n: int):
 
 def test_candidates_decoded_in_the_own_loop_are_generates_and_ended_draws_leave(tiny_run):
     """generate_candidates' own loop (one prefill per prompt, a draw that has ended leaves the batch) writes the
-    candidates, counts and likelihoods that transformers' generate writes with the same seeded sampler; the rows
-    fed to the model fall as draws end."""
+    candidates, counts and likelihoods that transformers' generate writes with the same seeded sampler; draws that
+    wrote the same tokens share a row of the model's batch."""
     import torch
 
     from recreason.config import GenerateConfig
@@ -844,7 +890,63 @@ def test_candidates_decoded_in_the_own_loop_are_generates_and_ended_draws_leave(
     assert [c.logprob for cands in ours for c in cands] == \
         pytest.approx([c.logprob for cands in theirs for c in cands], abs=1e-4)
     assert sum(c.count for c in ours[0]) == 6
-    assert steps[0] == 12 and min(steps) < 12  # two prompts x six draws, fewer once some have ended
+    # two prompts x six draws: a row per prompt at first (its draws all feed its last token), then a row per
+    # distinct draw (the hot samples diverge at once; some end at once)
+    assert steps[0] == 2 and all(2 < rows <= 12 for rows in steps[1:8]) and steps[8] == 2
+
+
+def test_draws_that_agree_share_a_row_and_write_what_they_write_alone(tiny_run):
+    """greedy_decode(merge_draws=True): a prompt's draws that have written the same tokens are one row of the
+    model's batch, split when they choose apart; every draw writes the tokens and likelihoods it writes with a row
+    of its own (fp32), under the reason rules, as draws end at different steps, with and without the shared
+    prompt cache."""
+    import itertools
+
+    import torch
+
+    from recreason.generation import generate as g
+
+    predictor, prompts = _tiny_prompts(tiny_run, 3)
+    tok, lm = predictor.tokenizer, predictor.model.lm
+    tok.padding_side = "left"
+    batch = tok.pad({"input_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]},
+                    return_tensors="pt")
+    eos = tok.eos_token_id
+
+    def end_after_some_tokens(module, args, kwargs, out):  # a row whose last token is a multiple of 5 ends now
+        ending = kwargs["input_ids"][:, -1] % 5 == 0
+        out.logits[ending, -1, eos] = 1e4
+    ender = lm.register_forward_hook(end_after_some_tokens, with_kwargs=True)
+    # twins: draws of one seed write the same tokens, so they stay one row while the greedy draw and the other seeds
+    # split off; apart: every draw its own seed, so that the rows, ordered by token, come to differ from the draws'
+    seeds = {"twins": [s for p in prompts for s in [None, *[g.draw_seeds(3, p, [k])[0] for k in (1, 1, 2, 2, 2, 3, 4)]]],
+             "apart": [s for p in prompts for s in g.draw_seeds(3, p, range(8))]}
+    rows_seen: list[int] = []
+    hook = lm.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: rows_seen.append(args[0].shape[0]) if args[0].shape[1] == 1 else None)
+    decoded = {}
+    try:
+        for kind, (shared, merge) in itertools.product(seeds, itertools.product((True, False), repeat=2)):
+            rows_seen.clear()
+            sampler = g.SeededSampler(seeds[kind], 1.0, 0.95, tok.eos_token_id)
+            with torch.no_grad():
+                decoded[kind, shared, merge] = g.greedy_decode(lm, dict(batch), 8, [tok.eos_token_id],
+                                                               [g.NoRepeatInReason(2), sampler], draws=8, scores=True,
+                                                               shared_prefix=shared, merge_draws=merge)
+            decoded[kind, shared, merge, "rows"] = list(rows_seen)
+    finally:
+        hook.remove()
+        ender.remove()
+    for kind, shared in itertools.product(seeds, (True, False)):
+        alone = decoded[kind, False, False]
+        lengths = {len(t) for t in alone[0]}
+        assert len(lengths) > 2 and max(lengths) == 8  # draws ended at several steps, some ran to the limit
+        assert decoded[kind, shared, True][0] == alone[0]
+        assert decoded[kind, shared, True][1] == pytest.approx(alone[1], abs=1e-5)
+        merged, apart = decoded[kind, shared, True, "rows"], decoded[kind, shared, False, "rows"]
+        assert merged[0] == 3 and apart[0] == 24  # a row per prompt, then as many as the draws that differ
+        if kind == "twins":  # split, the seeds' twins together
+            assert all(m < a for m, a in zip(merged, apart)) and max(merged[1:]) > 3
 
 
 def test_draws_attend_to_one_copy_of_their_prompts_cache(tiny_run, monkeypatch):

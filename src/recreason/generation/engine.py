@@ -201,10 +201,12 @@ class CandidateDecoder:
     shared prompt cache; their draws' own tokens are left-padded (masked) to the running rows' own columns."""
 
     def __init__(self, lm, pad_id: int, eos_ids: Sequence[int], max_rows: int, temperature: float, top_p: float,
-                 min_new_tokens: int = 0, no_repeat_ngram: int = 0, stop_ids: Sequence[int] = (), admit_at: int = 1):
+                 min_new_tokens: int = 0, no_repeat_ngram: int = 0, stop_ids: Sequence[int] = (), admit_at: int = 1,
+                 likelihood: bool = True):
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.lm, self.pad_id, self.max_rows, self.admit_at = lm, pad_id, max_rows, max(1, admit_at)
+        self.likelihood = likelihood  # False: draws' log-likelihoods are NaN, their normaliser is never computed
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
         self.min_new_tokens, self.no_repeat_ngram, self.stops = min_new_tokens, no_repeat_ngram, list(stop_ids)
         self.temperature, self.top_p = temperature, top_p
@@ -214,10 +216,12 @@ class CandidateDecoder:
     @classmethod
     def for_config(cls, lm, tokenizer, cfg, requests: int, admit_at: int = 1) -> "CandidateDecoder":
         """The decoder a server runs for ``cfg`` (a ``GenerateConfig``): rows for ``requests`` requests of
-        ``cfg.candidates`` draws each, its sampling and reason rules, ending on the tokenizer's end-of-text token."""
+        ``cfg.candidates`` draws each, its sampling and reason rules, ending on the tokenizer's end-of-text token;
+        the draws' likelihood only where the choice weighs it."""
         stops = stop_token_ids(tokenizer) if cfg.min_new_tokens else ()
         return cls(lm, tokenizer.pad_token_id, [tokenizer.eos_token_id], requests * cfg.candidates,
-                   cfg.sample_temperature, cfg.sample_top_p, cfg.min_new_tokens, cfg.no_repeat_ngram, stops, admit_at)
+                   cfg.sample_temperature, cfg.sample_top_p, cfg.min_new_tokens, cfg.no_repeat_ngram, stops, admit_at,
+                   likelihood=cfg.weight_likelihood != 0)
 
     @property
     def busy(self) -> bool:
@@ -263,7 +267,7 @@ class CandidateDecoder:
         finally:
             SHARED_PREFIX.reset(token)
         self.own = own
-        norm = logits.logsumexp(-1)  # before the rules ban tokens in place
+        norm = logits.logsumexp(-1) if self.likelihood else None  # before the rules ban tokens in place
         for r, (job, draw) in enumerate(self.rows):
             written = job.tokens[draw]
             if len(written) < self.min_new_tokens and self.stops:
@@ -273,7 +277,8 @@ class CandidateDecoder:
                 if banned:
                     logits[r, banned] = float("-inf")
         chosen = self.sampler.pick(self.step_ids, logits)
-        scores = (logits.gather(-1, chosen[:, None]).squeeze(-1) - norm).tolist()
+        scores = ((logits.gather(-1, chosen[:, None]).squeeze(-1) - norm).tolist() if norm is not None
+                  else [float("nan")] * rows)
         ended = torch.isin(chosen, self.eos).tolist()
         keep = []
         for r, ((job, draw), t, lp) in enumerate(zip(self.rows, chosen.tolist(), scores)):

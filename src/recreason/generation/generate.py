@@ -24,7 +24,7 @@ from recreason.models.registry import GROUPED_ATTENTION, SHARED_PREFIX, SharedPr
 @dataclass
 class Candidate:
     text: str
-    logprob: float  # mean log-probability of its tokens under the model (raw logits, no temperature)
+    logprob: float  # mean log-probability of its tokens under the model (raw logits, no temperature); NaN: not computed
     greedy: bool
     count: int = 1  # how many of the prompt's draws (greedy + samples) produced this text
 
@@ -197,7 +197,7 @@ def _eos_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], processors: Sequence = (),
-                  draws: int = 1, scores: bool = False, shared_prefix: bool = True):
+                  draws: int = 1, scores: bool = False, shared_prefix: bool = True, merge_draws: bool = True):
     """Greedy new tokens for a left-padded batch of plain token-id prompts: what ``generate`` writes (the same
     argmax of the same logits, each row ending with its end-of-text token or at ``max_new_tokens``), without its
     waste. The prompts are prefilled with their shared header once (:func:`prefill`); a row that has ended
@@ -211,52 +211,73 @@ def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], 
     row's mean log-likelihood of its tokens under the model's raw logits (the end-of-text token included), as
     :func:`_mean_logprobs` reads it off ``generate``'s logits.
 
+    ``merge_draws`` (default; with several draws): draws of a prompt that have written the same tokens so far
+    share one row of the model's batch, whose logits each of them samples from with its own stream; a row splits
+    when its draws choose different tokens. A step's first token is the prompt's last for all of its draws, and
+    a sharpened model's samples often agree for many tokens: over 64 validation prompts x 12 draws of the distilled
+    run, 58% of the rows a step held were distinct (``benchmarks/merged_draws.py``). The draws' tokens are the
+    same as unmerged (in fp32, tested: a row's logits do not depend on its batch companions). False: a row per
+    draw, the baseline that benchmark measures against.
+
     ``shared_prefix`` (default; with several draws, where the model runs
     :func:`~recreason.models.registry.grouped_attention`): the prompts' KV cache is kept once and every draw attends
     to its prompt's (:class:`SharedPrefix`) instead of a copy per draw growing by concatenation each step; False
     keeps the copies, the baseline ``benchmarks/greedy_loop.py`` measures it against. One draw a prompt keeps the
     plain cache: there is nothing to share, and the shared layout's extra steps cost more than they save."""
     shared = shared_prefix and draws > 1 and getattr(lm.config, "_attn_implementation", None) == GROUPED_ATTENTION
-    cache, batch = prefill(lm, batch, 1 if shared else draws)
+    merge = merge_draws and draws > 1
+    cache, batch = prefill(lm, batch, 1 if shared or merge else draws)
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    prompts = ids.shape[0]
+    # the model's rows: one per prompt to begin with where draws merge, else one per draw
+    nodes = torch.arange(prompts) if merge else torch.arange(prompts).repeat_interleave(draws)
     if shared:  # the prompts' cache kept once (SharedPrefix); the model's cache holds each row's own tokens
         prefix = SharedPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
-                              mask[:, :-1], torch.arange(ids.shape[0]).repeat_interleave(draws))
+                              mask[:, :-1], nodes)
         from transformers import DynamicCache
 
         cache = DynamicCache()
-    if draws > 1:
-        ids, mask = ids.repeat_interleave(draws, 0), mask.repeat_interleave(draws, 0)
+    if not merge and draws > 1:
+        mask = mask.repeat_interleave(draws, 0)
     position = (mask.long().sum(-1, keepdim=True) - 1)
+    node_of = torch.arange(prompts).repeat_interleave(draws) if merge else None
+    if draws > 1:
+        ids = ids.repeat_interleave(draws, 0)
     token = SHARED_PREFIX.set(prefix) if shared else None
     try:
         return _decode_loop(lm, ids, mask, position, cache, prefix if shared else None, max_new_tokens, eos_ids,
-                            processors, scores)
+                            processors, scores, node_of)
     finally:
         if token is not None:
             SHARED_PREFIX.reset(token)
 
 
-def _decode_loop(lm, ids, mask, position, cache, prefix, max_new_tokens: int, eos_ids, processors, scores: bool):
-    """:func:`greedy_decode`'s steps, from the prefilled cache (``prefix``: the shared prompt cache, or None)."""
-    rows = list(range(ids.shape[0]))
-    out: list[list[int]] = [[] for _ in rows]
-    logprob = [0.0 for _ in rows]
+def _decode_loop(lm, ids, mask, position, cache, prefix, max_new_tokens: int, eos_ids, processors, scores: bool,
+                 node_of=None):
+    """:func:`greedy_decode`'s steps, from the prefilled cache (``prefix``: the shared prompt cache, or None).
+    ``ids`` holds each draw's tokens; ``mask``, ``position`` and the caches one row of the model's batch each.
+    ``node_of`` [draws]: each draw's row, where draws with the same tokens so far share one (None: a row each)."""
+    draws = list(range(ids.shape[0]))  # the draws still decoding, by their index in the batch
+    out: list[list[int]] = [[] for _ in draws]
+    logprob = [0.0 for _ in draws]
     ends = torch.tensor(list(eos_ids), dtype=torch.long)
-    seq, step = ids, ids[:, -1:]
+    seq = ids
+    step = ids[:, -1:] if node_of is None else _first_of_each(ids[:, -1:], node_of)
     picker = bool(processors) and hasattr(processors[-1], "pick")  # a sampler that chooses without full scores
     for n in range(max_new_tokens):
         logits = lm(input_ids=step, attention_mask=None if prefix is not None else mask, position_ids=position,
                     cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         norm = logits.logsumexp(-1) if scores else None  # before processors change the scores in place
+        if node_of is not None and not _in_order(node_of, len(logits)):  # each draw's copy of its row's scores
+            logits, norm = logits[node_of], None if norm is None else norm[node_of]
         shaped = logits
         for processor in processors[:-1] if picker else processors:
             shaped = processor(seq, shaped)
         token = processors[-1].pick(seq, shaped) if picker else shaped.argmax(-1)
         if scores:  # the chosen token's raw score: processors only ban tokens, and a banned token is never chosen
-            for row, lp in zip(rows, (logits.gather(-1, token[:, None]).squeeze(-1) - norm).tolist()):
+            for row, lp in zip(draws, (logits.gather(-1, token[:, None]).squeeze(-1) - norm).tolist()):
                 logprob[row] += lp
-        for row, t in zip(rows, token.tolist()):
+        for row, t in zip(draws, token.tolist()):
             out[row].append(t)
         if n == max_new_tokens - 1:
             break
@@ -264,21 +285,44 @@ def _decode_loop(lm, ids, mask, position, cache, prefix, max_new_tokens: int, eo
         if not bool(going.any()):
             break
         seq = torch.cat([seq, token[:, None]], 1)
-        if not bool(going.all()):
-            keep = going.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            if prefix is not None:
-                prefix.select(keep)
+        keep = None if bool(going.all()) else going.nonzero().squeeze(-1)
+        if keep is not None:  # ended draws leave
             for processor in processors:
                 if hasattr(processor, "select"):
                     processor.select(keep.tolist())
-            rows = [rows[k] for k in keep.tolist()]
-            seq, mask, position, token = seq[keep], mask[keep], position[keep], token[keep]
+            draws = [draws[k] for k in keep.tolist()]
+            seq, token = seq[keep], token[keep]
+            if node_of is not None:
+                node_of = node_of[keep]
+        if node_of is None:  # a row per draw: the rows are the draws still decoding
+            rows, step = keep, token[:, None]
+        else:  # a row per distinct (row, token): draws that chose alike stay together, the others split off
+            pair, node_of = torch.unique(node_of * logits.shape[-1] + token, return_inverse=True)
+            rows, step = pair // logits.shape[-1], (pair % logits.shape[-1])[:, None]
+            if _in_order(rows, len(position)):
+                rows = None
+        if rows is not None:
+            cache.batch_select_indices(rows)
+            if prefix is not None:
+                prefix.select(rows)
+            mask, position = mask[rows], position[rows]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        position, step = position + 1, token[:, None]
+        position = position + 1
     if scores:
         return out, [lp / max(1, len(tokens)) for lp, tokens in zip(logprob, out)]
     return out
+
+
+def _in_order(index: torch.Tensor, n: int) -> bool:
+    """Whether ``index`` is 0, 1, ..., n-1: selecting by it would copy everything for nothing."""
+    return len(index) == n and bool((index == torch.arange(n)).all())
+
+
+def _first_of_each(values: torch.Tensor, node_of: torch.Tensor) -> torch.Tensor:
+    """``values`` [draws, ...] at each row's first draw (``node_of``: each draw's row, rows 0..n-1 in order)."""
+    first = torch.full((int(node_of.max()) + 1,), len(node_of), dtype=torch.long)
+    first.scatter_reduce_(0, node_of, torch.arange(len(node_of)), reduce="amin")
+    return values[first]
 
 
 def _mean_logprobs(sequences: torch.Tensor, logits: Sequence[torch.Tensor], eos_id: int | None, pad_id: int | None):
@@ -405,9 +449,12 @@ class SeededSampler:
         path. Over a 16-prompt x 32-draw decode the whole-vocabulary masks, scatters and copies had cost a fifth
         of the time."""
         rows = self._sampled_rows(input_ids)
-        token = scores.argmax(-1)
         if not rows:
-            return token
+            return scores.argmax(-1)
+        token = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+        greedy = [n for n, gen in enumerate(self.generators) if gen is None]
+        if greedy:  # the argmax of the greedy rows alone: over all 192 rows of a step it had cost 4 ms
+            token[greedy] = scores[greedy].argmax(-1)
         at = torch.tensor(rows, device=scores.device)
         # every row's tempered scores and nucleus at once (a greedy row's are not needed, but copying the sampled
         # rows out of the whole-vocabulary scores cost more than computing them)
@@ -632,7 +679,8 @@ def prompt_seed(seed: int, prompt: str, sample: int) -> int:
 def generate_candidates(
     model, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, progress: bool = True, desc: str = "generating",
     users: Sequence[str] | None = None, items: Sequence[str] | None = None, draws: Sequence[int] | None = None,
-    shared_prefill: bool = True, own_loop: bool = True, shared_prefix: bool = True,
+    shared_prefill: bool = True, own_loop: bool = True, shared_prefix: bool = True, likelihood: bool = True,
+    merge_draws: bool = True,
 ) -> list[list[Candidate]]:
     """``cfg.candidates`` candidates per prompt: the greedy text first, then ``cfg.candidates - 1`` samples
     (``cfg.sample_temperature``, ``cfg.sample_top_p``), each with its mean token log-likelihood under the
@@ -647,8 +695,9 @@ def generate_candidates(
     False recomputes it per draw, the baseline ``benchmarks/candidate_speed.py`` measures it against. Plain
     token-id prompts decode in :func:`greedy_decode` (the samples as its seeded processor; a draw that has ended
     leaves the batch); ``own_loop=False`` hands them to ``generate`` (every row decodes until the longest ends),
-    the baseline ``benchmarks/greedy_loop.py --candidates K`` measures it against; ``shared_prefix``: as
-    :func:`greedy_decode` takes it."""
+    the baseline ``benchmarks/greedy_loop.py --candidates K`` measures it against; ``shared_prefix``, ``merge_draws``: as
+    :func:`greedy_decode` takes them. ``likelihood=False`` (where the choice gives the likelihood no weight: a server's)
+    leaves it out of the own loop (NaN): its log-normaliser over the vocabulary cost 8 ms a step at 192 rows."""
     from transformers import LogitsProcessorList
 
     draws = list(range(max(1, cfg.candidates))) if draws is None else list(draws)
@@ -659,9 +708,10 @@ def generate_candidates(
         lm = _shared_prefill_lm(model, extra) if shared_prefill and batch["input_ids"].shape[1] > 1 else None
         sampler = SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p, tokenizer.eos_token_id)
         if lm is not None and own_loop:  # one prefill per prompt, rows leave as they end
-            tokens, logprobs = greedy_decode(lm, batch, cfg.max_new_tokens, _eos_ids(tokenizer),
-                                             reason_processors(cfg, tokenizer) + [sampler], draws=n, scores=True,
-                                             shared_prefix=shared_prefix)
+            decoded = greedy_decode(lm, batch, cfg.max_new_tokens, _eos_ids(tokenizer),
+                                    reason_processors(cfg, tokenizer) + [sampler], draws=n, scores=likelihood,
+                                    shared_prefix=shared_prefix, merge_draws=merge_draws)
+            tokens, logprobs = decoded if likelihood else (decoded, [float("nan")] * len(decoded))
         else:
             ids = {k: v.repeat_interleave(n, 0) for k, v in extra.items()}
             if lm is not None and n > 1:  # the prompt's cache is computed once and copied to each of its draws

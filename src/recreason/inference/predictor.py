@@ -247,7 +247,9 @@ class Predictor:
             texts = generate_texts(self.model, self.tokenizer, prompts, cfg, **args)
             self.decoded_tokens += self._tokens(texts)
             return texts
-        return self.choose_among(prompted, generate_candidates(self.model, self.tokenizer, prompts, cfg, **args), cfg)
+        # the likelihood only where the choice weighs it: its log-normaliser is a pass over the vocabulary a step
+        return self.choose_among(prompted, generate_candidates(self.model, self.tokenizer, prompts, cfg, **args,
+                                                               likelihood=cfg.weight_likelihood != 0), cfg)
 
     def choose_among(self, prompted: Sequence[Prompted], candidates: Sequence[Sequence[Candidate]],
                cfg: GenerateConfig) -> list[str]:

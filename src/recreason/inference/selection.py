@@ -142,10 +142,13 @@ class TermTable:
 
     def scores(self, cfg: GenerateConfig) -> np.ndarray:
         """Each candidate's score under ``cfg``'s weights, summed term by term in :data:`WEIGHTS` order (the
-        same floating-point result whichever caller asks, so near ties break the same way)."""
+        same floating-point result whichever caller asks, so near ties break the same way). A term of weight 0
+        is left out, so one not computed (NaN: the likelihood a server skips when it has no weight) counts
+        nothing."""
         score = np.zeros(self.blocked.shape)
         for k, w in enumerate(weight_vector(cfg)):
-            score = score + w * self.terms[:, :, k]
+            if w:
+                score = score + w * self.terms[:, :, k]
         return score
 
     def choose(self, cfg: GenerateConfig) -> tuple[int, ...]:
