@@ -354,3 +354,24 @@ def test_prefix_attention_alternative_computes_the_same_attention():
         assert theirs.shape == ours.shape == (12, 1, 9, 64)
         assert torch.allclose(theirs, ours, atol=2e-2), float((theirs - ours).abs().max())
         assert not torch.allclose(theirs, torch.zeros_like(theirs), atol=2e-2)
+
+
+def test_merged_draws_decodes_fewer_rows_and_the_same_candidates(tiny_run, tmp_path, monkeypatch):
+    """benchmarks/merged_draws.py end to end on the tiny run (fp32): both ways take the same steps and write the same
+    candidates for every prompt; merged, the steps hold fewer rows (a prompt's draws share its first row)."""
+    import json
+
+    import merged_draws
+
+    out = tmp_path / "merged.json"
+    monkeypatch.setattr(sys, "argv", ["merged_draws.py", "--run", str(tiny_run[0]), "--set", "generate.candidates=3",
+                                      "--set", "generate.precision=fp32", "--set", "generate.max_new_tokens=5",
+                                      "--set", "generate.batch_size=2", "--prompts", "3", "--rounds", "1",
+                                      "--out", str(out)])
+    merged_draws.main()
+    result = json.loads(out.read_text())
+    ways = result["ways"]
+    assert result["same_candidates_share"] == 1.0 and result["candidates"] == 3
+    assert ways["merged"]["steps"] == ways["row per draw"]["steps"] > 0
+    assert ways["merged"]["row_steps"] < ways["row per draw"]["row_steps"]
+    assert 0 < result["row_steps_share_merged"] < 1 and len(result["time_ratio_merged"]) == 1
