@@ -268,14 +268,19 @@ def _decode_loop(lm, ids, mask, position, cache, prefix, max_new_tokens: int, eo
         logits = lm(input_ids=step, attention_mask=None if prefix is not None else mask, position_ids=position,
                     cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         norm = logits.logsumexp(-1) if scores else None  # before processors change the scores in place
-        if node_of is not None and not _in_order(node_of, len(logits)):  # each draw's copy of its row's scores
-            logits, norm = logits[node_of], None if norm is None else norm[node_of]
+        merged = node_of is not None and not _in_order(node_of, len(logits))
+        if merged and not picker:  # each draw's copy of its row's scores
+            logits, norm, merged = logits[node_of], None if norm is None else norm[node_of], False
         shaped = logits
+        # the reason rules read a row's own tokens: one draw's stand for its row's (they are the same)
+        rows_seq = _first_of_each(seq, node_of) if merged else seq
         for processor in processors[:-1] if picker else processors:
-            shaped = processor(seq, shaped)
-        token = processors[-1].pick(seq, shaped) if picker else shaped.argmax(-1)
+            shaped = processor(rows_seq, shaped)
+        token = processors[-1].pick(seq, shaped, node_of if merged else None) if picker else shaped.argmax(-1)
         if scores:  # the chosen token's raw score: processors only ban tokens, and a banned token is never chosen
-            for row, lp in zip(draws, (logits.gather(-1, token[:, None]).squeeze(-1) - norm).tolist()):
+            raw = logits[node_of, token] if merged else logits.gather(-1, token[:, None]).squeeze(-1)
+            own = raw - (norm[node_of] if merged else norm)
+            for row, lp in zip(draws, own.tolist()):
                 logprob[row] += lp
         for row, t in zip(draws, token.tolist()):
             out[row].append(t)
@@ -441,31 +446,34 @@ class SeededSampler:
             out[rows] = (logits - _log_log(uniform).to(logits.device)).to(out.dtype)
         return out
 
-    def pick(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def pick(self, input_ids: torch.Tensor, scores: torch.Tensor, node_of: torch.Tensor | None = None) -> torch.Tensor:
         """The tokens ``self(input_ids, scores).argmax(-1)`` chooses, without writing the perturbed scores of the
         whole vocabulary: a row whose nucleus lies within its :data:`PICK_TOP` most probable tokens (all tokens of
         a tie at its edge included) is sampled among those alone, the same noise added the same way and a tie
         between two maxima going to the lower token id as ``argmax`` has it; the other rows take the whole-row
         path. Over a 16-prompt x 32-draw decode the whole-vocabulary masks, scatters and copies had cost a fifth
-        of the time."""
+        of the time. ``node_of`` [rows]: the row of ``scores`` each row samples from, where rows that wrote the
+        same tokens share one (:func:`greedy_decode`'s merged draws): its nucleus is read once for all of them,
+        and each draws its own noise."""
         rows = self._sampled_rows(input_ids)
         if not rows:
-            return scores.argmax(-1)
-        token = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+            return scores.argmax(-1) if node_of is None else scores.argmax(-1)[node_of]
+        token = torch.zeros(input_ids.shape[0], dtype=torch.long, device=scores.device)
         greedy = [n for n, gen in enumerate(self.generators) if gen is None]
         if greedy:  # the argmax of the greedy rows alone: over all 192 rows of a step it had cost 4 ms
-            token[greedy] = scores[greedy].argmax(-1)
+            token[greedy] = scores[greedy if node_of is None else node_of[greedy]].argmax(-1)
         at = torch.tensor(rows, device=scores.device)
+        source = at if node_of is None else node_of[at]  # each sampled row's row of the scores
         # every row's tempered scores and nucleus at once (a greedy row's are not needed, but copying the sampled
         # rows out of the whole-vocabulary scores cost more than computing them)
         tempered = scores.float() / max(self.temperature, 1e-5)
         uniform = self._uniform(rows, scores.shape[-1])
         if self.top_p >= 1.0:
-            token[rows] = (tempered[at] - _log_log(uniform)).argmax(-1).to(token.device)
+            token[rows] = (tempered[source] - _log_log(uniform)).argmax(-1).to(token.device)
             return token
         kept, index, resolved = _nucleus_in_top(tempered, self.top_p, min(PICK_TOP, scores.shape[-1]))
-        kept, index, resolved = kept[at], index[at], resolved[at]
-        values = tempered[at[:, None], index]
+        kept, index, resolved = kept[source], index[source], resolved[source]
+        values = tempered[source[:, None], index]
         sampled = torch.where(kept & (values > float("-inf")), values - _log_log(uniform.gather(-1, index)),
                               torch.full_like(values, float("-inf")))
         best = sampled.max(-1, keepdim=True).values
@@ -473,7 +481,7 @@ class SeededSampler:
         resolved &= best.squeeze(-1) > float("-inf")
         rest = (~resolved).nonzero().squeeze(-1)
         if len(rest):  # nucleus beyond the top tokens, or a tie run crossing their edge: the whole row
-            choice[rest] = _perturbed(tempered[at[rest]], uniform[rest], self.top_p).argmax(-1)
+            choice[rest] = _perturbed(tempered[source[rest]], uniform[rest], self.top_p).argmax(-1)
         token[rows] = choice.to(token.device)
         return token
 
