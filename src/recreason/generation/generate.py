@@ -215,9 +215,11 @@ def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], 
     share one row of the model's batch, whose logits each of them samples from with its own stream; a row splits
     when its draws choose different tokens. A step's first token is the prompt's last for all of its draws, and
     a sharpened model's samples often agree for many tokens: over 64 validation prompts x 12 draws of the distilled
-    run, 58% of the rows a step held were distinct (``benchmarks/merged_draws.py``). The draws' tokens are the
-    same as unmerged (in fp32, tested: a row's logits do not depend on its batch companions). False: a row per
-    draw, the baseline that benchmark measures against.
+    run, 58% of the rows a step held were distinct (``benchmarks/merged_draws.py``). The processors before the
+    sampler see each row once (with one of its draws' tokens, which are all of theirs), and the sampler's ``pick``
+    is told each draw's row, so a row's nucleus is read once. The draws' tokens are the same as unmerged (in fp32,
+    tested: a row's logits do not depend on its batch companions). False: a row per draw, the baseline that
+    benchmark measures against.
 
     ``shared_prefix`` (default; with several draws, where the model runs
     :func:`~recreason.models.registry.grouped_attention`): the prompts' KV cache is kept once and every draw attends
