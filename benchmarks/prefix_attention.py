@@ -1,15 +1,20 @@
-"""Attention over the shared prompt cache: ``SharedPrefix.attend`` against aten's fused CPU flash-attention kernel.
+"""Attention over the shared prompt cache: ``SharedPrefix.attend`` against the layout it had before, and against
+aten's fused CPU flash-attention kernel.
 
-``recreason.models.registry.SharedPrefix.attend`` reproduces eager attention's bits with about 25 small operations a
-layer and step. The alternative measured here calls ``_scaled_dot_product_flash_attention_for_cpu`` twice, once on
-the prompt part (the rows' queries laid out per prompt, as ``attend`` lays them) and once on each row's own tokens,
+``recreason.models.registry.SharedPrefix.attend`` reproduces eager attention's bits. It lays the rows' queries out
+per prompt, padded to the prompt with the most rows, by gathers whose indices every layer of a step shares. The
+baseline ``scattered_attend`` is the layout before: the queries scattered into zeros and copied through a permute,
+and the same back (the same bits, more operations). The rival ``flash_attend`` calls
+``_scaled_dot_product_flash_attention_for_cpu`` twice, once on the prompt part and once on each row's own tokens,
 and merges the two by their log-sum-exps. It is not used by the library: it computes other bits (an online softmax
 in blocks), and this script measured it no faster.
 
 Shapes are the embedded model's (9 query heads over 3 key/value heads of 64) at the server's 16 clients: 16 prompts
-x 12 draws = 192 rows, prompts of up to ``--length`` tokens (some left-padded), ``--own`` tokens of each row's own.
-Random bf16 tensors; after a warm-up of every shape, the two ways alternate, ``--calls`` calls each per round. Prints microseconds a call, the
-ratio, and the largest difference between the two outputs.
+of up to ``--length`` tokens (some left-padded), ``--own`` tokens of each row's own, in two layouts: ``even``, 12
+rows a prompt (192 rows, a whole batch's first step without merged draws), and ``uneven``, 1 to 12 rows a prompt
+(seeded), as merged draws leave them. Random bf16 tensors; after a warm-up of every shape, the ways alternate,
+``--calls`` calls each per round. Prints microseconds a call, each way's ratio to ``attend``, and the largest
+difference to it.
 
 Usage: python benchmarks/prefix_attention.py [--own 1,8,24] [--calls 200] [--rounds 3]
 Results: benchmarks/results/prefix_attention.json
@@ -24,6 +29,33 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def scattered_attend(prefix, layer: int, query, key, value, scaling: float):
+    """What ``SharedPrefix.attend`` returns, computed as it was before its gathers (the same products in the same
+    order): the rows scattered into a zero-padded per-prompt layout and copied through a permute, each way."""
+    import torch
+
+    rows, heads, _, d = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    pk, pv = prefix.keys[layer], prefix.values32[layer]
+    prompts, length = pk.shape[0], pk.shape[2]
+    width, owner, slot = prefix.width, prefix.owner, prefix.slot
+    q = query.view(rows, kv_heads, group, d)
+    padded = q.new_zeros(prompts, width, kv_heads, group, d)
+    padded[owner, slot] = q
+    padded = padded.permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, width * group, d)
+    on_prompt = torch.matmul(padded, pk.transpose(2, 3)) * scaling + prefix.bias[:, None, None, :]
+    on_prompt = on_prompt.view(prompts, kv_heads, width, group, length).permute(0, 2, 1, 3, 4)[owner, slot]
+    on_own = torch.matmul(q, key.transpose(2, 3)) * scaling
+    weights = torch.softmax(torch.cat([on_prompt, on_own], -1), dim=-1, dtype=torch.float32).to(query.dtype)
+    spread = weights.new_zeros(prompts, width, kv_heads, group, length, dtype=torch.float32)
+    spread[owner, slot] = weights[..., :length].float()
+    spread = spread.permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, width * group, length)
+    out = torch.matmul(spread, pv).view(prompts, kv_heads, width, group, d).permute(0, 2, 1, 3, 4)
+    out = out[owner, slot] + torch.matmul(weights[..., length:].float(), value.float())
+    return out.to(query.dtype).reshape(rows, 1, heads, d), None
 
 
 def flash_attend(prefix, layer: int, query, key, value, scaling: float):
@@ -54,8 +86,11 @@ def flash_attend(prefix, layer: int, query, key, value, scaling: float):
 
 
 def shapes(own: int, length: int, prompts: int = 16, draws: int = 12, kv_heads: int = 3, group: int = 3,
-           d: int = 64):
-    """(a SharedPrefix over random bf16 prompt caches, queries, own keys, own values) at decoding's shapes."""
+           d: int = 64, uneven: bool = False):
+    """(a SharedPrefix over random bf16 prompt caches, queries, own keys, own values) at decoding's shapes:
+    ``draws`` rows a prompt, or with ``uneven`` 1 to ``draws`` (seeded)."""
+    import random
+
     import torch
 
     from recreason.models.registry import SharedPrefix
@@ -66,8 +101,9 @@ def shapes(own: int, length: int, prompts: int = 16, draws: int = 12, kv_heads: 
     mask = torch.ones(prompts, length, dtype=torch.long)
     for p in range(prompts):
         mask[p, : (p * 5) % 40] = 0  # prompts of uneven lengths, left-padded
-    prefix = SharedPrefix(keys, values, mask, torch.arange(prompts).repeat_interleave(draws))
-    rows = prompts * draws
+    counts = [random.Random(p).randint(1, draws) for p in range(prompts)] if uneven else [draws] * prompts
+    prefix = SharedPrefix(keys, values, mask, torch.arange(prompts).repeat_interleave(torch.tensor(counts)))
+    rows = sum(counts)
     query = torch.randn(rows, kv_heads * group, 1, d).to(torch.bfloat16)
     key = torch.randn(rows, kv_heads, own, d).to(torch.bfloat16)
     value = torch.randn(rows, kv_heads, own, d).to(torch.bfloat16)
@@ -88,32 +124,39 @@ def main() -> None:
     from recreason.models.registry import SharedPrefix
 
     result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "threads": torch.get_num_threads(),
-              "own": {}}
+              "layouts": {}}
     owns = [int(x) for x in args.own.split(",")]
-    for own in owns:  # warm-up of every shape both ways: the first timings of a process ran up to 2x off
-        prefix, query, key, value = shapes(own, args.length)
-        for _ in range(args.calls):
-            SharedPrefix.attend(prefix, 0, query, key, value, 0.125)
-            flash_attend(prefix, 0, query, key, value, 0.125)
-    for own in owns:
-        prefix, query, key, value = shapes(own, args.length)
-        ways = {"attend": lambda: SharedPrefix.attend(prefix, 0, query, key, value, 0.125),
-                "flash": lambda: flash_attend(prefix, 0, query, key, value, 0.125)}
-        diff = float((ways["attend"]()[0].float() - ways["flash"]()[0].float()).abs().max())
-        times = {name: [] for name in ways}
-        for round_ in range(args.rounds):
-            for name in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):
-                for _ in range(5):
-                    ways[name]()
-                start = time.perf_counter()
-                for _ in range(args.calls):
-                    ways[name]()
-                times[name].append((time.perf_counter() - start) / args.calls * 1e6)
-        ratio = [f / a for f, a in zip(times["flash"], times["attend"])]
-        result["own"][own] = {"us_per_call": times, "flash_over_attend": ratio, "max_abs_difference": diff}
-        print(f"own {own:2d}: attend {', '.join(f'{t:.0f}' for t in times['attend'])} us, flash "
-              f"{', '.join(f'{t:.0f}' for t in times['flash'])} us ({', '.join(f'{r:.2f}x' for r in ratio)}); "
-              f"largest difference {diff:.4f}", flush=True)
+    rivals = {"attend": SharedPrefix.attend, "scatter (before)": scattered_attend, "flash": flash_attend}
+    for uneven in (False, True):  # warm-up of every shape every way: the first timings of a process ran up to 2x off
+        for own in owns:
+            prefix, query, key, value = shapes(own, args.length, uneven=uneven)
+            for _ in range(args.calls):
+                for attend in rivals.values():
+                    attend(prefix, 0, query, key, value, 0.125)
+    for uneven in (False, True):
+        layout = "uneven" if uneven else "even"
+        result["layouts"][layout] = {}
+        for own in owns:
+            prefix, query, key, value = shapes(own, args.length, uneven=uneven)
+            ways = {name: (lambda f=f: f(prefix, 0, query, key, value, 0.125)[0]) for name, f in rivals.items()}
+            ours = ways["attend"]().float()
+            diff = {name: float((way().float() - ours).abs().max()) for name, way in ways.items() if name != "attend"}
+            times = {name: [] for name in ways}
+            for round_ in range(args.rounds):
+                for name in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):
+                    for _ in range(5):
+                        ways[name]()
+                    start = time.perf_counter()
+                    for _ in range(args.calls):
+                        ways[name]()
+                    times[name].append((time.perf_counter() - start) / args.calls * 1e6)
+            ratios = {name: [t / a for t, a in zip(times[name], times["attend"])] for name in ways if name != "attend"}
+            result["layouts"][layout][own] = {"rows": len(prefix.owner), "us_per_call": times,
+                                              "over_attend": ratios, "max_abs_difference": diff}
+            print(f"{layout} ({len(prefix.owner)} rows), own {own:2d}: " + "; ".join(
+                f"{name} {', '.join(f'{t:.0f}' for t in times[name])} us"
+                + ("" if name == "attend" else f" ({', '.join(f'{r:.2f}x' for r in ratios[name])}, "
+                   f"largest difference {diff[name]:.4f})") for name in ways), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -356,6 +356,27 @@ def test_prefix_attention_alternative_computes_the_same_attention():
         assert not torch.allclose(theirs, torch.zeros_like(theirs), atol=2e-2)
 
 
+def test_the_gathered_prompt_layout_gives_the_scattered_layouts_bits():
+    """SharedPrefix.attend's gathered layout (indices shared by every layer) returns exactly what the scattered layout
+    before it returned (benchmarks/prefix_attention.py's baseline), with even and uneven rows a prompt, and after
+    rows left, repeated (a merged row split) and whole prompts went."""
+    import prefix_attention
+    import torch
+
+    from recreason.models.registry import SharedPrefix
+
+    for uneven in (False, True):
+        prefix, query, key, value = prefix_attention.shapes(6, length=40, prompts=5, draws=6, uneven=uneven)
+        for keep in (None, torch.tensor([0, 0, 1, 3, 3, 3, len(prefix.owner) - 1])):
+            if keep is not None:
+                prefix.select(keep)
+                query, key, value = query[keep], key[keep], value[keep]
+            ours = SharedPrefix.attend(prefix, 0, query, key, value, 0.125)[0]
+            before = prefix_attention.scattered_attend(prefix, 0, query, key, value, 0.125)[0]
+            assert torch.equal(ours, before) and ours.shape == (len(query), 1, 9, 64)
+    assert prefix.keys[0].shape[0] < 5  # prompts none of whose rows remained left the prefix
+
+
 def test_merged_draws_decodes_fewer_rows_and_the_same_candidates(tiny_run, tmp_path, monkeypatch):
     """benchmarks/merged_draws.py end to end on the tiny run (fp32): both ways take the same steps and write the same
     candidates for every prompt; merged, the steps hold fewer rows (a prompt's draws share its first row)."""

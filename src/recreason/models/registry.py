@@ -392,6 +392,24 @@ class SharedPrefix:
         self.width = int(counts.max())
         first = torch.cumsum(counts, 0) - counts
         self.slot = torch.arange(len(self.owner)) - first[self.owner]
+        self._moves = None  # the layout's gather indices, made by the first layer that needs them
+
+    def _gathers(self, kv_heads: int, group: int):
+        """(where each vector of the padded layout [prompts, kv heads, width x group] comes from among the rows'
+        [rows x kv heads x group] and one zero vector after them; where each row's vector lies in the padded
+        layout). Made once per layout and head shape: every layer of a step reuses them."""
+        import torch
+
+        if self._moves is None or self._moves[0] != (kv_heads, group):
+            rows, prompts = len(self.owner), self.keys[0].shape[0]
+            heads = torch.arange(kv_heads)[None, :, None]
+            within = torch.arange(group)[None, None, :]
+            to_padded = (((self.owner[:, None, None] * kv_heads + heads) * self.width + self.slot[:, None, None])
+                         * group + within).reshape(-1)
+            from_rows = torch.full((prompts * kv_heads * self.width * group,), rows * kv_heads * group)
+            from_rows[to_padded] = torch.arange(rows * kv_heads * group)
+            self._moves = ((kv_heads, group), from_rows, to_padded)
+        return self._moves[1], self._moves[2]
 
     def select(self, keep) -> None:
         """Keep rows ``keep`` (in order); prompts none of whose rows remain leave the prefix."""
@@ -421,24 +439,26 @@ class SharedPrefix:
         group = heads // kv_heads
         pk, pv = self.keys[layer], self.values32[layer]
         prompts, length = pk.shape[0], pk.shape[2]
-        width, owner, slot = self.width, self.owner, self.slot
+        width = self.width
+        # rows laid out per prompt, padded with zero vectors to the prompt with the most rows, by two gathers whose
+        # indices every layer shares (a scatter into zeros and a permuting copy each way had cost a third more)
+        from_rows, to_padded = self._gathers(kv_heads, group)
         q = query.view(rows, kv_heads, group, d)
-        padded = q.new_zeros(prompts, width, kv_heads, group, d)
-        padded[owner, slot] = q
-        padded = padded.permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, width * group, d)
+        padded = torch.cat([q.reshape(-1, d), q.new_zeros(1, d)]).index_select(0, from_rows)
+        padded = padded.view(prompts, kv_heads, width * group, d)
         on_prompt = torch.matmul(padded, pk.transpose(2, 3)) * scaling + self.bias[:, None, None, :]
-        on_prompt = on_prompt.view(prompts, kv_heads, width, group, length).permute(0, 2, 1, 3, 4)[owner, slot]
+        on_prompt = on_prompt.view(-1, length).index_select(0, to_padded).view(rows, kv_heads, group, length)
         on_own = torch.matmul(q, key.transpose(2, 3)) * scaling  # [rows, kv heads, group, own tokens]
         if self.own_bias is not None:
             on_own = on_own + self.own_bias[:, None, None, :].to(on_own.dtype)
         weights = torch.softmax(torch.cat([on_prompt, on_own], -1), dim=-1, dtype=torch.float32).to(query.dtype)
         # the two halves of the weighted sum in fp32, rounded once as eager attention's one product is (in bf16 a
         # rounding per half changed a third of greedy texts); the operands are small
-        spread = weights.new_zeros(prompts, width, kv_heads, group, length, dtype=torch.float32)
-        spread[owner, slot] = weights[..., :length].float()
-        spread = spread.permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, width * group, length)
-        out = torch.matmul(spread, pv).view(prompts, kv_heads, width, group, d).permute(0, 2, 1, 3, 4)
-        out = out[owner, slot] + torch.matmul(weights[..., length:].float(), value.float())
+        on_prompt_weights = weights[..., :length].float().reshape(-1, length)
+        spread = torch.cat([on_prompt_weights, on_prompt_weights.new_zeros(1, length)]).index_select(0, from_rows)
+        out = torch.matmul(spread.view(prompts, kv_heads, width * group, length), pv)
+        out = out.view(-1, d).index_select(0, to_padded).view(rows, kv_heads, group, d)
+        out = out + torch.matmul(weights[..., length:].float(), value.float())
         return out.to(query.dtype).reshape(rows, 1, heads, d), None
 
 
