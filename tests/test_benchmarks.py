@@ -358,8 +358,8 @@ def test_prefix_attention_alternative_computes_the_same_attention():
 
 def test_the_gathered_prompt_layout_gives_the_scattered_layouts_bits():
     """SharedPrefix.attend's gathered layout (indices shared by every layer) returns exactly what the scattered layout
-    before it returned (benchmarks/prefix_attention.py's baseline), with even and uneven rows a prompt, and after
-    rows left, repeated (a merged row split) and whole prompts went."""
+    before it returned (benchmarks/prefix_attention.py's baseline), with even and uneven rows a prompt, after rows
+    left, repeated (a merged row split) and whole prompts went, with the queries scaled first or the scores."""
     import prefix_attention
     import torch
 
@@ -371,9 +371,10 @@ def test_the_gathered_prompt_layout_gives_the_scattered_layouts_bits():
             if keep is not None:
                 prefix.select(keep)
                 query, key, value = query[keep], key[keep], value[keep]
-            ours = SharedPrefix.attend(prefix, 0, query, key, value, 0.125)[0]
-            before = prefix_attention.scattered_attend(prefix, 0, query, key, value, 0.125)[0]
-            assert torch.equal(ours, before) and ours.shape == (len(query), 1, 9, 64)
+            for scaling in (0.125, 0.1):  # queries scaled first (a power of two, exact), or the scores
+                ours = SharedPrefix.attend(prefix, 0, query, key, value, scaling)[0]
+                before = prefix_attention.scattered_attend(prefix, 0, query, key, value, scaling)[0]
+                assert torch.equal(ours, before) and ours.shape == (len(query), 1, 9, 64)
     assert prefix.keys[0].shape[0] < 5  # prompts none of whose rows remained left the prefix
 
 
