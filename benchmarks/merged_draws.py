@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     from recreason.config import load_config
-    from recreason.generation.generate import generate_candidates, plain_causal_lm
+    from recreason.generation.generate import generate_candidates, plain_causal_lm, weighs_likelihood
     from recreason.inference import Predictor, Request
 
     predictor = Predictor(args.run, load_config(args.config or None, args.set)["generate"])
@@ -69,7 +69,7 @@ def main() -> None:
         rows.clear()
         start = time.perf_counter()
         out = generate_candidates(predictor.model, tokenizer, prompts, cfg, progress=False, merge_draws=merge,
-                                  likelihood=cfg.weight_likelihood != 0)
+                                  likelihood=weighs_likelihood(cfg))
         return time.perf_counter() - start, list(rows), [[c.text for c in cands] for cands in out]
 
     decode(True)  # warm-up: packing, allocator

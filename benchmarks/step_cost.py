@@ -84,10 +84,11 @@ def decode_rows(lm, tokenizer, encoded: list, prompts: list[str], cfg, draws: in
     # every row sampled, as all but one of a request's rows are (draws 1..n: seeded samples, no greedy one)
     seeds = [s for p in prompts for s in g.draw_seeds(cfg.seed, p, range(1, draws + 1))]
     sampler = g.SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p)  # no end token: no row leaves
+    likelihood = g.weighs_likelihood(cfg)  # the likelihood as the server has it
     decoded = g.greedy_decode(lm, batch, steps, eos_ids=[], processors=g.reason_processors(cfg, tokenizer) + [sampler],
-                              draws=draws, scores=cfg.weight_likelihood != 0,  # the likelihood as the server has it
+                              draws=draws, scores=likelihood,
                               merge_draws=False)  # a row per draw: rows whose tokens agree would share one
-    return decoded[0] if cfg.weight_likelihood != 0 else decoded
+    return decoded[0] if likelihood else decoded
 
 
 def main() -> None:

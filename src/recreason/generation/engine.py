@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from recreason.generation.generate import SeededSampler, prefill, repeated_ngram_bans, stop_token_ids
+from recreason.generation.generate import (SeededSampler, prefill, repeated_ngram_bans, stop_token_ids,
+                                          weighs_likelihood)
 from recreason.models.registry import SHARED_PREFIX, SharedPrefix
 
 
@@ -221,7 +222,7 @@ class CandidateDecoder:
         stops = stop_token_ids(tokenizer) if cfg.min_new_tokens else ()
         return cls(lm, tokenizer.pad_token_id, [tokenizer.eos_token_id], requests * cfg.candidates,
                    cfg.sample_temperature, cfg.sample_top_p, cfg.min_new_tokens, cfg.no_repeat_ngram, stops, admit_at,
-                   likelihood=cfg.weight_likelihood != 0)
+                   likelihood=weighs_likelihood(cfg))
 
     @property
     def busy(self) -> bool:

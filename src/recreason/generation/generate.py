@@ -52,6 +52,12 @@ def _decode_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
 SHAPING_KEYS = ("min_new_tokens", "no_repeat_ngram")  # settings that change what greedy decoding writes
 
 
+def weighs_likelihood(cfg: GenerateConfig) -> bool:
+    """Whether ``cfg``'s choice among candidates weighs their likelihood: where it does not, a decode that only
+    serves that choice can skip the likelihood's log-normaliser over the vocabulary (a pass a step)."""
+    return cfg.weight_likelihood != 0
+
+
 def reason_processors(cfg: GenerateConfig, tokenizer) -> list:
     """The logits processors ``cfg`` asks for that shape the reason itself (fresh instances: one per decode)."""
     out: list = []
@@ -231,8 +237,10 @@ def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], 
     cache, batch = prefill(lm, batch, 1 if shared or merge else draws)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     prompts = ids.shape[0]
-    # the model's rows: one per prompt to begin with where draws merge, else one per draw
-    nodes = torch.arange(prompts) if merge else torch.arange(prompts).repeat_interleave(draws)
+    draw_prompt = torch.arange(prompts).repeat_interleave(draws)
+    # the model's rows: one per prompt to begin with where draws merge (node_of: each draw's row), else one per draw
+    node_of = draw_prompt if merge else None
+    nodes = torch.arange(prompts) if merge else draw_prompt
     if shared:  # the prompts' cache kept once (SharedPrefix); the model's cache holds each row's own tokens
         prefix = SharedPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
                               mask[:, :-1], nodes)
@@ -242,7 +250,6 @@ def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], 
     if not merge and draws > 1:
         mask = mask.repeat_interleave(draws, 0)
     position = (mask.long().sum(-1, keepdim=True) - 1)
-    node_of = torch.arange(prompts).repeat_interleave(draws) if merge else None
     if draws > 1:
         ids = ids.repeat_interleave(draws, 0)
     token = SHARED_PREFIX.set(prefix) if shared else None
@@ -274,10 +281,11 @@ def _decode_loop(lm, ids, mask, position, cache, prefix, max_new_tokens: int, eo
         if merged and not picker:  # each draw's copy of its row's scores
             logits, norm, merged = logits[node_of], None if norm is None else norm[node_of], False
         shaped = logits
-        # the reason rules read a row's own tokens: one draw's stand for its row's (they are the same)
-        rows_seq = _first_of_each(seq, node_of) if merged else seq
-        for processor in processors[:-1] if picker else processors:
-            shaped = processor(rows_seq, shaped)
+        rules = processors[:-1] if picker else processors
+        if rules:  # the reason rules read a row's own tokens: one draw's stand for its row's (they are the same)
+            rows_seq = _first_of_each(seq, node_of) if merged else seq
+            for processor in rules:
+                shaped = processor(rows_seq, shaped)
         token = processors[-1].pick(seq, shaped, node_of if merged else None) if picker else shaped.argmax(-1)
         if scores:  # the chosen token's raw score: processors only ban tokens, and a banned token is never chosen
             raw = logits[node_of, token] if merged else logits.gather(-1, token[:, None]).squeeze(-1)

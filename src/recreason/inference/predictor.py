@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 from recreason.config import GenerateConfig
 from recreason.data.records import Explained
 from recreason.errors import ConfigError, UnknownId
-from recreason.generation.generate import SHAPING_KEYS, Candidate, generate_candidates, generate_texts
+from recreason.generation.generate import (SHAPING_KEYS, Candidate, generate_candidates, generate_texts,
+                                          weighs_likelihood)
 from recreason.inference.safety import ReasonChecker
 from recreason.inference.selection import choose, generic_table
 from recreason.models.personalized import INTEREST_LABELS, interest_class
@@ -247,9 +248,8 @@ class Predictor:
             texts = generate_texts(self.model, self.tokenizer, prompts, cfg, **args)
             self.decoded_tokens += self._tokens(texts)
             return texts
-        # the likelihood only where the choice weighs it: its log-normaliser is a pass over the vocabulary a step
         return self.choose_among(prompted, generate_candidates(self.model, self.tokenizer, prompts, cfg, **args,
-                                                               likelihood=cfg.weight_likelihood != 0), cfg)
+                                                               likelihood=weighs_likelihood(cfg)), cfg)
 
     def choose_among(self, prompted: Sequence[Prompted], candidates: Sequence[Sequence[Candidate]],
                cfg: GenerateConfig) -> list[str]:
