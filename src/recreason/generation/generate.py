@@ -470,7 +470,7 @@ class SeededSampler:
             return scores.argmax(-1) if node_of is None else scores.argmax(-1)[node_of]
         token = torch.zeros(input_ids.shape[0], dtype=torch.long, device=scores.device)
         greedy = [n for n, gen in enumerate(self.generators) if gen is None]
-        if greedy:  # the argmax of the greedy rows alone: over all 192 rows of a step it had cost 4 ms
+        if greedy:  # the argmax of the greedy rows alone (over all 192 rows: 4 ms, benchmarks/sampler_parts.py)
             token[greedy] = scores[greedy if node_of is None else node_of[greedy]].argmax(-1)
         at = torch.tensor(rows, device=scores.device)
         source = at if node_of is None else node_of[at]  # each sampled row's row of the scores
@@ -715,7 +715,8 @@ def generate_candidates(
     leaves the batch); ``own_loop=False`` hands them to ``generate`` (every row decodes until the longest ends),
     the baseline ``benchmarks/greedy_loop.py --candidates K`` measures it against; ``shared_prefix``, ``merge_draws``: as
     :func:`greedy_decode` takes them. ``likelihood=False`` (where the choice gives the likelihood no weight: a server's)
-    leaves it out of the own loop (NaN): its log-normaliser over the vocabulary cost 8 ms a step at 192 rows."""
+    leaves it out of the own loop (NaN): its log-normaliser over the vocabulary is 8 ms a step at 192 rows
+    (``benchmarks/sampler_parts.py``)."""
     from transformers import LogitsProcessorList
 
     draws = list(range(max(1, cfg.candidates))) if draws is None else list(draws)
