@@ -373,39 +373,74 @@ def test_nucleus_from_the_top_k_tokens_is_the_nucleus_of_a_full_sort():
 
 def test_seeded_samples_are_gumbel_max_over_the_whole_nucleus():
     """SeededSampler adds noise only where the nucleus keeps a token; its samples are the Gumbel-max samples with
-    noise drawn for every token (each row's stream advancing by the vocabulary each step), banned tokens never."""
+    a row's noise for every token (the counter stream's hash of seed, step and token; or a torch generator advancing
+    by the vocabulary each step), banned tokens never."""
     import torch
 
-    from recreason.generation.generate import SeededSampler, nucleus_drop
+    from recreason.generation.generate import SeededSampler, counter_uniform, nucleus_drop
 
-    torch.manual_seed(0)
     seeds, vocab, temperature, top_p = [None, 11, 12, 13], 500, 0.8, 0.9
-    sampler = SeededSampler(seeds, temperature, top_p)
-    streams = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
-    ids = torch.zeros(len(seeds), 3, dtype=torch.long)
-    picked = set()
-    for _ in range(20):
-        scores = (torch.randn(len(seeds), vocab) * 2).to(torch.bfloat16).float()  # ties, as bf16 scores have
-        scores[:, :5] = float("-inf")  # banned by an earlier processor
-        expected = []
-        for row, stream in enumerate(streams):
-            if stream is None:
-                expected.append(int(scores[row].argmax()))
-                continue
-            x = scores[row : row + 1] / temperature
-            x = x.masked_fill(nucleus_drop(x, top_p), float("-inf"))
-            u = torch.rand(vocab, generator=stream).clamp_(1e-10, 1 - 1e-10)
-            expected.append(int((x - torch.log(-torch.log(u))).argmax()))
-        chosen = sampler(ids, scores.clone()).argmax(-1).tolist()
-        assert chosen == expected and min(chosen) >= 5
-        picked.update(chosen[1:])
-    assert len(picked) > 20  # samples, not the argmax every time
+    for stream in ("counter", "mt19937"):
+        torch.manual_seed(0)
+        sampler = SeededSampler(seeds, temperature, top_p, stream=stream)
+        generators = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+        ids = torch.zeros(len(seeds), 3, dtype=torch.long)
+        picked = set()
+        for step in range(20):
+            scores = (torch.randn(len(seeds), vocab) * 2).to(torch.bfloat16).float()  # ties, as bf16 scores have
+            scores[:, :5] = float("-inf")  # banned by an earlier processor
+            expected = []
+            for row, seed in enumerate(seeds):
+                if seed is None:
+                    expected.append(int(scores[row].argmax()))
+                    continue
+                x = scores[row : row + 1] / temperature
+                x = x.masked_fill(nucleus_drop(x, top_p), float("-inf"))
+                u = (counter_uniform(seed, step, torch.arange(vocab)) if stream == "counter"
+                     else torch.rand(vocab, generator=generators[row])).clamp_(1e-10, 1 - 1e-10)
+                expected.append(int((x - torch.log(-torch.log(u))).argmax()))
+            chosen = sampler(ids, scores.clone()).argmax(-1).tolist()
+            assert chosen == expected and min(chosen) >= 5
+            picked.update(chosen[1:])
+        assert len(picked) > 20  # samples, not the argmax every time
+
+
+def test_the_counter_stream_samples_the_nucleus_distribution():
+    """The counter stream's samples follow the tempered nucleus probabilities: 4,000 seeds' first step and one
+    seed's 4,000 steps both land on each token about as often as its probability says (within 4.5 standard
+    errors), and its numbers are uniform in (0, 1), never 0 or 1."""
+    import torch
+
+    from recreason.generation.generate import SeededSampler, counter_uniform, nucleus_drop
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -8.0]])
+    temperature, top_p, n = 0.8, 0.95, 4000
+    tempered = logits / temperature
+    probs = torch.softmax(tempered.masked_fill(nucleus_drop(tempered, top_p), float("-inf")), -1)[0]
+    assert 0 < int((probs > 0).sum()) < logits.shape[1]  # the nucleus cuts the tail: the cut is tested too
+
+    def check(tokens: list[int]) -> None:
+        counts = torch.bincount(torch.tensor(tokens), minlength=logits.shape[1]).double()
+        error = (probs.double() * (1 - probs.double()) / n).sqrt()
+        assert bool((counts / n - probs.double()).abs().le(4.5 * error + 1e-12).all()), (counts / n, probs)
+
+    across_seeds = SeededSampler(list(range(1, n + 1)), temperature, top_p, stream="counter")
+    check(across_seeds.pick(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1).clone()).tolist())
+    one_seed = SeededSampler([5], temperature, top_p, stream="counter")
+    check([int(one_seed.pick(torch.zeros(1, 1, dtype=torch.long), logits.clone())) for _ in range(n)])
+
+    u = torch.cat([counter_uniform(seed, step, torch.arange(2000)) for seed in (0, 1, 2**40 + 1) for step in (0, 7)])
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    assert len(torch.unique(u)) > 0.99 * len(u)  # seeds, steps and tokens give different numbers
 
 
 def test_sampler_pick_is_the_argmax_of_its_perturbed_scores():
     """SeededSampler.pick (the decoding loop's path: the nucleus read off the top tokens) chooses what the argmax of
     its whole-vocabulary scores chooses, with ties at the nucleus' edge, nuclei past the top tokens, banned tokens,
-    greedy rows and rows that ended; both samplers' streams advance alike."""
+    greedy rows and rows that ended; both samplers' streams advance alike, with either random stream."""
+    import itertools
+
     import torch
 
     from recreason.generation import generate as g
@@ -414,8 +449,9 @@ def test_sampler_pick_is_the_argmax_of_its_perturbed_scores():
     vocab, rows = 700, 12
     seeds = [None] + [100 + n for n in range(rows - 1)]
     fallbacks = resolved = 0
-    for temperature, top_p, scale in ((0.8, 0.95, 2.0), (1.0, 0.5, 6.0), (0.7, 0.999, 0.3), (1.2, 1.0, 2.0)):
-        whole, picking = (g.SeededSampler(seeds, temperature, top_p, eos_token_id=3) for _ in range(2))
+    cases = ((0.8, 0.95, 2.0), (1.0, 0.5, 6.0), (0.7, 0.999, 0.3), (1.2, 1.0, 2.0))
+    for (temperature, top_p, scale), stream in itertools.product(cases, ("counter", "mt19937")):
+        whole, picking = (g.SeededSampler(seeds, temperature, top_p, eos_token_id=3, stream=stream) for _ in range(2))
         ids = torch.zeros(rows, 1, dtype=torch.long)
         for step in range(12):
             scores = (torch.randn(rows, vocab) * scale).to(torch.bfloat16).float()  # bf16 scores tie often

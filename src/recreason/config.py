@@ -168,6 +168,9 @@ class GenerateConfig:
     candidates: int = 1
     sample_temperature: float = 0.8  # sampling settings of the extra candidates
     sample_top_p: float = 0.95
+    sample_stream: str = "counter"  # counter: a sample's random numbers hashed from (seed, step, token), only for
+    # the tokens it can choose | mt19937: a torch generator's number per vocabulary token and step (slower; the
+    # stream of the quality tables recorded before 2026-12-05)
     weight_likelihood: float = 1.0  # x mean token log-probability under the model
     weight_grounded: float = 0.5  # + per feature named that the item has (up to 2)
     weight_ungrounded: float = 1.0  # - per feature named that the item lacks
@@ -284,7 +287,7 @@ CHOICES: dict[str, dict[str, tuple]] = {
               "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2"), "target": ("sentence", "summary"),
               "prompt_mode": ("discrete", "continuous", "hybrid"), "rating_head": ("mf", "mlp"),
               "precision": ("auto", "bf16", "fp16", "fp32"), "report_to": ("tensorboard", "wandb")},
-    "generate": {"precision": ("auto", "bf16", "fp32")},
+    "generate": {"precision": ("auto", "bf16", "fp32"), "sample_stream": ("counter", "mt19937")},
     "rank": {"model": ("als", "bpr", "popularity")},
     "distill": {"mode": ("chosen", "mixed", "preference"), "rejected": ("lowest", "greedy")},
     "evaluate": {"split": ("train", "validation", "test"), "systems": ("zero-shot", "retrieval", "fine-tuned")},

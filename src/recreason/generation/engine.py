@@ -203,14 +203,14 @@ class CandidateDecoder:
 
     def __init__(self, lm, pad_id: int, eos_ids: Sequence[int], max_rows: int, temperature: float, top_p: float,
                  min_new_tokens: int = 0, no_repeat_ngram: int = 0, stop_ids: Sequence[int] = (), admit_at: int = 1,
-                 likelihood: bool = True):
+                 likelihood: bool = True, stream: str = "counter"):
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.lm, self.pad_id, self.max_rows, self.admit_at = lm, pad_id, max_rows, max(1, admit_at)
         self.likelihood = likelihood  # False: draws' log-likelihoods are NaN, their normaliser is never computed
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
         self.min_new_tokens, self.no_repeat_ngram, self.stops = min_new_tokens, no_repeat_ngram, list(stop_ids)
-        self.temperature, self.top_p = temperature, top_p
+        self.temperature, self.top_p, self.stream = temperature, top_p, stream
         self.waiting: deque[_Job] = deque()
         self.reset()
 
@@ -222,7 +222,7 @@ class CandidateDecoder:
         stops = stop_token_ids(tokenizer) if cfg.min_new_tokens else ()
         return cls(lm, tokenizer.pad_token_id, [tokenizer.eos_token_id], requests * cfg.candidates,
                    cfg.sample_temperature, cfg.sample_top_p, cfg.min_new_tokens, cfg.no_repeat_ngram, stops, admit_at,
-                   likelihood=weighs_likelihood(cfg))
+                   likelihood=weighs_likelihood(cfg), stream=cfg.sample_stream)
 
     @property
     def busy(self) -> bool:
@@ -232,7 +232,7 @@ class CandidateDecoder:
         """Forget every job, running or waiting, without calling back (after a failed step)."""
         self.waiting.clear()
         self.rows: list[tuple[_Job, int]] = []  # (job, draw), grouped by prompt in the order they joined
-        self.sampler = SeededSampler([], self.temperature, self.top_p)  # its streams follow self.rows
+        self.sampler = SeededSampler([], self.temperature, self.top_p, stream=self.stream)  # its streams follow self.rows
         self.sampler.started = True
         self.prefix = self.cache = self.own = self.position = self.step_ids = None
 
@@ -293,7 +293,7 @@ class CandidateDecoder:
                 keep.append(r)
         if len(keep) < rows:
             if not keep:
-                self.rows, self.sampler.generators = [], []
+                self.rows, self.sampler.streams = [], []
                 self.prefix = self.cache = self.own = self.position = self.step_ids = None
                 return rows
             index = torch.tensor(keep, dtype=torch.long)
@@ -329,14 +329,13 @@ class CandidateDecoder:
         keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
         position = (mask.long().sum(-1, keepdim=True) - 1).repeat_interleave(draws, 0)
         step_ids = ids[:, -1].repeat_interleave(draws)[:, None]
-        generators = [None if seed is None else torch.Generator().manual_seed(seed) for job in new for seed in job.seeds]
         rows = [(job, draw) for job in new for draw in range(len(job.seeds))]
         if not self.rows:
             from transformers import DynamicCache
 
             self.prefix = SharedPrefix(keys, values, mask[:, :-1], owner)
             self.cache, self.own = DynamicCache(), torch.zeros(len(rows), 0)
-            self.position, self.step_ids, self.sampler.generators = position, step_ids, generators
+            self.position, self.step_ids = position, step_ids
         else:
             self.prefix.join(keys, values, mask[:, :-1], owner)
             for layer in self.cache.layers:  # the new rows' own columns so far: masked padding
@@ -345,8 +344,8 @@ class CandidateDecoder:
             self.own = torch.cat([self.own, self.own.new_zeros(len(rows), self.own.shape[1])])
             self.position = torch.cat([self.position, position])
             self.step_ids = torch.cat([self.step_ids, step_ids])
-            self.sampler.generators = self.sampler.generators + generators
         self.rows.extend(rows)
+        self.sampler.extend([seed for job in new for seed in job.seeds])
 
     def _trim(self) -> None:
         """Drop leading own columns no row has a token in (the rows that had them have left)."""

@@ -398,24 +398,44 @@ def _nucleus_within(probs: torch.Tensor, top_p: float, k: int) -> tuple[torch.Te
     return inside, drop
 
 
+SAMPLE_STREAMS = ("counter", "mt19937")  # generate.sample_stream: where a sample's random numbers come from
+
+
 class SeededSampler:
     """A logits processor that samples each row with its own seeded random stream (Gumbel-max with temperature
     and top-p), so a prompt's candidates do not depend on which other prompts share its batch. A row whose
     seed is None stays greedy. Used with greedy decoding: the argmax of the perturbed scores is the sample.
     A row that has written ``eos_token_id`` is finished (``generate`` pads it from then on, whatever the scores
-    say), so it is no longer sampled."""
+    say), so it is no longer sampled.
+
+    ``stream`` (:data:`SAMPLE_STREAMS`): ``counter`` (default) gives a row's number for token ``v`` at its ``n``-th
+    sampled step as a hash of (seed, n, v) (:func:`counter_uniform`), so a step computes numbers only for the tokens
+    it can choose (a row's nucleus, usually within its 64 most probable tokens); ``mt19937`` draws a number per
+    vocabulary token and step from a seeded ``torch.Generator``, the stream of the quality tables recorded before
+    2026-12-05: 12 ms a step at 192 rows, 0.3 s of a 5 s batch (``benchmarks/decode_anatomy.py``). Either way a
+    row's numbers do not depend on its nucleus or on the other rows. The two give different samples of the same
+    distribution; candidate caches keep them apart."""
 
     def __init__(self, seeds: Sequence[int | None], temperature: float, top_p: float,
-                 eos_token_id: int | Sequence[int] | None = None):
-        self.generators = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+                 eos_token_id: int | Sequence[int] | None = None, stream: str = "counter"):
+        if stream not in SAMPLE_STREAMS:
+            raise ValueError(f"sample stream must be one of {', '.join(SAMPLE_STREAMS)}, got {stream!r}")
+        self.stream = stream
         self.temperature, self.top_p = temperature, top_p
         self.eos = torch.tensor([] if eos_token_id is None else
                                 [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         self.started = False  # the first call sees the prompts' last tokens, not a generated one
+        self.streams: list = []
+        self.extend(seeds)
+
+    def extend(self, seeds: Sequence[int | None]) -> None:
+        """Rows after the current ones, each with its seed's stream (None: greedy)."""
+        self.streams = self.streams + [None if s is None else torch.Generator().manual_seed(s)
+                                       if self.stream == "mt19937" else [_seed_key(s), 0] for s in seeds]
 
     def select(self, rows: Sequence[int]) -> None:
         """Keep only these rows' streams, in this order (rows that ended left the batch: :func:`greedy_decode`)."""
-        self.generators = [self.generators[k] for k in rows]
+        self.streams = [self.streams[k] for k in rows]
 
     def _sampled_rows(self, input_ids: torch.Tensor) -> list[int]:
         """The rows this step samples (the others stay greedy): a row that wrote an end token stops sampling."""
@@ -423,25 +443,32 @@ class SeededSampler:
             self.started = True
         elif len(self.eos):
             ended = torch.isin(input_ids[:, -1].cpu(), self.eos).tolist()
-            self.generators = [None if end else gen for gen, end in zip(self.generators, ended)]
-        return [n for n, gen in enumerate(self.generators) if gen is not None]
+            self.streams = [None if end else stream for stream, end in zip(self.streams, ended)]
+        return [n for n, stream in enumerate(self.streams) if stream is not None]
 
-    def _uniform(self, rows: list[int], vocab: int) -> torch.Tensor:
-        """Each row's next ``vocab`` uniform numbers: every row draws a number per vocabulary token and step, so its
-        stream does not depend on its nucleus. The rows' streams are independent, so they are drawn on the cores
-        in parallel (one generator is only ever advanced by one thread; 31 ms -> 14 ms for 192 rows on 2 cores)."""
+    def _uniform(self, rows: list[int], vocab: int) -> "_StepNumbers":
+        """This step's uniform numbers of ``rows`` (each row's stream advancing one step), over a vocabulary of
+        ``vocab`` tokens; the counter stream computes them only where they are read."""
+        if self.stream == "counter":
+            keys = torch.tensor([self.streams[k][0] for k in rows], dtype=torch.long)
+            steps = torch.tensor([self.streams[k][1] for k in rows], dtype=torch.long)
+            for k in rows:
+                self.streams[k][1] += 1
+            return _StepNumbers(vocab, keys=_step_keys(keys, steps))
         out = torch.empty(len(rows), vocab)
 
         def draw(part: range) -> None:
             for k in part:
-                torch.rand(vocab, generator=self.generators[rows[k]], out=out[k])
+                torch.rand(vocab, generator=self.streams[rows[k]], out=out[k])
 
+        # the rows' streams are independent, so they are drawn on the cores in parallel (one generator is only ever
+        # advanced by one thread; 31 ms -> 14 ms for 192 rows on 2 cores)
         workers = min(torch.get_num_threads(), len(rows))
         if workers < 2:
             draw(range(len(rows)))
         else:
             list(_draw_pool(workers).map(draw, [range(w, len(rows), workers) for w in range(workers)]))
-        return out
+        return _StepNumbers(vocab, whole=out)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows = self._sampled_rows(input_ids)
@@ -449,7 +476,7 @@ class SeededSampler:
             return scores
         out = scores.clone()
         logits = scores[rows].float() / max(self.temperature, 1e-5)
-        uniform = self._uniform(rows, logits.shape[-1])
+        uniform = self._uniform(rows, logits.shape[-1]).rows(torch.arange(len(rows)))
         if self.top_p < 1.0:  # the noise only where the nucleus keeps a token: the rest stays -inf either way
             out[rows] = _perturbed(logits, uniform, self.top_p).to(out.dtype)
         else:
@@ -469,7 +496,7 @@ class SeededSampler:
         if not rows:
             return scores.argmax(-1) if node_of is None else scores.argmax(-1)[node_of]
         token = torch.zeros(input_ids.shape[0], dtype=torch.long, device=scores.device)
-        greedy = [n for n, gen in enumerate(self.generators) if gen is None]
+        greedy = [n for n, stream in enumerate(self.streams) if stream is None]
         if greedy:  # the argmax of the greedy rows alone (over all 192 rows: 4 ms, benchmarks/sampler_parts.py)
             token[greedy] = scores[greedy if node_of is None else node_of[greedy]].argmax(-1)
         at = torch.tensor(rows, device=scores.device)
@@ -477,23 +504,96 @@ class SeededSampler:
         # every row's tempered scores and nucleus at once (a greedy row's are not needed, but copying the sampled
         # rows out of the whole-vocabulary scores cost more than computing them)
         tempered = scores.float() / max(self.temperature, 1e-5)
-        uniform = self._uniform(rows, scores.shape[-1])
+        numbers = self._uniform(rows, scores.shape[-1])
         if self.top_p >= 1.0:
-            token[rows] = (tempered[source] - _log_log(uniform)).argmax(-1).to(token.device)
+            every = torch.arange(len(rows))
+            token[rows] = (tempered[source] - _log_log(numbers.rows(every))).argmax(-1).to(token.device)
             return token
         kept, index, resolved = _nucleus_in_top(tempered, self.top_p, min(PICK_TOP, scores.shape[-1]))
         kept, index, resolved = kept[source], index[source], resolved[source]
         values = tempered[source[:, None], index]
-        sampled = torch.where(kept & (values > float("-inf")), values - _log_log(uniform.gather(-1, index)),
+        sampled = torch.where(kept & (values > float("-inf")), values - _log_log(numbers.at(index)),
                               torch.full_like(values, float("-inf")))
         best = sampled.max(-1, keepdim=True).values
         choice = torch.where(sampled == best, index, scores.shape[-1]).min(-1).values
         resolved &= best.squeeze(-1) > float("-inf")
         rest = (~resolved).nonzero().squeeze(-1)
         if len(rest):  # nucleus beyond the top tokens, or a tie run crossing their edge: the whole row
-            choice[rest] = _perturbed(tempered[source[rest]], uniform[rest], self.top_p).argmax(-1)
+            choice[rest] = _perturbed(tempered[source[rest]], numbers.rows(rest), self.top_p).argmax(-1)
         token[rows] = choice.to(token.device)
         return token
+
+
+class _StepNumbers:
+    """One step's uniform numbers of the sampled rows: a whole [rows, vocab] draw (``mt19937``), or each row's
+    step key (``counter``), from which a number is computed where it is read."""
+
+    def __init__(self, vocab: int, whole: torch.Tensor | None = None, keys: torch.Tensor | None = None):
+        self.vocab, self.whole, self.keys = vocab, whole, keys
+
+    def at(self, index: torch.Tensor) -> torch.Tensor:
+        """[rows, k]: each row's numbers for the token ids ``index`` [rows, k]."""
+        if self.whole is not None:
+            return self.whole.gather(-1, index)
+        return _uniform_of(self.keys[:, None], _token_keys(self.vocab)[index])
+
+    def rows(self, which: torch.Tensor) -> torch.Tensor:
+        """[len(which), vocab]: the numbers of rows ``which`` (positions among the sampled rows) for every token."""
+        if self.whole is not None:
+            return self.whole[which]
+        return _uniform_of(self.keys[which][:, None], _token_keys(self.vocab)[None, :])
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """``x * c`` modulo 2**32 for 32-bit values held in int64 (tensors or ints), without a product past 2**63."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x):
+    """A bijective 32-bit integer hash (Wellons' lowbias32: xorshifts and two odd multipliers) of 32-bit values
+    held in int64, tensors or ints."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _seed_key(seed: int) -> int:
+    """A stream's key: both 32-bit halves of its seed, hashed."""
+    return _mix32((seed & _MASK32) ^ _mix32(((seed >> 32) & _MASK32) ^ 0x68E31DA4))
+
+
+def _step_keys(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Each row's key for its ``steps``-th sampled step."""
+    return _mix32(keys ^ _mix32((steps & _MASK32) ^ 0x1B56C4E9))
+
+
+_TOKEN_KEYS: dict[int, torch.Tensor] = {}
+
+
+def _token_keys(vocab: int) -> torch.Tensor:
+    """Each token id's key (made once per vocabulary size)."""
+    if vocab not in _TOKEN_KEYS:
+        _TOKEN_KEYS[vocab] = _mix32(torch.arange(vocab, dtype=torch.long) ^ 0x2C1B3C6D)
+    return _TOKEN_KEYS[vocab]
+
+
+def _uniform_of(step_keys: torch.Tensor, token_keys: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in (0, 1), 24 bits each, for (step key, token key) pairs as the two broadcast."""
+    bits = _mix32(_mix32(step_keys ^ token_keys) ^ step_keys) >> 8
+    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+
+
+def counter_uniform(seed: int, step: int, tokens: torch.Tensor) -> torch.Tensor:
+    """The counter stream's numbers of a row seeded ``seed`` at its ``step``-th sampled step, for token ids
+    ``tokens``: what :class:`SeededSampler` adds as noise (a hash of the three; no state, so a step computes only
+    the numbers it reads)."""
+    keys = _step_keys(torch.tensor([_seed_key(seed)]), torch.tensor([step]))
+    return _uniform_of(keys, _token_keys(int(tokens.max()) + 1)[tokens])
 
 
 _POOLS: dict = {}
@@ -725,7 +825,8 @@ def generate_candidates(
     for idx, batch, extra in _batches(model, tokenizer, prompts, cfg, users, items, progress, desc):
         seeds = [s for i in idx for s in draw_seeds(cfg.seed, prompts[i], draws)]
         lm = _shared_prefill_lm(model, extra) if shared_prefill and batch["input_ids"].shape[1] > 1 else None
-        sampler = SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p, tokenizer.eos_token_id)
+        sampler = SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p, tokenizer.eos_token_id,
+                                cfg.sample_stream)
         if lm is not None and own_loop:  # one prefill per prompt, rows leave as they end
             decoded = greedy_decode(lm, batch, cfg.max_new_tokens, _eos_ids(tokenizer),
                                     reason_processors(cfg, tokenizer) + [sampler], draws=n, scores=likelihood,

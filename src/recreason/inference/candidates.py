@@ -34,6 +34,8 @@ def cache_path(predictor: Predictor, split: str, gen: GenerateConfig) -> Path:
     """Where ``split``'s candidates under ``gen``'s decoding settings are kept for the predictor's run."""
     key = {k: getattr(gen, k) for k in DECODING_KEYS}
     key.update({k: getattr(gen, k) for k in SHAPING_KEYS if getattr(gen, k)})  # off: the keys caches had before
+    if gen.sample_stream != "mt19937":  # the stream of the caches made before the setting existed keeps their digest
+        key["sample_stream"] = gen.sample_stream
     digest = hashlib.sha256(json.dumps([key, checkpoint_stamp(predictor.run), predictor.run.info],
                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
     return predictor.run.paths.candidates(split, digest)

@@ -154,9 +154,9 @@ class ExplanationService:
 
     def _same_candidates(self, key) -> bool:
         """Whether requests with these options draw the candidates the running batch draws (count, temperature,
-        top-p, length rules: the server's own); others are decoded in whole batches."""
+        top-p, random stream, length rules: the server's own); others are decoded in whole batches."""
         cfg, own = self.predictor.generation_config(dict(key)), self.gen_cfg
-        same = ("candidates", "sample_temperature", "sample_top_p", "min_new_tokens", "no_repeat_ngram")
+        same = ("candidates", "sample_temperature", "sample_top_p", "sample_stream", "min_new_tokens", "no_repeat_ngram")
         return self._chooses(cfg) and all(getattr(cfg, k) == getattr(own, k) for k in same)
 
     def _start_candidates(self, key, prompted: Prompted) -> tuple[list[int], int, list[int | None]]:
