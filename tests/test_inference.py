@@ -716,6 +716,36 @@ def test_packed_products_equal_f_linear_bit_for_bit_and_follow_weight_changes():
     assert layer(x32).requires_grad  # training goes through the layer's own forward
 
 
+def test_a_gated_mlp_runs_gate_and_up_as_one_packed_product_with_the_same_bits():
+    """packed_products runs a llama MLP's gate and up products as one against both weights packed together: its
+    output equals the MLP's own forward bit for bit at decoding's and prefill's shapes, follows an in-place weight
+    change, and fp32 inputs and gradients take the MLP's own forward."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from recreason.models.registry import packed_products
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=160, hidden_act="silu")).to(torch.bfloat16)
+    own = LlamaMLP.forward.__get__(mlp)  # the unfused forward, its products F.linear's
+    if not packed_products(mlp):  # no oneDNN bf16 here
+        return
+    assert mlp._recreason_packed and packed_products(mlp)  # idempotent
+    with torch.no_grad():
+        for shape in ((5, 64), (51, 64), (192, 64), (3, 40, 64)):
+            x = torch.randn(*shape).to(torch.bfloat16)
+            assert torch.equal(mlp(x), own(x)) and mlp(x).shape == (*shape[:-1], 64)
+        first = mlp._recreason_weight
+        mlp.up_proj.weight.mul_(2)  # changed in place, as an optimizer step does
+        x = torch.randn(7, 64).to(torch.bfloat16)
+        assert torch.equal(mlp(x), own(x)) and mlp._recreason_weight is not first
+        mlp.float()
+        x32 = torch.randn(4, 64)
+        assert torch.allclose(mlp(x32), own(x32), atol=1e-6)
+    assert mlp(x32).requires_grad  # training goes through the MLP's own forward
+
+
 def test_freed_memory_is_reused_without_faulting_pages_in_again():
     """After reuse_freed_memory, a 64 MB block allocated, written and freed over and over is faulted in while the
     heap settles, then no more (glibc maps blocks that large afresh by default: 16,384 page faults every time)."""

@@ -254,7 +254,11 @@ def packed_products(lm) -> bool:
     each product re-lay the weight. The same kernel and sums: outputs equal ``F.linear``'s bit for bit (tested).
     At decoding's shapes on a CPU with AVX-512 BF16 the products ran 1.0-1.1x as fast at 192 rows and 1.25-2.2x at
     16 (``benchmarks/matmul_precision.py``); a 16-prompt x 12-draw batch took about 6% less. A weight changed in
-    place (training after inference) is packed again. True if the layers were switched; idempotent."""
+    place (training after inference) is packed again.
+
+    A gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``: the llama family's) runs its gate and up
+    products as one against both weights packed together, the same sums in the same kernel: bit for bit the two
+    products' outputs (tested), one call where there were two. True if the layers were switched; idempotent."""
     import functools
 
     import torch
@@ -266,15 +270,51 @@ def packed_products(lm) -> bool:
             module._recreason_unpacked = module.forward
             module.forward = functools.partial(_packed_linear, module)
             module._recreason_packed = True
+        elif _gated_mlp(module) and not getattr(module, "_recreason_packed", False):
+            module._recreason_unpacked = module.forward
+            module.forward = functools.partial(_packed_gated_mlp, module)
+            module._recreason_packed = True
     return True
+
+
+def _gated_mlp(module) -> bool:
+    import torch
+
+    parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return (all(isinstance(p, torch.nn.Linear) for p in parts) and callable(getattr(module, "act_fn", None))
+            and parts[0].weight.shape == parts[1].weight.shape)
+
+
+def _packable(x, *weights) -> bool:
+    """Whether a product of ``x`` with ``weights`` runs on the packed path: bf16 on CPU, no gradients."""
+    import torch
+
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and all(w.dtype == torch.bfloat16 and w.device.type == "cpu" for w in weights))
+
+
+def _packed_gated_mlp(module, x):
+    import torch
+
+    gate, up = module.gate_proj, module.up_proj
+    if not _packable(x, gate.weight, up.weight):
+        return module._recreason_unpacked(x)
+    versions = (gate.weight._version, up.weight._version)
+    packed = getattr(module, "_recreason_weight", None)
+    if packed is None or packed[0] != versions:
+        both = torch.cat([gate.weight.detach(), up.weight.detach()])
+        bias = None if gate.bias is None else torch.cat([gate.bias.detach(), up.bias.detach()])
+        packed = (versions, torch.ops.mkldnn._reorder_linear_weight(both, PACK_ROWS), bias)
+        module._recreason_weight = packed
+    gated, upped = torch.ops.mkldnn._linear_pointwise(x, packed[1], packed[2], "none", [], "").chunk(2, -1)
+    return module.down_proj(module.act_fn(gated) * upped)
 
 
 def _packed_linear(module, x):
     import torch
 
     weight = module.weight
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu" or \
-            torch.is_grad_enabled():
+    if not _packable(x, weight):
         return module._recreason_unpacked(x)
     packed = getattr(module, "_recreason_weight", None)
     if packed is None or packed[0] != weight._version:
@@ -397,8 +437,10 @@ class SharedPrefix:
 
     def _gathers(self, kv_heads: int, group: int):
         """(where each vector of the padded layout [prompts, kv heads, width x group] comes from among the rows'
-        [rows x kv heads x group] and one zero vector after them; where each row's vector lies in the padded
-        layout). Made once per layout and head shape: every layer of a step reuses them."""
+        [rows x kv heads x group]; where each row's vector lies in the padded layout). A padding slot takes the
+        first row's vector: what it computes is never gathered back, so it need not be zero (a zero vector
+        appended to the rows cost two copies a layer). Made once per layout and head shape: every layer of a step
+        reuses them."""
         import torch
 
         if self._moves is None or self._moves[0] != (kv_heads, group):
@@ -407,7 +449,7 @@ class SharedPrefix:
             within = torch.arange(group)[None, None, :]
             to_padded = (((self.owner[:, None, None] * kv_heads + heads) * self.width + self.slot[:, None, None])
                          * group + within).reshape(-1)
-            from_rows = torch.full((prompts * kv_heads * self.width * group,), rows * kv_heads * group)
+            from_rows = torch.zeros(prompts * kv_heads * self.width * group, dtype=torch.long)
             from_rows[to_padded] = torch.arange(rows * kv_heads * group)
             self._moves = ((kv_heads, group), from_rows, to_padded)
         return self._moves[1], self._moves[2]
@@ -441,8 +483,8 @@ class SharedPrefix:
         pk, pv = self.keys[layer], self.values32[layer]
         prompts, length = pk.shape[0], pk.shape[2]
         width = self.width
-        # rows laid out per prompt, padded with zero vectors to the prompt with the most rows, by two gathers whose
-        # indices every layer shares (a scatter into zeros and a permuting copy each way: 1.1-1.5x the time)
+        # rows laid out per prompt, padded to the prompt with the most rows, by two gathers whose indices every
+        # layer shares (a scatter into zeros and a permuting copy each way: 1.1-1.5x the time)
         from_rows, to_padded = self._gathers(kv_heads, group)
         q = query.view(rows, kv_heads, group, d)
         # a power-of-two scaling (1/8 for heads of 64) scales the queries exactly, and the scores with them: the
@@ -450,7 +492,7 @@ class SharedPrefix:
         early = math.frexp(scaling)[0] == 0.5
         if early:
             q = q * scaling
-        padded = torch.cat([q.reshape(-1, d), q.new_zeros(1, d)]).index_select(0, from_rows)
+        padded = q.reshape(-1, d).index_select(0, from_rows)
         padded = padded.view(prompts, kv_heads, width * group, d)
         on_prompt = torch.matmul(padded, pk.transpose(2, 3))
         on_prompt = (on_prompt if early else on_prompt * scaling) + self.bias[:, None, None, :]
@@ -464,7 +506,7 @@ class SharedPrefix:
         # the two halves of the weighted sum in fp32, rounded once as eager attention's one product is (in bf16 a
         # rounding per half changed a third of greedy texts); the operands are small
         on_prompt_weights = weights[..., :length].float().reshape(-1, length)
-        spread = torch.cat([on_prompt_weights, on_prompt_weights.new_zeros(1, length)]).index_select(0, from_rows)
+        spread = on_prompt_weights.index_select(0, from_rows)
         out = torch.matmul(spread.view(prompts, kv_heads, width * group, length), pv)
         out = out.view(-1, d).index_select(0, to_padded).view(rows, kv_heads, group, d)
         out = out + torch.matmul(weights[..., length:].float(), value.float())
