@@ -174,23 +174,25 @@ def plot(systems: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def parse_system(spec: str, counts: list[int]) -> tuple[str, str, list[int], list[str]]:
-    """``NAME=RUN[@K,K][+CONFIG...]`` as (name, run, candidate counts, config files of its own)."""
+def parse_system(spec: str, counts: list[int]) -> tuple[str, str, list[int], list[str], list[str]]:
+    """``NAME=RUN[@K,K][+CONFIG...][+SECTION.KEY=VALUE...]`` as (name, run, candidate counts, config files of its
+    own, overrides of its own)."""
     name, equals, run = spec.partition("=")
     if not equals or not name or not run:
-        raise SystemExit(f"--system {spec!r}: expected NAME=RUN[@K,K][+CONFIG]")
-    run, *own_configs = run.split("+")
-    run, at, own = run.partition("@")
-    mine = sorted({int(k) for k in own.split(",")}) if at else counts
-    return name, run, mine, own_configs
+        raise SystemExit(f"--system {spec!r}: expected NAME=RUN[@K,K][+CONFIG][+SECTION.KEY=VALUE]")
+    run, *own = run.split("+")
+    run, at, counts_given = run.partition("@")
+    mine = sorted({int(k) for k in counts_given.split(",")}) if at else counts
+    return name, run, mine, [c for c in own if "=" not in c], [c for c in own if "=" in c]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--system", action="append", required=True, metavar="NAME=RUN[@K,K][+CONFIG]",
+    parser.add_argument("--system", action="append", required=True, metavar="NAME=RUN[@K,K][+CONFIG][+KEY=VALUE]",
                         help="a run to measure (repeatable), at --candidates or at its own counts after @, with "
                              "config files of its own layered after --config's (+FILE, repeatable: a distilled run's "
-                             "tuned weights); the first system at its largest count is the reference row")
+                             "tuned weights) and overrides of its own after --set's (+SECTION.KEY=VALUE, "
+                             "repeatable); the first system at its largest count is the reference row")
     parser.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--config", action="append", default=None,
                         help="decoding and selection weights (default: configs/demo.yaml then configs/full.yaml)")
@@ -215,12 +217,15 @@ def main() -> None:
     scorer_box: list = []
     systems: dict = {}
     for spec in args.system:
-        name, run, mine, own_configs = parse_system(spec, counts)
-        system_gen = load_config([*configs, *own_configs], args.set)["generate"] if own_configs else gen
+        name, run, mine, own_configs, own_sets = parse_system(spec, counts)
+        system_gen = (load_config([*configs, *own_configs], [*args.set, *own_sets])["generate"]
+                      if own_configs or own_sets else gen)
         rows = measure(name, run, system_gen, mine, args.records, args.timing_records, scorer_box, args.split,
                        args.from_end)
         for row in rows.values():
             row["configs"] = own_configs
+            if own_sets:
+                row["overrides"] = own_sets
         systems.update(rows)
     scorer = scorer_box[0]
     first = next(iter(systems.values()))["run"]

@@ -84,12 +84,15 @@ def test_quality_cost_scores_at_each_count_the_reasons_evaluate_writes(tiny_run,
             pytest.approx({m: row[m] for m in ("BLEU-1", "BLEU-4", "ROUGE-L", "USR")}, abs=1e-9)
 
 
-def test_quality_cost_systems_carry_counts_and_configs_of_their_own():
+def test_quality_cost_systems_carry_counts_configs_and_overrides_of_their_own():
     import quality_cost
 
-    assert quality_cost.parse_system("full run=runs/full/run", [1, 32]) == ("full run", "runs/full/run", [1, 32], [])
+    assert quality_cost.parse_system("full run=runs/full/run", [1, 32]) == \
+        ("full run", "runs/full/run", [1, 32], [], [])
     assert quality_cost.parse_system("d=runs/d@8,1,8+configs/distilled.yaml+x.yaml", [1, 32]) == \
-        ("d", "runs/d", [1, 8], ["configs/distilled.yaml", "x.yaml"])
+        ("d", "runs/d", [1, 8], ["configs/distilled.yaml", "x.yaml"], [])
+    assert quality_cost.parse_system("d=runs/d@12+configs/distilled.yaml+generate.sample_stream=mt19937", [1]) == \
+        ("d", "runs/d", [12], ["configs/distilled.yaml"], ["generate.sample_stream=mt19937"])
     with pytest.raises(SystemExit, match="NAME=RUN"):
         quality_cost.parse_system("runs/full/run", [1])
 
@@ -397,3 +400,10 @@ def test_merged_draws_decodes_fewer_rows_and_the_same_candidates(tiny_run, tmp_p
     assert ways["merged"]["steps"] == ways["row per draw"]["steps"] > 0
     assert ways["merged"]["row_steps"] < ways["row per draw"]["row_steps"]
     assert 0 < result["row_steps_share_merged"] < 1 and len(result["time_ratio_merged"]) == 1
+
+    # the random streams compared: the same steps' rows counted, each stream's own samples
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--compare", "stream", "--set", "generate.sample_temperature=5.0"])
+    merged_draws.main()
+    result = json.loads(out.read_text())
+    assert set(result["ways"]) == {"mt19937", "counter"} and len(result["time_ratio_counter"]) == 1
+    assert result["same_candidates_share"] < 1.0  # hot samples: the two streams' draws differ
