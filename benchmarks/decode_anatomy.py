@@ -90,6 +90,9 @@ def instrument(predictor, clock: Clock) -> None:
     registry.SharedPrefix.attend = clock.wrap("attention over the prompt cache", registry.SharedPrefix.attend)
     g.SeededSampler.pick = clock.wrap("sampler", g.SeededSampler.pick)
     g.SeededSampler._uniform = clock.wrap("uniform draws", g.SeededSampler._uniform)
+    def part(a, k):
+        return "products in the prefill" if clock.prefilling else "products in decoding"
+
     for module in lm.modules():
         if isinstance(module, torch.nn.Linear):
             forward = module.forward
@@ -97,8 +100,14 @@ def instrument(predictor, clock: Clock) -> None:
             def counted(x, forward=forward, module=module):
                 clock.product_flop += 2 * x.numel() // x.shape[-1] * module.weight.numel()
                 return forward(x)
-            module.forward = clock.wrap("products", counted, lambda a, k: "products in the prefill"
-                                        if clock.prefilling else "products in decoding")
+            module.forward = clock.wrap("products", counted, part)
+    gate_up = registry._gate_up  # a gated MLP's gate and up products, run as one (packed_products)
+
+    def counted_gate_up(module, x):
+        weights = module.gate_proj.weight.numel() + module.up_proj.weight.numel()
+        clock.product_flop += 2 * x.numel() // x.shape[-1] * weights
+        return gate_up(module, x)
+    registry._gate_up = clock.wrap("products", counted_gate_up, part)
 
 
 def main() -> None:

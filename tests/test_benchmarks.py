@@ -221,9 +221,11 @@ def test_decoding_sweep_scores_each_setting_on_validation_and_reuses_what_it_eva
         decoding_sweep.folder_name("min_new_tokens")
 
 
-def test_decode_anatomy_counts_every_product_once_and_splits_prefill_from_decoding(tiny_run, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_decode_anatomy_counts_every_product_once_and_splits_prefill_from_decoding(tiny_run, monkeypatch, precision):
     """benchmarks/decode_anatomy.py's FLOP count of the products is that of every linear layer's calls (counted here
-    by forward hooks), split between the prefill's calls and the decoding steps'; one timed call per step."""
+    by forward hooks; in bf16 a gated MLP's gate and up products run as one, counted by a hook on the MLP), split
+    between the prefill's calls and the decoding steps'; one timed call per step."""
     import decode_anatomy
     import torch
 
@@ -233,19 +235,27 @@ def test_decode_anatomy_counts_every_product_once_and_splits_prefill_from_decodi
     from recreason.models import registry
 
     for owner, name in ((g, "prefill"), (registry.SharedPrefix, "attend"), (g.SeededSampler, "pick"),
-                        (g.SeededSampler, "_uniform")):
+                        (g.SeededSampler, "_uniform"), (registry, "_gate_up")):
         monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test: instrument patches them
-    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=5, precision="fp32", candidates=3, batch_size=4,
-                                                      generic_records=8))
+    predictor = Predictor(tiny_run[0], GenerateConfig(max_new_tokens=5, precision=precision, candidates=3,
+                                                      batch_size=4, generic_records=8))
     predictor.generic_table(predictor.gen_cfg)  # measured once per run (the benchmark's warm-up batch does this)
     lm = g.plain_causal_lm(predictor.model)
     flop = {"prefill": 0, "decoding": 0}
     steps = []
     phase = {"prefill": False}
-    hooks = [m.register_forward_hook(lambda m, a, out: flop.__setitem__(
-        "prefill" if phase["prefill"] else "decoding",
-        flop["prefill" if phase["prefill"] else "decoding"] + 2 * a[0].numel() // a[0].shape[-1] * m.weight.numel()))
-        for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+
+    def add(x, weights: int) -> None:
+        part = "prefill" if phase["prefill"] else "decoding"
+        flop[part] += 2 * x.numel() // x.shape[-1] * weights
+
+    hooks = [m.register_forward_hook(lambda m, a, out: add(a[0], m.weight.numel()))
+             for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    switched = [m for m in lm.modules() if getattr(m, "_recreason_packed", False) and hasattr(m, "gate_proj")]
+    assert bool(switched) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    hooks += [m.register_forward_hook(  # bf16 inputs run the gate and up products as one: no linear hook sees them
+        lambda m, a, out: add(a[0], m.gate_proj.weight.numel() + m.up_proj.weight.numel())
+        if a[0].dtype == torch.bfloat16 else None) for m in switched]
     hooks.append(lm.register_forward_pre_hook(
         lambda m, a, kw: steps.append(1) if kw["input_ids"].shape[1] == 1 else None, with_kwargs=True))
     prefill = g.prefill

@@ -294,11 +294,17 @@ def _packable(x, *weights) -> bool:
 
 
 def _packed_gated_mlp(module, x):
+    if not _packable(x, module.gate_proj.weight, module.up_proj.weight):
+        return module._recreason_unpacked(x)
+    gated, upped = _gate_up(module, x)
+    return module.down_proj(module.act_fn(gated) * upped)
+
+
+def _gate_up(module, x):
+    """A gated MLP's gate and up products of ``x``, as one product against both weights packed together."""
     import torch
 
     gate, up = module.gate_proj, module.up_proj
-    if not _packable(x, gate.weight, up.weight):
-        return module._recreason_unpacked(x)
     versions = (gate.weight._version, up.weight._version)
     packed = getattr(module, "_recreason_weight", None)
     if packed is None or packed[0] != versions:
@@ -306,8 +312,7 @@ def _packed_gated_mlp(module, x):
         bias = None if gate.bias is None else torch.cat([gate.bias.detach(), up.bias.detach()])
         packed = (versions, torch.ops.mkldnn._reorder_linear_weight(both, PACK_ROWS), bias)
         module._recreason_weight = packed
-    gated, upped = torch.ops.mkldnn._linear_pointwise(x, packed[1], packed[2], "none", [], "").chunk(2, -1)
-    return module.down_proj(module.act_fn(gated) * upped)
+    return torch.ops.mkldnn._linear_pointwise(x, packed[1], packed[2], "none", [], "").chunk(2, -1)
 
 
 def _packed_linear(module, x):
