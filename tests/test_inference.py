@@ -1119,3 +1119,70 @@ def test_shared_prefix_attention_is_attention_over_each_rows_whole_cache():
             whole_k, whole_v = torch.cat([pk[h // group], k[r, h // group]]), torch.cat([pv[h // group], v[r, h // group]])
             weights = torch.softmax(q[r, h, 0] @ whole_k.T * 0.125 + bias, -1)
             assert torch.allclose(out[r, 0, h], weights @ whole_v, atol=1e-5)
+
+
+def test_a_prompt_is_handed_over_the_step_its_last_draw_ends(tiny_run):
+    """greedy_decode(on_prompt_done=...) reports each prompt once, the step its longest draw ends, while other
+    prompts decode on, with the tokens and likelihoods the whole decode returns for its draws; generate_candidates
+    (on_done) and Predictor.generate (on_text) hand over the candidates and the chosen texts they return."""
+    import dataclasses
+
+    import torch
+
+    from recreason.generation import generate as g
+    from recreason.inference import Request
+
+    predictor, prompts = _tiny_prompts(tiny_run, 4)
+    tok, lm = predictor.tokenizer, predictor.model.lm
+    tok.padding_side = "left"
+    batch = tok.pad({"input_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]},
+                    return_tensors="pt")
+    eos = tok.eos_token_id
+    steps: list[int] = []
+
+    inside = []  # set while the callback decodes on its own: its steps are not the batch's
+
+    def end_some(module, args, kwargs, out):  # after the first step, a row whose last token is a multiple of 3 ends
+        if kwargs["input_ids"].shape[1] == 1 and not inside:
+            steps.append(1)
+            if len(steps) > 1:
+                out.logits[kwargs["input_ids"][:, -1] % 3 == 0, -1, eos] = 1e4
+    one = tok.pad({"input_ids": [tok(prompts[0], add_special_tokens=False)["input_ids"]]}, return_tensors="pt")
+    with torch.no_grad():
+        alone = g.greedy_decode(lm, dict(one), 3, [eos])
+    hook = lm.register_forward_hook(end_some, with_kwargs=True)
+    reported, nested = [], []
+
+    def report(p, t, lp):
+        reported.append((p, len(steps), t, lp))
+        if not nested:  # a callback that decodes on its own does so outside the batch's shared prompt cache
+            inside.append(True)
+            nested.append(g.greedy_decode(lm, dict(one), 3, [eos]))
+            inside.clear()
+    try:
+        seeds = [s for p in prompts for s in g.draw_seeds(5, p, range(3))]
+        with torch.no_grad():
+            tokens, logprobs = g.greedy_decode(
+                lm, dict(batch), 8, [eos], [g.SeededSampler(seeds, 1.0, 0.95, eos)], draws=3, scores=True,
+                on_prompt_done=report)
+    finally:
+        hook.remove()
+    assert nested == [alone]
+    assert sorted(p for p, *_ in reported) == [0, 1, 2, 3]
+    for p, at, mine, lps in reported:
+        assert mine == tokens[3 * p:3 * p + 3] and lps == logprobs[3 * p:3 * p + 3]
+        assert at == max(len(t) for t in mine)  # the step its longest draw wrote its last token
+    assert min(at for _, at, *_ in reported) < len(steps)  # some prompt was handed over before the batch ended
+
+    cfg = dataclasses.replace(predictor.gen_cfg, candidates=3, batch_size=4)
+    handed = {}
+    whole = g.generate_candidates(predictor.model, tok, prompts, cfg, progress=False)
+    early = g.generate_candidates(predictor.model, tok, prompts, cfg, progress=False,
+                                  on_done=lambda i, c: handed.setdefault(i, c))
+    assert early == whole and handed == dict(enumerate(whole))
+    prompted = [predictor.prompt(Request(r.user, r.item, record=r))
+                for r in predictor.dataset.subset(1, "test")[:4]]
+    told = {}
+    options = {"candidates": 3, "batch_size": 4}
+    texts = predictor.generate(prompted, options, on_text=lambda i, t: told.setdefault(i, t))
+    assert texts == predictor.generate(prompted, options) and told == dict(enumerate(texts))

@@ -464,3 +464,42 @@ def test_a_failed_decoding_step_fails_its_requests_and_the_batcher_goes_on():
         assert batcher.submit("beams", 7).result(timeout=10) == "beams:7"
     finally:
         batcher.close()
+
+
+def test_a_batch_that_answers_early_answers_its_caller_while_it_runs():
+    """MicroBatcher(answers_early=True): a job the batch answers early is answered then, while the batch still
+    runs; the others when it ends, with the batch's results; an error after an early answer reaches the rest only."""
+    import threading
+
+    from recreason.serving.batching import MicroBatcher
+
+    release = threading.Event()
+
+    def run(key, items, answer):
+        answer(1, items[1] * 10)
+        release.wait(10)
+        return [x * 10 for x in items]
+
+    batcher = MicroBatcher(run, max_batch=3, max_wait_s=0.5, answers_early=True)
+    try:
+        jobs = [batcher.submit("k", n) for n in (1, 2, 3)]
+        assert jobs[1].result(timeout=10) == 20  # answered while the batch waits
+        assert not jobs[0].done() and not jobs[2].done()
+        release.set()
+        assert [j.result(timeout=10) for j in jobs] == [10, 20, 30]
+    finally:
+        release.set()
+        batcher.close()
+
+    def fail(key, items, answer):
+        answer(0, "early")
+        raise RuntimeError("the batch failed")
+
+    batcher = MicroBatcher(fail, max_batch=2, max_wait_s=0.5, answers_early=True)
+    try:
+        first, second = batcher.submit("k", 1), batcher.submit("k", 2)
+        assert first.result(timeout=10) == "early"
+        with pytest.raises(RuntimeError, match="the batch failed"):
+            second.result(timeout=10)
+    finally:
+        batcher.close()
