@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 import zlib
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -203,8 +203,7 @@ def _eos_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], processors: Sequence = (),
-                  draws: int = 1, scores: bool = False, shared_prefix: bool = True, merge_draws: bool = True,
-                  on_prompt_done: Callable | None = None):
+                  draws: int = 1, scores: bool = False, shared_prefix: bool = True, merge_draws: bool = True):
     """Greedy new tokens for a left-padded batch of plain token-id prompts: what ``generate`` writes (the same
     argmax of the same logits, each row ending with its end-of-text token or at ``max_new_tokens``), without its
     waste. The prompts are prefilled with their shared header once (:func:`prefill`); a row that has ended
@@ -232,11 +231,7 @@ def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], 
     :func:`~recreason.models.registry.grouped_attention`): the prompts' KV cache is kept once and every draw attends
     to its prompt's (:class:`SharedPrefix`) instead of a copy per draw growing by concatenation each step; False
     keeps the copies, the baseline ``benchmarks/greedy_loop.py`` measures it against. One draw a prompt keeps the
-    plain cache: there is nothing to share, and the shared layout's extra steps cost more than they save.
-
-    ``on_prompt_done(prompt, tokens, logprobs)`` is called the step a prompt's last draw ends, while the others decode
-    on, with its draws' tokens and (``scores=True``) mean log-likelihoods, else None: a server answers that request
-    then instead of when the batch's longest draw ends."""
+    plain cache: there is nothing to share, and the shared layout's extra steps cost more than they save."""
     shared = shared_prefix and draws > 1 and getattr(lm.config, "_attn_implementation", None) == GROUPED_ATTENTION
     merge = merge_draws and draws > 1
     cache, batch = prefill(lm, batch, 1 if shared or merge else draws)
@@ -258,44 +253,22 @@ def greedy_decode(lm, batch: dict, max_new_tokens: int, eos_ids: Sequence[int], 
     if draws > 1:
         ids = ids.repeat_interleave(draws, 0)
     token = SHARED_PREFIX.set(prefix) if shared else None
-    done = on_prompt_done
-    if on_prompt_done is not None and shared:
-        def done(*args) -> None:  # outside this loop's shared prompt cache: the callback may decode on its own
-            inner = SHARED_PREFIX.set(None)
-            try:
-                on_prompt_done(*args)
-            finally:
-                SHARED_PREFIX.reset(inner)
     try:
         return _decode_loop(lm, ids, mask, position, cache, prefix if shared else None, max_new_tokens, eos_ids,
-                            processors, scores, node_of, done, draws)
+                            processors, scores, node_of)
     finally:
         if token is not None:
             SHARED_PREFIX.reset(token)
 
 
 def _decode_loop(lm, ids, mask, position, cache, prefix, max_new_tokens: int, eos_ids, processors, scores: bool,
-                 node_of=None, on_prompt_done: Callable | None = None, per_prompt: int = 1):
+                 node_of=None):
     """:func:`greedy_decode`'s steps, from the prefilled cache (``prefix``: the shared prompt cache, or None).
     ``ids`` holds each draw's tokens; ``mask``, ``position`` and the caches one row of the model's batch each.
-    ``node_of`` [draws]: each draw's row, where draws with the same tokens so far share one (None: a row each).
-    ``on_prompt_done``: as :func:`greedy_decode` takes it, for prompts of ``per_prompt`` draws each (prompt-major)."""
+    ``node_of`` [draws]: each draw's row, where draws with the same tokens so far share one (None: a row each)."""
     draws = list(range(ids.shape[0]))  # the draws still decoding, by their index in the batch
     out: list[list[int]] = [[] for _ in draws]
     logprob = [0.0 for _ in draws]
-    left = [per_prompt] * (len(draws) // per_prompt)  # each prompt's draws still decoding
-
-    def ended(which: Sequence[int]) -> None:
-        if on_prompt_done is None:
-            return
-        for draw in which:
-            prompt = draw // per_prompt
-            left[prompt] -= 1
-            if not left[prompt]:
-                own = range(prompt * per_prompt, (prompt + 1) * per_prompt)
-                on_prompt_done(prompt, [out[d] for d in own],
-                               [logprob[d] / max(1, len(out[d])) for d in own] if scores else None)
-
     ends = torch.tensor(list(eos_ids), dtype=torch.long)
     seq = ids
     step = ids[:, -1:] if node_of is None else _first_of_each(ids[:, -1:], node_of)
@@ -322,11 +295,8 @@ def _decode_loop(lm, ids, mask, position, cache, prefix, max_new_tokens: int, eo
         for row, t in zip(draws, token.tolist()):
             out[row].append(t)
         if n == max_new_tokens - 1:
-            ended(draws)
             break
         going = ~torch.isin(token, ends)
-        if not bool(going.all()):
-            ended([draws[k] for k in (~going).nonzero().squeeze(-1).tolist()])
         if not bool(going.any()):
             break
         seq = torch.cat([seq, token[:, None]], 1)
@@ -353,8 +323,6 @@ def _decode_loop(lm, ids, mask, position, cache, prefix, max_new_tokens: int, eo
             mask, position = mask[rows], position[rows]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         position = position + 1
-    else:  # no step at all (a limit of 0 new tokens): every draw ends empty
-        ended(draws)
     if scores:
         return out, [lp / max(1, len(tokens)) for lp, tokens in zip(logprob, out)]
     return out
@@ -830,7 +798,7 @@ def generate_candidates(
     model, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, progress: bool = True, desc: str = "generating",
     users: Sequence[str] | None = None, items: Sequence[str] | None = None, draws: Sequence[int] | None = None,
     shared_prefill: bool = True, own_loop: bool = True, shared_prefix: bool = True, likelihood: bool = True,
-    merge_draws: bool = True, on_done: Callable[[int, list[Candidate]], None] | None = None,
+    merge_draws: bool = True,
 ) -> list[list[Candidate]]:
     """``cfg.candidates`` candidates per prompt: the greedy text first, then ``cfg.candidates - 1`` samples
     (``cfg.sample_temperature``, ``cfg.sample_top_p``), each with its mean token log-likelihood under the
@@ -848,9 +816,7 @@ def generate_candidates(
     the baseline ``benchmarks/greedy_loop.py --candidates K`` measures it against; ``shared_prefix``, ``merge_draws``: as
     :func:`greedy_decode` takes them. ``likelihood=False`` (where the choice gives the likelihood no weight: a server's)
     leaves it out of the own loop (NaN): its log-normaliser over the vocabulary is 8 ms a step at 192 rows
-    (``benchmarks/sampler_parts.py``). ``on_done(i, candidates)`` is called once per prompt ``i`` as soon as its
-    candidates are known: in the own loop the step its last draw ends, while the batch decodes on (in a batch of
-    16 x 12 draws most prompts are done well before the longest draw); elsewhere when its batch ends."""
+    (``benchmarks/sampler_parts.py``)."""
     from transformers import LogitsProcessorList
 
     draws = list(range(max(1, cfg.candidates))) if draws is None else list(draws)
@@ -861,17 +827,10 @@ def generate_candidates(
         lm = _shared_prefill_lm(model, extra) if shared_prefill and batch["input_ids"].shape[1] > 1 else None
         sampler = SeededSampler(seeds, cfg.sample_temperature, cfg.sample_top_p, tokenizer.eos_token_id,
                                 cfg.sample_stream)
-        early = None
-        if on_done is not None:
-            def early(k: int, tokens: list, logprobs: list | None, idx=idx) -> None:
-                out[idx[k]] = candidate_list(tokenizer, tokens, logprobs or [float("nan")] * n, draws)
-                on_done(idx[k], out[idx[k]])
         if lm is not None and own_loop:  # one prefill per prompt, rows leave as they end
             decoded = greedy_decode(lm, batch, cfg.max_new_tokens, _eos_ids(tokenizer),
                                     reason_processors(cfg, tokenizer) + [sampler], draws=n, scores=likelihood,
-                                    shared_prefix=shared_prefix, merge_draws=merge_draws, on_prompt_done=early)
-            if early is not None:  # every prompt's candidates were handed over as they ended
-                continue
+                                    shared_prefix=shared_prefix, merge_draws=merge_draws)
             tokens, logprobs = decoded if likelihood else (decoded, [float("nan")] * len(decoded))
         else:
             ids = {k: v.repeat_interleave(n, 0) for k, v in extra.items()}
@@ -888,8 +847,6 @@ def generate_candidates(
                                       tokenizer.pad_token_id).tolist()
         for k, i in enumerate(idx):
             out[i] = candidate_list(tokenizer, tokens[k * n:(k + 1) * n], logprobs[k * n:(k + 1) * n], draws)
-            if on_done is not None:
-                on_done(i, out[i])
     return out
 
 

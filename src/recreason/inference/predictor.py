@@ -237,11 +237,9 @@ class Predictor:
         return replace(self.gen_cfg, **{k: v for k, v in (options or {}).items() if v is not None})
 
     def generate(self, prompted: Sequence[Prompted], options: dict | None = None, progress: bool = False,
-                 desc: str = "generating", on_text: Callable[[int, str], None] | None = None) -> list[str]:
+                 desc: str = "generating") -> list[str]:
         """The model's raw texts for prompted requests, generated in batches. With ``generate.candidates`` > 1
-        (fine-tuned runs) each text is chosen among that many candidates (:mod:`recreason.inference.selection`);
-        ``on_text(i, text)`` is then told request ``i``'s text as soon as its candidates are decoded (while the
-        others' decode on: a server answers it then)."""
+        (fine-tuned runs) each text is chosen among that many candidates (:mod:`recreason.inference.selection`)."""
         cfg = self.generation_config(options)
         args = dict(progress=progress, desc=desc, users=[p.request.user for p in prompted],
                     items=[p.request.item for p in prompted])
@@ -250,19 +248,8 @@ class Predictor:
             texts = generate_texts(self.model, self.tokenizer, prompts, cfg, **args)
             self.decoded_tokens += self._tokens(texts)
             return texts
-        if on_text is None:
-            return self.choose_among(prompted, generate_candidates(self.model, self.tokenizer, prompts, cfg, **args,
-                                                                   likelihood=weighs_likelihood(cfg)), cfg)
-        chosen: dict[int, str] = {}
-        self.generic_table(cfg)  # measured once per run, before the decode rather than inside its first answer
-
-        def done(i: int, candidates: list[Candidate]) -> None:
-            chosen[i] = self.choose_among([prompted[i]], [candidates], cfg)[0]
-            on_text(i, chosen[i])
-
-        generate_candidates(self.model, self.tokenizer, prompts, cfg, **args, likelihood=weighs_likelihood(cfg),
-                            on_done=done)
-        return [chosen[i] for i in range(len(prompted))]
+        return self.choose_among(prompted, generate_candidates(self.model, self.tokenizer, prompts, cfg, **args,
+                                                               likelihood=weighs_likelihood(cfg)), cfg)
 
     def choose_among(self, prompted: Sequence[Prompted], candidates: Sequence[Sequence[Candidate]],
                cfg: GenerateConfig) -> list[str]:

@@ -60,17 +60,14 @@ class MicroBatcher(_Worker):
     """Collects submitted jobs for up to ``max_wait_s`` (or ``max_batch`` jobs) and runs them in one call.
 
     Jobs with different ``key`` (e.g. generation options) never share a batch. ``fn(key, payloads)``
-    returns one result per payload. With ``answers_early``, ``fn(key, payloads, answer)`` may call ``answer(i,
-    result)`` as soon as job ``i``'s result is known, and its caller is answered then, while the batch runs on
-    (its clients' next requests then arrive during the batch instead of after it).
+    returns one result per payload.
     """
 
-    def __init__(self, fn: Callable[..., Sequence[Any]], max_batch: int = 16,
+    def __init__(self, fn: Callable[[Hashable, Sequence[Any]], Sequence[Any]], max_batch: int = 16,
                  max_wait_s: float = 0.01, on_batch: Callable[[int], None] | None = None, max_queue: int = 1024,
-                 threads: int | None = None, answers_early: bool = False):
+                 threads: int | None = None):
         super().__init__(max_queue, "recreason-batcher", threads)
         self.fn = fn
-        self.answers_early = answers_early
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
@@ -104,21 +101,12 @@ class MicroBatcher(_Worker):
                 self.on_batch(len(batch))
             start = time.perf_counter()
             try:
-                payloads = [j[1] for j in batch]
-                if self.answers_early:
-                    def answer(i: int, result: Any, batch=batch) -> None:
-                        if not batch[i][2].done():
-                            batch[i][2].set_result(result)
-                    results = self.fn(key, payloads, answer)
-                else:
-                    results = self.fn(key, payloads)
+                results = self.fn(key, [j[1] for j in batch])
                 for (_, _, future), result in zip(batch, results):
-                    if not future.done():
-                        future.set_result(result)
+                    future.set_result(result)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                 for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                    future.set_exception(exc)
             self.busy_s += time.perf_counter() - start
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from recreason.config import GenerateConfig, ServeConfig
 from recreason.data.records import Explained
@@ -121,8 +121,7 @@ class ExplanationService:
         lm = plain_causal_lm(self.predictor.model)
         if self.cfg.batching == "whole" or lm is None:
             return MicroBatcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.max_wait_ms / 1000,
-                                on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue, threads=self._threads,
-                                answers_early=True)
+                                on_batch=self.batch_sizes.append, max_queue=self.cfg.max_queue, threads=self._threads)
         tok, cfg = self.predictor.tokenizer, self.gen_cfg
         if self._chooses(cfg):
             decoder = CandidateDecoder.for_config(lm, tok, cfg, self.cfg.max_batch_size)
@@ -173,12 +172,9 @@ class ExplanationService:
         self.stats["generated_tokens"] += self.predictor.decoded_tokens - before  # every candidate's tokens
         return text
 
-    def _generate_batch(self, key, prompted: list[Prompted], answer: Callable[[int, str], None] | None = None
-                        ) -> list[str]:
-        """One whole batch's texts; ``answer(i, text)`` answers request ``i`` as soon as its text is chosen (with
-        candidates: the step its last draw ends, while the batch decodes on)."""
+    def _generate_batch(self, key, prompted: list[Prompted]) -> list[str]:
         before = self.predictor.decoded_tokens  # one batch at a time: the batcher's thread is the only caller
-        texts = self.predictor.generate(prompted, dict(key), on_text=answer)
+        texts = self.predictor.generate(prompted, dict(key))
         self.stats["generated_tokens"] += self.predictor.decoded_tokens - before  # every candidate's tokens
         return texts
 
