@@ -417,3 +417,23 @@ def test_merged_draws_decodes_fewer_rows_and_the_same_candidates(tiny_run, tmp_p
     result = json.loads(out.read_text())
     assert set(result["ways"]) == {"mt19937", "counter"} and len(result["time_ratio_counter"]) == 1
     assert result["same_candidates_share"] < 1.0  # hot samples: the two streams' draws differ
+
+
+def test_draft_acceptance_counts_the_steps_checked_drafts_would_take():
+    """benchmarks/draft_acceptance.py: prompt lookup proposes what followed the last 2 tokens' latest earlier
+    occurrence (else the last one's); a step writes the accepted drafted tokens and one more, never past the draw's
+    end; the other prompts' table drafts their most common continuation and leaves the prompt's own draws out."""
+    import draft_acceptance as da
+
+    assert da.prompt_lookup([5, 6, 7, 8, 5, 6], 3) == [7, 8, 5]
+    assert da.prompt_lookup([1, 2, 3, 9, 3], 2) == [9, 3]  # no earlier (9, 3): the last token's continuation
+    assert da.prompt_lookup([1, 2, 3], 2) == []
+    tokens = [7, 8, 5, 6, 1]
+    assert da.steps_with_drafts([], tokens, 4, lambda context, k: []) == len(tokens)  # no drafts: a token a step
+    assert da.steps_with_drafts([], tokens, 4, lambda context, k: tokens[len(context):len(context) + k]) == 1
+    # right for 2 tokens, then wrong: 3 tokens the first step, then one a step
+    wrong = lambda context, k: [7, 8, 0][:k] if not context else [0] * k  # noqa: E731
+    assert da.steps_with_drafts([], tokens, 3, wrong) == 1 + 2
+    table = da.others_table({0: [[1, 2, 3, 4]], 1: [[1, 2, 9, 4], [1, 2, 9, 5]], 2: [[1, 2, 3]]})
+    assert da.others_draft([1, 2], 1, 0, table, [0, 1, 2]) == [9]  # prompt 1's two draws outvote prompt 2's one
+    assert da.others_draft([1, 2], 1, 1, table, [0, 1, 2]) == [3]  # prompt 1's own draws left out
