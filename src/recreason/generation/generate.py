@@ -476,7 +476,7 @@ class SeededSampler:
             return scores
         out = scores.clone()
         logits = scores[rows].float() / max(self.temperature, 1e-5)
-        uniform = self._uniform(rows, logits.shape[-1]).rows(torch.arange(len(rows)))
+        uniform = self._uniform(rows, logits.shape[-1]).rows()
         if self.top_p < 1.0:  # the noise only where the nucleus keeps a token: the rest stays -inf either way
             out[rows] = _perturbed(logits, uniform, self.top_p).to(out.dtype)
         else:
@@ -506,8 +506,7 @@ class SeededSampler:
         tempered = scores.float() / max(self.temperature, 1e-5)
         numbers = self._uniform(rows, scores.shape[-1])
         if self.top_p >= 1.0:
-            every = torch.arange(len(rows))
-            token[rows] = (tempered[source] - _log_log(numbers.rows(every))).argmax(-1).to(token.device)
+            token[rows] = (tempered[source] - _log_log(numbers.rows())).argmax(-1).to(token.device)
             return token
         kept, index, resolved = _nucleus_in_top(tempered, self.top_p, min(PICK_TOP, scores.shape[-1]))
         kept, index, resolved = kept[source], index[source], resolved[source]
@@ -537,11 +536,13 @@ class _StepNumbers:
             return self.whole.gather(-1, index)
         return _uniform_of(self.keys[:, None], _token_keys(self.vocab)[index])
 
-    def rows(self, which: torch.Tensor) -> torch.Tensor:
-        """[len(which), vocab]: the numbers of rows ``which`` (positions among the sampled rows) for every token."""
+    def rows(self, which: torch.Tensor | None = None) -> torch.Tensor:
+        """[rows, vocab]: the numbers of rows ``which`` (positions among the sampled rows; None: all) for every
+        token."""
         if self.whole is not None:
-            return self.whole[which]
-        return _uniform_of(self.keys[which][:, None], _token_keys(self.vocab)[None, :])
+            return self.whole if which is None else self.whole[which]
+        keys = self.keys if which is None else self.keys[which]
+        return _uniform_of(keys[:, None], _token_keys(self.vocab)[None, :])
 
 
 _MASK32 = 0xFFFFFFFF

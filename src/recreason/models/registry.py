@@ -305,27 +305,33 @@ def _gate_up(module, x):
     import torch
 
     gate, up = module.gate_proj, module.up_proj
-    versions = (gate.weight._version, up.weight._version)
-    packed = getattr(module, "_recreason_weight", None)
-    if packed is None or packed[0] != versions:
-        both = torch.cat([gate.weight.detach(), up.weight.detach()])
-        bias = None if gate.bias is None else torch.cat([gate.bias.detach(), up.bias.detach()])
-        packed = (versions, torch.ops.mkldnn._reorder_linear_weight(both, PACK_ROWS), bias)
-        module._recreason_weight = packed
-    return torch.ops.mkldnn._linear_pointwise(x, packed[1], packed[2], "none", [], "").chunk(2, -1)
+    packed, bias = _packed_weight(module, (gate.weight, up.weight), (gate.bias, up.bias))
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").chunk(2, -1)
 
 
 def _packed_linear(module, x):
     import torch
 
-    weight = module.weight
-    if not _packable(x, weight):
+    if not _packable(x, module.weight):
         return module._recreason_unpacked(x)
-    packed = getattr(module, "_recreason_weight", None)
-    if packed is None or packed[0] != weight._version:
-        packed = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
-        module._recreason_weight = packed
-    return torch.ops.mkldnn._linear_pointwise(x, packed[1], module.bias, "none", [], "")
+    packed, bias = _packed_weight(module, (module.weight,), (module.bias,))
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _packed_weight(module, weights: tuple, biases: tuple) -> tuple:
+    """(``weights`` stacked and packed once in oneDNN's layout, ``biases`` stacked or None), kept on ``module`` and
+    packed again when a weight changes in place."""
+    import torch
+
+    versions = tuple(w._version for w in weights)
+    kept = getattr(module, "_recreason_weight", None)
+    if kept is None or kept[0] != versions:
+        stacked = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+        bias = (None if biases[0] is None else biases[0].detach() if len(biases) == 1
+                else torch.cat([b.detach() for b in biases]))
+        kept = (versions, torch.ops.mkldnn._reorder_linear_weight(stacked, PACK_ROWS), bias)
+        module._recreason_weight = kept
+    return kept[1], kept[2]
 
 
 PACK_ROWS = 192  # the rows oneDNN lays a packed weight out for (any row count runs; a decoding step's is best)
