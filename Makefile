@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 FULL ?= runs/full
 
-.PHONY: install bench-deps demo full distill temporal tune tune-distilled music douban joint transfer domains test test-fast clean postgres-server chromium
+.PHONY: install bench-deps demo compiler full distill temporal tune tune-distilled music douban joint transfer domains test test-fast clean postgres-server chromium
 
 # The store tests start a throwaway PostgreSQL server; install Debian's server programs when they are missing.
 postgres-server:
@@ -23,6 +23,14 @@ postgres-server:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else echo "PostgreSQL server programs (initdb, pg_ctl) are needed by the tests: install the 'postgresql' package"; exit 1; fi
+
+# The compiled decoding kernel (recreason.models.kernels) is built with the machine's C compiler on first use; its
+# tests need one: install Debian's gcc when no cc is found.
+compiler:
+	@if command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; \
+	else echo "a C compiler (cc or gcc) is needed by the kernel tests: install gcc"; exit 1; fi
 
 # The browser tests (HTML report, web page) drive Debian's Chromium headless through playwright; install it
 # when missing (playwright never downloads a browser of its own here).
@@ -159,11 +167,11 @@ domains: install
 		--domain douban-zh $(DOUBAN)/smollm2 "zero-shot (gemma3-270m)=$(DOUBAN)/gemma/generated/test-zero-shot.jsonl" \
 		"fine-tuned (gemma3-270m)=$(DOUBAN)/gemma/generated/test-fine-tuned.jsonl"
 
-test: install postgres-server chromium
+test: install postgres-server chromium compiler
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install postgres-server chromium
+test-fast: install postgres-server chromium compiler
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 

@@ -1,6 +1,6 @@
 """Two ways of decoding a batch of candidates side by side: draws that agree decoded as one row against a row for
 every draw (``--compare merge``, the default), or the counter random stream against the mt19937 one
-(``--compare stream``).
+(``--compare stream``), or the compiled prefix attention kernel against the torch operations (``--compare kernel``).
 
 A request's candidates are seeded draws of one prompt. Until two draws choose different tokens they hold the same
 tokens, so the model computes the same row for each of them: every draw's first step feeds the prompt's last token,
@@ -13,6 +13,11 @@ when its draws choose apart. ``merge_draws=False`` (the baseline) runs a row per
 step (``mt19937``, the baseline). The two streams draw different samples of the same distributions, so the share
 of candidate lists that came out the same says only how often all of a prompt's draws agreed.
 
+``--compare kernel``: bf16 attention over the shared prompt cache in one compiled C call a layer
+(``generate.prefix_kernel: compiled``, ``recreason.models.kernels``) against the torch operations (``torch``). The same
+roundings, sums in another order: an attention output may differ in its last bit, and a sample drawn after it may
+differ, as with other batch companions.
+
 Loads the run with its decoding settings (``--config``/``--set`` as for ``recreason serve``), takes ``--prompts``
 validation pairs (shuffled, seed 0) and decodes their candidates (``generate.candidates`` each, the server's
 ``generation.generate.generate_candidates``, likelihood as the server computes it) in batches of
@@ -24,8 +29,9 @@ Run it alone: on 2 cores anything beside it skews the times.
 Usage: python benchmarks/merged_draws.py --run runs/full/distilled --config configs/demo.yaml
        --config configs/full.yaml --config configs/distilled.yaml --set generate.batch_size=16
        --set generate.max_new_tokens=32 [--prompts 64] [--rounds 2]
-       [--compare stream]
-Results: benchmarks/results/merged_draws.json (--compare stream: benchmarks/results/sample_stream.json)
+       [--compare stream|kernel]
+Results: benchmarks/results/merged_draws.json (--compare stream: sample_stream.json, --compare kernel:
+prefix_kernel.json)
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ from runargs import add_run_arguments
 ROOT = Path(__file__).resolve().parents[1]
 # each comparison's ways, the baseline first: the keyword arguments of generate_candidates, and config overrides
 WAYS = {"merge": {"row per draw": ({"merge_draws": False}, {}), "merged": ({"merge_draws": True}, {})},
-        "stream": {"mt19937": ({}, {"sample_stream": "mt19937"}), "counter": ({}, {"sample_stream": "counter"})}}
-RESULTS = {"merge": "merged_draws.json", "stream": "sample_stream.json"}
+        "stream": {"mt19937": ({}, {"sample_stream": "mt19937"}), "counter": ({}, {"sample_stream": "counter"})},
+        "kernel": {"torch": ({}, {"prefix_kernel": "torch"}), "compiled": ({}, {"prefix_kernel": "compiled"})}}
+RESULTS = {"merge": "merged_draws.json", "stream": "sample_stream.json", "kernel": "prefix_kernel.json"}
 
 
 def main() -> None:
@@ -53,7 +60,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of both ways, the order alternating")
     parser.add_argument("--compare", choices=sorted(WAYS), default="merge", help="what the two ways differ in")
     parser.add_argument("--out", help="results file (default benchmarks/results/merged_draws.json, or "
-                                      "sample_stream.json for --compare stream)")
+                                      "sample_stream.json for --compare stream, prefix_kernel.json for kernel)")
     args = parser.parse_args()
     if args.rounds < 1 or args.prompts < 1:
         parser.error("--rounds and --prompts must be at least 1")
@@ -65,6 +72,7 @@ def main() -> None:
     from recreason.config import load_config
     from recreason.generation.generate import generate_candidates, plain_causal_lm, weighs_likelihood
     from recreason.inference import Predictor, Request
+    from recreason.models.registry import use_prefix_kernel
 
     predictor = Predictor(args.run, load_config(args.config or None, args.set)["generate"])
     cfg, tokenizer = predictor.gen_cfg, predictor.tokenizer
@@ -86,6 +94,7 @@ def main() -> None:
 
     def decode(way: str) -> tuple[float, list[int], list]:
         kwargs, settings = ways[way]
+        use_prefix_kernel(settings.get("prefix_kernel", cfg.prefix_kernel))  # process-wide, as the Predictor sets it
         rows.clear()
         start = time.perf_counter()
         out = generate_candidates(predictor.model, tokenizer, prompts, replace(cfg, **settings), progress=False,

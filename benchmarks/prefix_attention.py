@@ -1,5 +1,5 @@
-"""Attention over the shared prompt cache: ``SharedPrefix.attend`` against the layout it had before, and against
-aten's fused CPU flash-attention kernel.
+"""Attention over the shared prompt cache: ``SharedPrefix.attend`` against the layout it had before, against
+aten's fused CPU flash-attention kernel, and against the compiled kernel (``generate.prefix_kernel: compiled``).
 
 ``recreason.models.registry.SharedPrefix.attend`` reproduces eager attention's bits. It lays the rows' queries out
 per prompt, padded to the prompt with the most rows, by gathers whose indices every layer of a step shares. The
@@ -7,7 +7,8 @@ baseline ``scattered_attend`` is the layout before: the queries scattered into z
 and the same back (the same bits, more operations). The rival ``flash_attend`` calls
 ``_scaled_dot_product_flash_attention_for_cpu`` twice, once on the prompt part and once on each row's own tokens,
 and merges the two by their log-sum-exps. It is not used by the library: it computes other bits (an online softmax
-in blocks), and this script measured it no faster.
+in blocks), and this script measured it no faster. ``compiled`` is ``recreason.models.kernels``' C kernel, one call
+a layer: the same roundings as ``attend``, its sums in another order (an output may differ in its last bit).
 
 Shapes are the embedded model's (9 query heads over 3 key/value heads of 64) at the server's 16 clients: 16 prompts
 of up to ``--length`` tokens (some left-padded), ``--own`` tokens of each row's own, in two layouts: ``even``, 12
@@ -121,12 +122,16 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
+    from recreason.models.kernels import prefix_attention
     from recreason.models.registry import SharedPrefix
 
     result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "threads": torch.get_num_threads(),
               "layouts": {}}
     owns = [int(x) for x in args.own.split(",")]
     rivals = {"attend": SharedPrefix.attend, "scatter (before)": scattered_attend, "flash": flash_attend}
+    kernel = prefix_attention()
+    if kernel is not None:
+        rivals["compiled"] = lambda prefix, *a: prefix._attend_compiled(kernel, *a)
     for uneven in (False, True):  # warm-up of every shape every way: the first timings of a process ran up to 2x off
         for own in owns:
             prefix, query, key, value = shapes(own, args.length, uneven=uneven)

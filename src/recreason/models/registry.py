@@ -413,6 +413,7 @@ class SharedPrefix:
         # [rows, own tokens] added to the scores of the rows' own tokens, or None when every row has all of them
         # (rows that joined a running batch later have fewer: ``recreason.generation.engine.CandidateDecoder``)
         self.own_bias = None
+        self._kernel_reset()
         self._layout()
 
     def join(self, keys: list, values: list, mask, owner) -> None:
@@ -435,7 +436,15 @@ class SharedPrefix:
         self.values32 = [both(a, b.float(), 2) for a, b in zip(self.values32, values)]
         self.bias = both(self.bias, (1.0 - mask.to(dtype)) * masked, 1, masked)
         self.owner = torch.cat([self.owner, owner + first])
+        self._kernel_reset()
         self._layout()
+
+    def _kernel_reset(self) -> None:
+        # per layer, the compiled kernel's prompt operands, laid out once for the prompts present when the first layer
+        # needed them; _kernel_origin maps each prompt now to its place there (prompts that leave stay in them unused,
+        # and columns only they had are masked for the rest: no copy when prompts leave)
+        self._kernel_operands: dict = {}
+        self._kernel_origin = None
 
     def _layout(self) -> None:
         import torch
@@ -482,12 +491,20 @@ class SharedPrefix:
                 self.keys = [k[:, :, first:] for k in self.keys]
                 self.values32 = [v[:, :, first:] for v in self.values32]
                 self.bias = self.bias[:, first:]
+            if self._kernel_origin is not None:  # the kernel's operands stay as they were laid out
+                self._kernel_origin = self._kernel_origin[alive]
         self.owner = owner
         self._layout()
 
     def attend(self, layer: int, query, key, value, scaling: float):
         import torch
 
+        if query.dtype == torch.bfloat16 and query.device.type == "cpu" and _prefix_kernel[0] == "compiled":
+            from recreason.models.kernels import prefix_attention
+
+            kernel = prefix_attention()
+            if kernel is not None:
+                return self._attend_compiled(kernel, layer, query, key, value, scaling)
         rows, heads, _, d = query.shape
         kv_heads = key.shape[1]
         group = heads // kv_heads
@@ -523,9 +540,57 @@ class SharedPrefix:
         out = out + torch.matmul(weights[..., length:].float(), value.float())
         return out.to(query.dtype).reshape(rows, 1, heads, d), None
 
+    def _attend_compiled(self, kernel, layer: int, query, key, value, scaling: float):
+        """:meth:`attend` in one call of the compiled kernel (:mod:`recreason.models.kernels`): the same roundings
+        (scores and weights to bf16, sums in fp32), sums taken in another order, so an output may differ from the
+        torch operations' in its last bit. Its prompt operands are laid out once per layer and layout."""
+        import torch
+
+        rows, heads, _, d = query.shape
+        kv_heads = key.shape[1]
+        if self._kernel_origin is None:
+            self._kernel_operands = {}
+            self._kernel_origin = torch.arange(self.keys[0].shape[0])
+        operands = self._kernel_operands.get(layer)
+        if operands is None:
+            if len(self._kernel_origin) != self.keys[0].shape[0] or not bool(
+                    (self._kernel_origin == torch.arange(len(self._kernel_origin))).all()):
+                raise RuntimeError("a layer's kernel operands were asked for after prompts left")
+            operands = (self.keys[layer].float().transpose(2, 3).contiguous(), self.values32[layer].contiguous(),
+                        self.bias.float().contiguous())
+            self._kernel_operands[layer] = operands
+        keys_t, values, bias = operands
+        q = query.reshape(rows, heads, d).contiguous()
+        own_k, own_v = key.contiguous(), value.contiguous()
+        own_bias = None if self.own_bias is None else self.own_bias.float().contiguous()
+        owner = self._kernel_origin[self.owner].contiguous()
+        early = math.frexp(scaling)[0] == 0.5
+        out = torch.empty(rows, heads, d, dtype=query.dtype)
+        failed = kernel(rows, kv_heads, heads // kv_heads, d, keys_t.shape[0], keys_t.shape[3], own_k.shape[2],
+                        q.data_ptr(), owner.data_ptr(), keys_t.data_ptr(), values.data_ptr(), bias.data_ptr(),
+                        own_k.data_ptr(), own_v.data_ptr(), 0 if own_bias is None else own_bias.data_ptr(),
+                        scaling if early else 1.0, 1.0 if early else scaling, out.data_ptr())
+        if failed:
+            raise RuntimeError(f"the compiled prefix attention failed (code {failed}: 1 out of memory, 2 a row's "
+                               "prompt out of range)")
+        return out.view(rows, 1, heads, d), None
+
 
 # the SharedPrefix of the decoding loop under way in this context, if any
 SHARED_PREFIX = contextvars.ContextVar("recreason_shared_prefix", default=None)
+# how SharedPrefix.attend computes bf16 attention on CPU (generate.prefix_kernel): torch, the torch operations;
+# compiled, the compiled kernel (recreason.models.kernels) where it builds. Process-wide, as the serving threads
+# decode with the setting the process was started with.
+PREFIX_KERNELS = ("torch", "compiled")
+_prefix_kernel = ["torch"]
+
+
+def use_prefix_kernel(kind: str) -> None:
+    """Set how :meth:`SharedPrefix.attend` computes bf16 attention on CPU in this process
+    (``generate.prefix_kernel``): ``torch`` or ``compiled``."""
+    if kind not in PREFIX_KERNELS:
+        raise ValueError(f"prefix kernel must be one of {', '.join(PREFIX_KERNELS)}, got {kind!r}")
+    _prefix_kernel[0] = kind
 
 
 GROUPED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # plain eager attention: no soft-capping, no sinks

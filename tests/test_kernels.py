@@ -1,0 +1,132 @@
+"""The compiled prefix attention kernel (recreason.models.kernels) against SharedPrefix.attend's torch operations."""
+
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _bf16(*shape, scale=1.0):
+    return (torch.randn(*shape) * scale).to(torch.bfloat16)
+
+
+def _both(shared, query, key, value, scaling):
+    from recreason.models import registry
+
+    registry.use_prefix_kernel("torch")
+    try:
+        ours = shared.attend(0, query, key, value, scaling)[0]
+        registry.use_prefix_kernel("compiled")
+        theirs = shared.attend(0, query, key, value, scaling)[0]
+    finally:
+        registry.use_prefix_kernel("torch")
+    return ours, theirs
+
+
+def _close(ours, theirs):
+    """The kernel rounds as the torch path does and sums in another order: outputs equal but for a last bit here
+    and there (a bf16 ulp is 2^-7 of the value)."""
+    assert theirs.dtype == torch.bfloat16 and theirs.shape == ours.shape
+    a, b = ours.float(), theirs.float()
+    ulp = a.abs().clamp_min(2 ** -20) * 2 ** -7
+    assert bool(((a - b).abs() <= ulp * 1.01).all()), float((a - b).abs().max())
+    assert float((a != b).float().mean()) < 0.01
+
+
+def test_the_compiled_kernel_attends_as_the_torch_operations_do():
+    """Rows of uneven prompts (one left-padded), rows and a prompt leaving (select), a longer prompt joining with
+    fewer own tokens (own_bias), a power-of-two scaling and another: the kernel's outputs are the torch path's but
+    for a last bit in under 1% of them."""
+    from recreason.models.kernels import prefix_attention
+    from recreason.models.registry import SharedPrefix
+
+    if prefix_attention() is None:
+        pytest.fail("the kernel did not build: a C compiler is part of the test set-up")
+    torch.manual_seed(0)
+    prompts, kv_heads, group, d, length, own = 4, 3, 3, 64, 37, 5
+    owner = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3, 3, 3])
+    mask = torch.ones(prompts, length)
+    mask[1, :11] = 0
+    shared = SharedPrefix([_bf16(prompts, kv_heads, length, d)], [_bf16(prompts, kv_heads, length, d)], mask, owner)
+    rows = len(owner)
+    for scaling in (0.125, 0.1):
+        q, k, v = _bf16(rows, kv_heads * group, 1, d, scale=3), _bf16(rows, kv_heads, own, d), _bf16(rows, kv_heads, own, d)
+        _close(*_both(shared, q, k, v, scaling))
+
+    keep = torch.tensor([0, 2, 6, 7, 9])  # prompt 1's and 2's rows have ended
+    shared.select(keep)
+    q, k, v = _bf16(len(keep), kv_heads * group, 1, d), _bf16(len(keep), kv_heads, own, d), _bf16(len(keep), kv_heads, own, d)
+    _close(*_both(shared, q, k, v, 0.125))
+
+    longer = length + 9
+    shared.join([_bf16(1, kv_heads, longer, d)], [_bf16(1, kv_heads, longer, d)], torch.ones(1, longer),
+                 torch.zeros(2, dtype=torch.long))
+    own_mask = torch.ones(len(keep) + 2, own)
+    own_mask[len(keep):, :3] = 0
+    shared.own_bias = (1 - own_mask) * torch.finfo(torch.bfloat16).min
+    n = len(keep) + 2
+    q, k, v = _bf16(n, kv_heads * group, 1, d), _bf16(n, kv_heads, own, d), _bf16(n, kv_heads, own, d)
+    ours, theirs = _both(shared, q, k, v, 0.125)
+    _close(ours, theirs)
+    # the joined rows see their own prompt and their last 2 own tokens only: moving the masked ones changes nothing
+    k2, v2 = k.clone(), v.clone()
+    k2[len(keep):, :, :3] = _bf16(2, kv_heads, 3, d, scale=5)
+    v2[len(keep):, :, :3] = _bf16(2, kv_heads, 3, d, scale=5)
+    assert torch.equal(_both(shared, q, k2, v2, 0.125)[1], theirs)
+
+
+def test_fp32_models_keep_the_torch_operations():
+    """The kernel is for bf16: an fp32 query goes through the torch operations, bit for bit the same either way."""
+    from recreason.models.registry import SharedPrefix
+
+    torch.manual_seed(1)
+    shared = SharedPrefix([torch.randn(2, 1, 6, 8)], [torch.randn(2, 1, 6, 8)], torch.ones(2, 6),
+                          torch.tensor([0, 1, 1]))
+    q, k, v = torch.randn(3, 2, 1, 8), torch.randn(3, 1, 2, 8), torch.randn(3, 1, 2, 8)
+    ours, theirs = _both(shared, q, k, v, 0.5)
+    assert torch.equal(ours, theirs)
+
+
+def test_without_a_compiler_decoding_keeps_the_torch_operations(monkeypatch, tmp_path, caplog):
+    """No C compiler: the kernel is None with one warning saying why, and attention runs as torch operations."""
+    from recreason.models import kernels
+    from recreason.models.registry import SharedPrefix
+
+    monkeypatch.setenv("RECREASON_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "compiler", lambda: None)
+    monkeypatch.setattr(kernels, "_loaded", {})
+    with caplog.at_level(logging.WARNING, logger="recreason.models.kernels"):
+        assert kernels.prefix_attention() is None
+        assert kernels.prefix_attention() is None
+    warned = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warned) == 1 and "no C compiler" in warned[0].getMessage()
+    torch.manual_seed(2)
+    shared = SharedPrefix([_bf16(1, 1, 5, 8)], [_bf16(1, 1, 5, 8)], torch.ones(1, 5), torch.tensor([0, 0]))
+    q, k, v = _bf16(2, 3, 1, 8), _bf16(2, 1, 1, 8), _bf16(2, 1, 1, 8)
+    ours, theirs = _both(shared, q, k, v, 0.125)
+    assert torch.equal(ours, theirs)
+
+
+def test_a_failed_build_says_what_the_compiler_said(monkeypatch, tmp_path):
+    """A compiler that fails leaves no library behind and raises with its message."""
+    from recreason.models import kernels
+
+    monkeypatch.setenv("RECREASON_CACHE", str(tmp_path))
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\necho 'cc: no luck' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(RuntimeError, match="no luck"):
+        kernels.build(str(broken))
+    assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+def test_the_prefix_kernel_setting_is_checked():
+    from recreason.config import ConfigError, load_config
+    from recreason.models.registry import use_prefix_kernel
+
+    assert load_config(None, ["generate.prefix_kernel=compiled"])["generate"].prefix_kernel == "compiled"
+    with pytest.raises(ConfigError, match="prefix_kernel"):
+        load_config(None, ["generate.prefix_kernel=fast"])
+    with pytest.raises(ValueError, match="torch, compiled"):
+        use_prefix_kernel("fast")
