@@ -18,6 +18,10 @@ of candidate lists that came out the same says only how often all of a prompt's 
 roundings, sums in another order: an attention output may differ in its last bit, and a sample drawn after it may
 differ, as with other batch companions.
 
+``--compare qkv``: a llama attention layer's query, key and value products as one packed product, its rotary
+embedding turning queries and keys together (``packed_products``, shipped: the same bits) against the layer's own
+forward (three products, the rotary embedding's dozen operations).
+
 Loads the run with its decoding settings (``--config``/``--set`` as for ``recreason serve``), takes ``--prompts``
 validation pairs (shuffled, seed 0) and decodes their candidates (``generate.candidates`` each, the server's
 ``generation.generate.generate_candidates``, likelihood as the server computes it) in batches of
@@ -29,9 +33,9 @@ Run it alone: on 2 cores anything beside it skews the times.
 Usage: python benchmarks/merged_draws.py --run runs/full/distilled --config configs/demo.yaml
        --config configs/full.yaml --config configs/distilled.yaml --set generate.batch_size=16
        --set generate.max_new_tokens=32 [--prompts 64] [--rounds 2]
-       [--compare stream|kernel]
+       [--compare stream|kernel|qkv]
 Results: benchmarks/results/merged_draws.json (--compare stream: sample_stream.json, --compare kernel:
-prefix_kernel.json)
+prefix_kernel.json, --compare qkv: fused_attention.json)
 """
 
 from __future__ import annotations
@@ -50,8 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # each comparison's ways, the baseline first: the keyword arguments of generate_candidates, and config overrides
 WAYS = {"merge": {"row per draw": ({"merge_draws": False}, {}), "merged": ({"merge_draws": True}, {})},
         "stream": {"mt19937": ({}, {"sample_stream": "mt19937"}), "counter": ({}, {"sample_stream": "counter"})},
-        "kernel": {"torch": ({}, {"prefix_kernel": "torch"}), "compiled": ({}, {"prefix_kernel": "compiled"})}}
-RESULTS = {"merge": "merged_draws.json", "stream": "sample_stream.json", "kernel": "prefix_kernel.json"}
+        "kernel": {"torch": ({}, {"prefix_kernel": "torch"}), "compiled": ({}, {"prefix_kernel": "compiled"})},
+        "qkv": {"three products": ({}, {}), "one product": ({}, {})}}
+RESULTS = {"merge": "merged_draws.json", "stream": "sample_stream.json", "kernel": "prefix_kernel.json",
+           "qkv": "fused_attention.json"}
 
 
 def main() -> None:
@@ -88,6 +94,10 @@ def main() -> None:
     embed = lm.get_input_embeddings()
     hook = embed.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[0]) if a[0].shape[1] == 1 else None)
 
+    attention_layers = [(m, m.forward) for m in lm.modules() if getattr(m, "_recreason_packed", False)
+                        and hasattr(m, "q_proj")]
+    if args.compare == "qkv" and not attention_layers:
+        raise SystemExit("no attention layer runs packed here (bf16 on a CPU with oneDNN's bf16 products)")
     ways = WAYS[args.compare]
     names = list(ways)
     base, shipped = names
@@ -95,6 +105,9 @@ def main() -> None:
     def decode(way: str) -> tuple[float, list[int], list]:
         kwargs, settings = ways[way]
         use_prefix_kernel(settings.get("prefix_kernel", cfg.prefix_kernel))  # process-wide, as the Predictor sets it
+        if args.compare == "qkv":  # the attention layers' own forward, or packed_products' (one q/k/v product)
+            for module, packed in attention_layers:
+                module.forward = packed if way == shipped else module._recreason_unpacked
         rows.clear()
         start = time.perf_counter()
         out = generate_candidates(predictor.model, tokenizer, prompts, replace(cfg, **settings), progress=False,

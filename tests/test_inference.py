@@ -1119,3 +1119,55 @@ def test_shared_prefix_attention_is_attention_over_each_rows_whole_cache():
             whole_k, whole_v = torch.cat([pk[h // group], k[r, h // group]]), torch.cat([pv[h // group], v[r, h // group]])
             weights = torch.softmax(q[r, h, 0] @ whole_k.T * 0.125 + bias, -1)
             assert torch.allclose(out[r, 0, h], weights @ whole_v, atol=1e-5)
+
+
+def test_a_llama_attention_runs_its_three_products_as_one_with_the_same_bits():
+    """packed_products runs a llama attention layer's query, key and value products as one packed product and turns
+    queries and keys by the rotary embedding together: its outputs and the cache it fills equal the layer's own
+    forward bit for bit, in a prefill with padding and in the decoding steps after it, with the layer's attention
+    either eager or grouped; fp32 inputs take the layer's own forward."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    from transformers import AttentionInterface
+
+    from recreason.models.registry import GROUPED_ATTENTION, grouped_attention, packed_products
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         intermediate_size=64, num_hidden_layers=1)
+    config._attn_implementation = "eager"
+    layer = LlamaAttention(config, 0).to(torch.bfloat16).eval()
+    own = LlamaAttention.forward.__get__(layer)
+    rotary = LlamaRotaryEmbedding(config)
+    if not packed_products(layer):  # no oneDNN bf16 here
+        return
+    assert layer._recreason_packed and packed_products(layer)  # idempotent
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)  # as use_grouped_attention does for a model
+    for implementation in ("eager", GROUPED_ATTENTION):
+        config._attn_implementation = implementation
+        caches = DynamicCache(), DynamicCache()
+        x = torch.randn(3, 9, 128).to(torch.bfloat16)
+        mask = torch.zeros(3, 1, 9, 9)
+        mask[2, :, :, :4] = torch.finfo(torch.bfloat16).min  # the last prompt is left-padded
+        mask = (mask + torch.triu(torch.full((9, 9), torch.finfo(torch.bfloat16).min), 1)).to(torch.bfloat16)
+        positions = torch.arange(9).repeat(3, 1)
+        with torch.no_grad():
+            for step in range(3):
+                embeddings = rotary(x, positions)
+                ours = layer(x, position_embeddings=embeddings, attention_mask=mask, cache=caches[0])[0]
+                theirs = own(x, position_embeddings=embeddings, attention_mask=mask, cache=caches[1])[0]
+                assert torch.equal(ours, theirs), (implementation, step)
+                assert all(torch.equal(a, b) for a, b in zip(caches[0].layers[0].keys, caches[1].layers[0].keys))
+                assert torch.equal(caches[0].layers[0].values, caches[1].layers[0].values)
+                x, positions = torch.randn(3, 1, 128).to(torch.bfloat16), positions[:, -1:] + 1
+                mask = torch.zeros(3, 1, 1, 10 + step, dtype=torch.bfloat16)
+                mask[2, :, :, :4] = torch.finfo(torch.bfloat16).min
+    layer.float()
+    config._attn_implementation = "eager"
+    x32 = torch.randn(2, 3, 128)
+    embeddings = rotary(x32, torch.arange(3).repeat(2, 1))
+    with torch.no_grad():
+        assert torch.equal(layer(x32, position_embeddings=embeddings, attention_mask=None)[0],
+                           own(x32, position_embeddings=embeddings, attention_mask=None)[0])

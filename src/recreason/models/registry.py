@@ -258,7 +258,9 @@ def packed_products(lm) -> bool:
 
     A gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``: the llama family's) runs its gate and up
     products as one against both weights packed together, the same sums in the same kernel: bit for bit the two
-    products' outputs (tested), one call where there were two. True if the layers were switched; idempotent."""
+    products' outputs (tested), one call where there were two. Likewise a llama attention layer's query, key and
+    value products, and its rotary embedding then turns queries and keys in one pass, four operations where there
+    were a dozen (:func:`_packed_attention`, the same bits). True if the layers were switched; idempotent."""
     import functools
 
     import torch
@@ -274,7 +276,73 @@ def packed_products(lm) -> bool:
             module._recreason_unpacked = module.forward
             module.forward = functools.partial(_packed_gated_mlp, module)
             module._recreason_packed = True
+        elif _llama_attention(module) and not getattr(module, "_recreason_packed", False):
+            module._recreason_unpacked = module.forward
+            module.forward = functools.partial(_packed_attention, module)
+            module._recreason_packed = True
     return True
+
+
+def _llama_attention(module) -> bool:
+    """Whether ``module`` is transformers' llama attention (plain rotary embedding, no query/key norms), whose
+    forward :func:`_packed_attention` reproduces."""
+    import torch
+
+    parts = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    return (type(module).__name__ == "LlamaAttention" and all(isinstance(p, torch.nn.Linear) for p in parts)
+            and hasattr(module, "layer_idx") and hasattr(module, "head_dim"))
+
+
+def _packed_attention(module, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """transformers' ``LlamaAttention.forward`` with the query, key and value products as one packed product and
+    the rotary embedding applied to queries and keys together: ``x * cos + rotate_half(x) * sin`` computed as
+    ``x * cos + swap_halves(x) * signed_sin`` (``signed_sin``: ``sin`` with its first half negated, made once a
+    step), the same roundings element by element. Outputs equal the module's own forward bit for bit (tested)."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    if "past_key_values" in kwargs:  # transformers' older name for the cache
+        cache = kwargs.pop("past_key_values")
+    q_proj, k_proj, v_proj = module.q_proj, module.k_proj, module.v_proj
+    if position_embeddings is None or not _packable(hidden_states, q_proj.weight, k_proj.weight, v_proj.weight):
+        return module._recreason_unpacked(hidden_states, position_embeddings=position_embeddings,
+                                          attention_mask=attention_mask, cache=cache, **kwargs)
+    packed, bias = _packed_weight(module, (q_proj.weight, k_proj.weight, v_proj.weight),
+                                  (q_proj.bias, k_proj.bias, v_proj.bias))
+    qkv = torch.ops.mkldnn._linear_pointwise(hidden_states, packed, bias, "none", [], "")
+    *lead, _ = hidden_states.shape
+    d = module.head_dim
+    heads, kv_heads = q_proj.weight.shape[0] // d, k_proj.weight.shape[0] // d
+    cos, sin = position_embeddings
+    qk = qkv[..., :(heads + kv_heads) * d].view(*lead, heads + kv_heads, d)
+    half = d // 2
+    swapped = torch.cat((qk[..., half:], qk[..., :half]), -1)
+    turned = qk * cos.unsqueeze(-2) + swapped * _signed_sin(sin, half).unsqueeze(-2)
+    query = turned[..., :heads, :].transpose(1, 2)
+    key = turned[..., heads:, :].transpose(1, 2)
+    value = qkv[..., (heads + kv_heads) * d:].view(*lead, kv_heads, d).transpose(1, 2)
+    if cache is not None:
+        key, value = cache.update(key, value, module.layer_idx, kwargs=kwargs)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+    out, weights = attend(module, query, key, value, attention_mask, dropout=0.0, scaling=module.scaling, **kwargs)
+    out = out.reshape(*lead, -1).contiguous()
+    return module.o_proj(out), weights
+
+
+# (the last sin seen, it with its first half negated), one tuple replaced whole (threads read it safely): every layer
+# of a step gets the same sin and shares the signed copy
+_signed_sins: list = [None]
+
+
+def _signed_sin(sin, half: int):
+    import torch
+
+    kept = _signed_sins[0]
+    if kept is None or kept[0] is not sin:
+        kept = (sin, torch.cat((-sin[..., :half], sin[..., half:]), -1))
+        _signed_sins[0] = kept
+    return kept[1]
 
 
 def _gated_mlp(module) -> bool:
