@@ -12,7 +12,8 @@
 
 ``--config`` and ``--set`` reach the server as they reach ``recreason serve`` (e.g. ``--config configs/demo.yaml
 --config configs/full.yaml --set generate.candidates=4``); the FLOP bound then counts the prompt once and every
-candidate's tokens.
+candidate's tokens. ``--variant NAME=SECTION.KEY=VALUE`` serves once more with that setting on top, in the same
+run (e.g. ``--variant compiled=generate.prefix_kernel=compiled``), keyed ``BATCHING, NAME`` in the results.
 
 Prints the ratios of the server's throughput to each reference. Every loop is bounded in time and count,
 and only loopback addresses are used.
@@ -255,6 +256,9 @@ def main() -> None:
                              "then configs/full.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a config override for the server, as recreason's --set (generate.candidates=4)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=SECTION.KEY=VALUE",
+                        help="also serve with this setting on top (one more server per batching, results keyed "
+                             "'BATCHING, NAME'; repeatable): two settings measured in one run, the peak around each")
     parser.add_argument("--tmp", default="/tmp/recreason-load")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_load.json"))
     parser.add_argument("--precomputed", type=int, default=0,
@@ -287,8 +291,15 @@ def main() -> None:
     # speed wanders between runs (300-430 GFLOP/s here), one low measurement would flatter every share
     peaks = [matmul_peak()]
     results: dict = {"servers": {}}
-    for batching in args.batching:
-        s = load_server(args, pairs, ["--batching", batching])
+    variants = [("", [])]
+    for variant in args.variant:
+        name, sep, setting = variant.partition("=")
+        if not sep or "=" not in setting:
+            parser.error(f"--variant wants NAME=SECTION.KEY=VALUE, got {variant!r}")
+        variants.append((name, ["--set", setting]))
+    for batching, (name, extra) in ((b, v) for b in args.batching for v in variants):
+        s = load_server(args, pairs, ["--batching", batching, *extra])
+        batching = f"{batching}, {name}" if name else batching
         print(f"server ({batching} batching) with {args.clients} clients: {s['reasons_per_s']:.2f} reasons/s, p50 "
               f"{s['p50_s']:.2f} s, p95 {s['p95_s']:.2f} s, p99 {s['p99_s']:.2f} s, {s['errors']} errors; the model "
               f"busy {100 * (s['busy_share'] or 0):.0f}% of the time", flush=True)

@@ -34,15 +34,20 @@ def _close(ours, theirs):
     assert float((a != b).float().mean()) < 0.01
 
 
-def test_the_compiled_kernel_attends_as_the_torch_operations_do():
+@pytest.mark.parametrize("pairs", [True, False], ids=["bf16 pairs", "fp32 operands"])
+def test_the_compiled_kernel_attends_as_the_torch_operations_do(pairs, monkeypatch):
     """Rows of uneven prompts (one left-padded), rows and a prompt leaving (select), a longer prompt joining with
     fewer own tokens (own_bias), a power-of-two scaling and another: the kernel's outputs are the torch path's but
-    for a last bit in under 1% of them."""
-    from recreason.models.kernels import prefix_attention
+    for a last bit in under 1% of them, with its prompt operands as bf16 pairs (AVX-512 BF16) and as fp32."""
+    from recreason.models import kernels
     from recreason.models.registry import SharedPrefix
 
-    if prefix_attention() is None:
+    kernel = kernels.prefix_attention()
+    if kernel is None:
         pytest.fail("the kernel did not build: a C compiler is part of the test set-up")
+    if pairs and not kernel.pairs:
+        pytest.skip("this CPU has no AVX-512 BF16: the kernel was built for fp32 operands only")
+    monkeypatch.setitem(kernels._loaded, "prefix_attention", kernels.PrefixAttention(kernel.fn, pairs))
     torch.manual_seed(0)
     prompts, kv_heads, group, d, length, own = 4, 3, 3, 64, 37, 5
     owner = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3, 3, 3])

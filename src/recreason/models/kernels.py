@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,17 @@ def build(cc: str | None = None) -> Path:
     return target
 
 
-def prefix_attention():
-    """The compiled kernel as a ctypes function, or None where it cannot be built (warned once)."""
+@dataclass(frozen=True)
+class PrefixAttention:
+    """The compiled kernel: ``fn`` the ctypes function, ``pairs`` whether it takes the prompt operands as bf16 pairs
+    (built where the compiler targets AVX-512 BF16: half the instructions; else fp32 operands)."""
+
+    fn: object
+    pairs: bool
+
+
+def prefix_attention() -> PrefixAttention | None:
+    """The compiled kernel, or None where it cannot be built (warned once)."""
     with _lock:
         if "prefix_attention" not in _loaded:
             _loaded["prefix_attention"] = _load()
@@ -97,5 +107,6 @@ def _load():
         return None
     fn = library.recreason_prefix_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p] * 8 + [ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
-    return fn
+    fn.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p] * 8 + [ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
+    library.recreason_prefix_attention_pairs.restype = ctypes.c_int
+    return PrefixAttention(fn, bool(library.recreason_prefix_attention_pairs()))

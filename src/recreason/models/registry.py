@@ -624,7 +624,7 @@ class SharedPrefix:
             if len(self._kernel_origin) != self.keys[0].shape[0] or not bool(
                     (self._kernel_origin == torch.arange(len(self._kernel_origin))).all()):
                 raise RuntimeError("a layer's kernel operands were asked for after prompts left")
-            operands = (self.keys[layer].float().transpose(2, 3).contiguous(), self.values32[layer].contiguous(),
+            operands = (*_prompt_operands(self.keys[layer], self.values32[layer], kernel.pairs),
                         self.bias.float().contiguous())
             self._kernel_operands[layer] = operands
         keys_t, values, bias = operands
@@ -634,14 +634,34 @@ class SharedPrefix:
         owner = self._kernel_origin[self.owner].contiguous()
         early = math.frexp(scaling)[0] == 0.5
         out = torch.empty(rows, heads, d, dtype=query.dtype)
-        failed = kernel(rows, kv_heads, heads // kv_heads, d, keys_t.shape[0], keys_t.shape[3], own_k.shape[2],
+        pairs = kernel.pairs and d % 2 == 0
+        failed = kernel.fn(rows, kv_heads, heads // kv_heads, d, bias.shape[0], bias.shape[1], own_k.shape[2], pairs,
                         q.data_ptr(), owner.data_ptr(), keys_t.data_ptr(), values.data_ptr(), bias.data_ptr(),
                         own_k.data_ptr(), own_v.data_ptr(), 0 if own_bias is None else own_bias.data_ptr(),
                         scaling if early else 1.0, 1.0 if early else scaling, out.data_ptr())
         if failed:
             raise RuntimeError(f"the compiled prefix attention failed (code {failed}: 1 out of memory, 2 a row's "
-                               "prompt out of range)")
+                               "prompt out of range, 3 bf16 pairs asked of a build without them)")
         return out.view(rows, 1, heads, d), None
+
+
+def _prompt_operands(keys, values32, pairs: bool) -> tuple:
+    """(keys, values) of one layer's prompt cache as the compiled kernel reads them: with ``pairs``, bf16 pairs
+    along the head dimension for the keys [prompts, kv heads, dim/2, length, 2] and along the tokens for the
+    values [prompts, kv heads, length/2, dim, 2] (a zero token appended to an odd length); else the keys
+    transposed [prompts, kv heads, dim, length] and the values [prompts, kv heads, length, dim], both fp32. Every
+    value is the cache's own (bf16 values are exact in fp32 and back)."""
+    import torch
+
+    prompts, kv_heads, length, d = keys.shape
+    if not pairs or d % 2:
+        return keys.float().transpose(2, 3).contiguous(), values32.contiguous()
+    keys2 = keys.view(prompts, kv_heads, length, d // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
+    values = values32.to(torch.bfloat16)
+    if length % 2:
+        values = torch.nn.functional.pad(values, (0, 0, 0, 1))
+    values2 = values.view(prompts, kv_heads, -1, 2, d).permute(0, 1, 2, 4, 3).contiguous()
+    return keys2, values2
 
 
 # the SharedPrefix of the decoding loop under way in this context, if any
