@@ -320,8 +320,10 @@ def _packed_attention(module, hidden_states, position_embeddings=None, attention
     swapped = torch.cat((qk[..., half:], qk[..., :half]), -1)
     turned = qk * cos.unsqueeze(-2) + swapped * _signed_sin(sin, half).unsqueeze(-2)
     query = turned[..., :heads, :].transpose(1, 2)
-    key = turned[..., heads:, :].transpose(1, 2)
-    value = qkv[..., (heads + kv_heads) * d:].view(*lead, kv_heads, d).transpose(1, 2)
+    # keys and values laid out as the layer's own forward lays them out (each dense, not a slice of the product's
+    # output): the prompt cache keeps them, and every later step reads them
+    key = turned[..., heads:, :].contiguous().transpose(1, 2)
+    value = qkv[..., (heads + kv_heads) * d:].contiguous().view(*lead, kv_heads, d).transpose(1, 2)
     if cache is not None:
         key, value = cache.update(key, value, module.layer_idx, kwargs=kwargs)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
