@@ -524,6 +524,7 @@ class SharedPrefix:
         first = torch.cumsum(counts, 0) - counts
         self.slot = torch.arange(len(self.owner)) - first[self.owner]
         self._moves = None  # the layout's gather indices, made by the first layer that needs them
+        self._kernel_rows = None  # (each row's prompt among the kernel's operands, own_bias in fp32), shared by a step's layers
 
     def _gathers(self, kv_heads: int, group: int):
         """(where each vector of the padded layout [prompts, kv heads, width x group] comes from among the rows'
@@ -632,8 +633,10 @@ class SharedPrefix:
         keys_t, values, bias = operands
         q = query.reshape(rows, heads, d).contiguous()
         own_k, own_v = key.contiguous(), value.contiguous()
-        own_bias = None if self.own_bias is None else self.own_bias.float().contiguous()
-        owner = self._kernel_origin[self.owner].contiguous()
+        if self._kernel_rows is None or self._kernel_rows[2] is not self.own_bias:  # once a step, not once a layer
+            self._kernel_rows = (self._kernel_origin[self.owner].contiguous(),
+                                 None if self.own_bias is None else self.own_bias.float().contiguous(), self.own_bias)
+        owner, own_bias = self._kernel_rows[0], self._kernel_rows[1]
         early = math.frexp(scaling)[0] == 0.5
         out = torch.empty(rows, heads, d, dtype=query.dtype)
         pairs = kernel.pairs and d % 2 == 0
