@@ -56,12 +56,14 @@ def test_the_compiled_kernel_attends_as_the_torch_operations_do(pairs, monkeypat
     shared = SharedPrefix([_bf16(prompts, kv_heads, length, d)], [_bf16(prompts, kv_heads, length, d)], mask, owner)
     rows = len(owner)
     for scaling in (0.125, 0.1):
-        q, k, v = _bf16(rows, kv_heads * group, 1, d, scale=3), _bf16(rows, kv_heads, own, d), _bf16(rows, kv_heads, own, d)
+        q = _bf16(rows, kv_heads * group, 1, d, scale=3)
+        k, v = _bf16(rows, kv_heads, own, d), _bf16(rows, kv_heads, own, d)
         _close(*_both(shared, q, k, v, scaling))
 
     keep = torch.tensor([0, 2, 6, 7, 9])  # prompt 1's and 2's rows have ended
     shared.select(keep)
-    q, k, v = _bf16(len(keep), kv_heads * group, 1, d), _bf16(len(keep), kv_heads, own, d), _bf16(len(keep), kv_heads, own, d)
+    q = _bf16(len(keep), kv_heads * group, 1, d)
+    k, v = _bf16(len(keep), kv_heads, own, d), _bf16(len(keep), kv_heads, own, d)
     _close(*_both(shared, q, k, v, 0.125))
 
     longer = length + 9
@@ -119,7 +121,8 @@ def test_a_failed_build_says_what_the_compiler_said(monkeypatch, tmp_path):
 
     monkeypatch.setenv("RECREASON_CACHE", str(tmp_path))
     broken = tmp_path / "cc"
-    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\necho 'cc: no luck' >&2\nexit 1\n")
+    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\n"
+                      "echo 'cc: no luck' >&2\nexit 1\n")
     broken.chmod(0o755)
     with pytest.raises(RuntimeError, match="no luck"):
         kernels.build(str(broken))

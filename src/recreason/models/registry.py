@@ -524,7 +524,8 @@ class SharedPrefix:
         first = torch.cumsum(counts, 0) - counts
         self.slot = torch.arange(len(self.owner)) - first[self.owner]
         self._moves = None  # the layout's gather indices, made by the first layer that needs them
-        self._kernel_rows = None  # (each row's prompt among the kernel's operands, own_bias in fp32), shared by a step's layers
+        # (each row's prompt among the compiled kernel's operands, own_bias in fp32), shared by a step's layers
+        self._kernel_rows = None
 
     def _gathers(self, kv_heads: int, group: int):
         """(where each vector of the padded layout [prompts, kv heads, width x group] comes from among the rows'
