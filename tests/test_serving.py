@@ -31,6 +31,34 @@ def test_reason_checker_flags_and_replaces():
         assert checked.replaced and checked.text == "Recommended for its tone and price, which other buyers mention."
 
 
+def test_the_profanity_word_set_as_patterns_matches_the_library_word_for_word():
+    """safety.WordPatterns stands in for better-profanity's list of VaryingString entries: the same censoring, word
+    for word, on the list's own entries, their leetspeak variants, near misses, words joined by separators and
+    ordinary sentences (the library's own list is the reference; it takes some 25 ms a text, so a sample)."""
+    import random
+
+    from better_profanity import Profanity
+
+    from recreason.inference.safety import WordPatterns, profanity_filter
+
+    library = Profanity()
+    ours = profanity_filter()
+    assert isinstance(ours.CENSOR_WORDSET, WordPatterns)
+    words = sorted(str(w) for w in library.CENSOR_WORDSET)
+    rng = random.Random(0)
+    texts = ["Great tone and bright strings for the price.", "hand job", "hand_job", "h@nd j0b", "$h1t happens",
+             "sh*t", "@$$", "f u c k", "fück", "Shit!", "assess the bass", "class act", "", "a", "(*)"]
+    for word in rng.sample(words, 60) + [w for w in words if " " in w][:5]:
+        variant = "".join(rng.choice(library.CHARS_MAPPING.get(c, (c,))) for c in word)
+        texts += [word, f"this {variant.upper()} stuff", word[:-1], word + "s", word.replace(" ", "_")]
+    censored = 0
+    for text in texts:
+        expected = library.censor(text)
+        assert ours.censor(text) == expected, text
+        censored += expected != text
+    assert 60 <= censored < len(texts) - 5  # swear words were there to find, and clean text stayed clean
+
+
 @pytest.fixture(scope="module")
 def served(prepared_dir, tiny_model_dir, tmp_path_factory):
     from recreason.generation.generate import GenerateConfig
