@@ -13,10 +13,10 @@ when its draws choose apart. ``merge_draws=False`` (the baseline) runs a row per
 step (``mt19937``, the baseline). The two streams draw different samples of the same distributions, so the share
 of candidate lists that came out the same says only how often all of a prompt's draws agreed.
 
-``--compare kernel``: bf16 attention over the shared prompt cache in one compiled C call a layer
-(``generate.prefix_kernel: compiled``, ``recreason.models.kernels``) against the torch operations (``torch``). The same
-roundings, sums in another order: an attention output may differ in its last bit, and a sample drawn after it may
-differ, as with other batch companions.
+``--compare kernel``: bf16 decoding with the compiled kernels (``generate.kernels: compiled``,
+``recreason.models.kernels``: the attention over the shared prompt cache in one C call a layer, each RMS norm in one)
+against the torch operations (``torch``). The same roundings, sums in another order: an output may differ in its last
+bit, and a sample drawn after it may differ, as with other batch companions.
 
 ``--compare qkv``: a llama attention layer's query, key and value products as one packed product, its rotary
 embedding turning queries and keys together (``packed_products``, shipped: the same bits) against the layer's own
@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # each comparison's ways, the baseline first: the keyword arguments of generate_candidates, and config overrides
 WAYS = {"merge": {"row per draw": ({"merge_draws": False}, {}), "merged": ({"merge_draws": True}, {})},
         "stream": {"mt19937": ({}, {"sample_stream": "mt19937"}), "counter": ({}, {"sample_stream": "counter"})},
-        "kernel": {"torch": ({}, {"prefix_kernel": "torch"}), "compiled": ({}, {"prefix_kernel": "compiled"})},
+        "kernel": {"torch": ({}, {"kernels": "torch"}), "compiled": ({}, {"kernels": "compiled"})},
         "qkv": {"three products": ({}, {}), "one product": ({}, {})}}
 RESULTS = {"merge": "merged_draws.json", "stream": "sample_stream.json", "kernel": "prefix_kernel.json",
            "qkv": "fused_attention.json"}
@@ -78,7 +78,7 @@ def main() -> None:
     from recreason.config import load_config
     from recreason.generation.generate import generate_candidates, plain_causal_lm, weighs_likelihood
     from recreason.inference import Predictor, Request
-    from recreason.models.registry import use_prefix_kernel
+    from recreason.models.registry import use_kernels
 
     predictor = Predictor(args.run, load_config(args.config or None, args.set)["generate"])
     cfg, tokenizer = predictor.gen_cfg, predictor.tokenizer
@@ -104,7 +104,7 @@ def main() -> None:
 
     def decode(way: str) -> tuple[float, list[int], list]:
         kwargs, settings = ways[way]
-        use_prefix_kernel(settings.get("prefix_kernel", cfg.prefix_kernel))  # process-wide, as the Predictor sets it
+        use_kernels(settings.get("kernels", cfg.kernels))  # process-wide, as the Predictor sets it
         if args.compare == "qkv":  # the attention layers' own forward, or packed_products' (one q/k/v product)
             for module, packed in attention_layers:
                 module.forward = packed if way == shipped else module._recreason_unpacked

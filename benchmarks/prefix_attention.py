@@ -1,5 +1,5 @@
 """Attention over the shared prompt cache: ``SharedPrefix.attend`` against the layout it had before, against
-aten's fused CPU flash-attention kernel, and against the compiled kernel (``generate.prefix_kernel: compiled``).
+aten's fused CPU flash-attention kernel, and against the compiled kernel (``generate.kernels: compiled``).
 
 ``recreason.models.registry.SharedPrefix.attend`` reproduces eager attention's bits. It lays the rows' queries out
 per prompt, padded to the prompt with the most rows, by gathers whose indices every layer of a step shares. The
@@ -122,14 +122,14 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
-    from recreason.models.kernels import prefix_attention
+    from recreason.models.kernels import compiled
     from recreason.models.registry import SharedPrefix
 
     result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "threads": torch.get_num_threads(),
               "layouts": {}}
     owns = [int(x) for x in args.own.split(",")]
     rivals = {"attend": SharedPrefix.attend, "scatter (before)": scattered_attend, "flash": flash_attend}
-    kernel = prefix_attention()
+    kernel = compiled()
     if kernel is not None:
         rivals["compiled"] = lambda prefix, *a: prefix._attend_compiled(kernel, *a)
     for uneven in (False, True):  # warm-up of every shape every way: the first timings of a process ran up to 2x off

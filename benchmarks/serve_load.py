@@ -13,7 +13,7 @@
 ``--config`` and ``--set`` reach the server as they reach ``recreason serve`` (e.g. ``--config configs/demo.yaml
 --config configs/full.yaml --set generate.candidates=4``); the FLOP bound then counts the prompt once and every
 candidate's tokens. ``--variant NAME=SECTION.KEY=VALUE`` serves once more with that setting on top, in the same
-run (e.g. ``--variant compiled=generate.prefix_kernel=compiled``), keyed ``BATCHING, NAME`` in the results.
+run (e.g. ``--variant compiled=generate.kernels=compiled``), keyed ``BATCHING, NAME`` in the results.
 
 Prints the ratios of the server's throughput to each reference. Every loop is bounded in time and count,
 and only loopback addresses are used.

@@ -1,4 +1,5 @@
-"""The compiled prefix attention kernel (recreason.models.kernels) against SharedPrefix.attend's torch operations."""
+"""The compiled kernels (recreason.models.kernels) against the torch operations they replace: SharedPrefix.attend's
+and LlamaRMSNorm's."""
 
 import logging
 
@@ -14,13 +15,13 @@ def _bf16(*shape, scale=1.0):
 def _both(shared, query, key, value, scaling):
     from recreason.models import registry
 
-    registry.use_prefix_kernel("torch")
+    registry.use_kernels("torch")
     try:
         ours = shared.attend(0, query, key, value, scaling)[0]
-        registry.use_prefix_kernel("compiled")
+        registry.use_kernels("compiled")
         theirs = shared.attend(0, query, key, value, scaling)[0]
     finally:
-        registry.use_prefix_kernel("torch")
+        registry.use_kernels("torch")
     return ours, theirs
 
 
@@ -42,12 +43,12 @@ def test_the_compiled_kernel_attends_as_the_torch_operations_do(pairs, monkeypat
     from recreason.models import kernels
     from recreason.models.registry import SharedPrefix
 
-    kernel = kernels.prefix_attention()
+    kernel = kernels.compiled()
     if kernel is None:
-        pytest.fail("the kernel did not build: a C compiler is part of the test set-up")
+        pytest.fail("the kernels did not build: a C compiler is part of the test set-up")
     if pairs and not kernel.pairs:
         pytest.skip("this CPU has no AVX-512 BF16: the kernel was built for fp32 operands only")
-    monkeypatch.setitem(kernels._loaded, "prefix_attention", kernels.PrefixAttention(kernel.fn, pairs))
+    monkeypatch.setitem(kernels._loaded, "compiled", kernels.Kernels(kernel.attention, pairs, kernel.rms_norm))
     torch.manual_seed(0)
     prompts, kv_heads, group, d, length, own = 4, 3, 3, 64, 37, 5
     owner = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3, 3, 3])
@@ -104,8 +105,8 @@ def test_without_a_compiler_decoding_keeps_the_torch_operations(monkeypatch, tmp
     monkeypatch.setattr(kernels, "compiler", lambda: None)
     monkeypatch.setattr(kernels, "_loaded", {})
     with caplog.at_level(logging.WARNING, logger="recreason.models.kernels"):
-        assert kernels.prefix_attention() is None
-        assert kernels.prefix_attention() is None
+        assert kernels.compiled() is None
+        assert kernels.compiled() is None
     warned = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warned) == 1 and "no C compiler" in warned[0].getMessage()
     torch.manual_seed(2)
@@ -129,12 +130,49 @@ def test_a_failed_build_says_what_the_compiler_said(monkeypatch, tmp_path):
     assert not list((tmp_path / "kernels").glob("*.so"))
 
 
-def test_the_prefix_kernel_setting_is_checked():
+def test_the_kernels_setting_is_checked():
     from recreason.config import ConfigError, load_config
-    from recreason.models.registry import use_prefix_kernel
+    from recreason.models.registry import use_kernels
 
-    assert load_config(None, ["generate.prefix_kernel=compiled"])["generate"].prefix_kernel == "compiled"
-    with pytest.raises(ConfigError, match="prefix_kernel"):
-        load_config(None, ["generate.prefix_kernel=fast"])
+    assert load_config(None, ["generate.kernels=compiled"])["generate"].kernels == "compiled"
+    with pytest.raises(ConfigError, match="kernels"):
+        load_config(None, ["generate.kernels=fast"])
     with pytest.raises(ValueError, match="torch, compiled"):
-        use_prefix_kernel("fast")
+        use_kernels("fast")
+
+
+def test_the_compiled_rms_norm_normalises_as_llama_does():
+    """A llama RMS norm switched by compiled_norms: with ``compiled`` its bf16 outputs are LlamaRMSNorm's but for a
+    last bit in a few (the sum of squares in another order), for decoding's [rows, 1, dim] and a prefill's
+    [prompts, tokens, dim], large and small rows alike; with ``torch``, and in fp32 or with gradients, its own
+    forward bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from recreason.models import registry
+
+    torch.manual_seed(3)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576) * 0.3 + 1)
+    own = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
+    own.load_state_dict(norm.state_dict())
+    registry.compiled_norms(torch.nn.Sequential(norm))
+    registry.compiled_norms(torch.nn.Sequential(norm))  # idempotent
+    assert norm.forward.func is registry._compiled_norm
+    x = torch.cat([_bf16(40, 1, 576, scale=3), _bf16(24, 1, 576, scale=0.01)])
+    batch = _bf16(3, 150, 576, scale=20)
+    try:
+        registry.use_kernels("compiled")
+        with torch.no_grad():
+            for inputs in (x, batch, x[::2]):  # a strided input too
+                ours, theirs = own(inputs), norm(inputs)
+                _close(ours, theirs)
+                assert float((ours != theirs).float().mean()) < 0.001
+            assert torch.equal(norm(x.float()), own.float()(x.float()))  # fp32 keeps LlamaRMSNorm's forward
+        own.to(torch.bfloat16)
+        assert torch.equal(norm(x), own(x))  # with gradients enabled too
+        registry.use_kernels("torch")
+        with torch.no_grad():
+            assert torch.equal(norm(batch), own(batch))
+    finally:
+        registry.use_kernels("torch")

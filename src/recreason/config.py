@@ -171,8 +171,8 @@ class GenerateConfig:
     sample_stream: str = "counter"  # counter: a sample's random numbers hashed from (seed, step, token), only for
     # the tokens it can choose | mt19937: a torch generator's number per vocabulary token and step (slower; the
     # stream of the quality tables recorded before 2026-12-05)
-    prefix_kernel: str = "torch"  # torch: attention over a shared prompt cache as torch operations | compiled: bf16
-    # on CPU in one compiled C call a layer (recreason.models.kernels; torch's operations where no compiler builds it)
+    kernels: str = "torch"  # torch: bf16 decoding on CPU as torch operations | compiled: the attention over a shared
+    # prompt cache and the RMS norms as compiled C calls (recreason.models.kernels; torch's where no compiler builds)
     weight_likelihood: float = 1.0  # x mean token log-probability under the model
     weight_grounded: float = 0.5  # + per feature named that the item has (up to 2)
     weight_ungrounded: float = 1.0  # - per feature named that the item lacks
@@ -290,7 +290,7 @@ CHOICES: dict[str, dict[str, tuple]] = {
               "prompt_mode": ("discrete", "continuous", "hybrid"), "rating_head": ("mf", "mlp"),
               "precision": ("auto", "bf16", "fp16", "fp32"), "report_to": ("tensorboard", "wandb")},
     "generate": {"precision": ("auto", "bf16", "fp32"), "sample_stream": ("counter", "mt19937"),
-                 "prefix_kernel": ("torch", "compiled")},
+                 "kernels": ("torch", "compiled")},
     "rank": {"model": ("als", "bpr", "popularity")},
     "distill": {"mode": ("chosen", "mixed", "preference"), "rejected": ("lowest", "greedy")},
     "evaluate": {"split": ("train", "validation", "test"), "systems": ("zero-shot", "retrieval", "fine-tuned")},

@@ -36,8 +36,8 @@ def cache_path(predictor: Predictor, split: str, gen: GenerateConfig) -> Path:
     key.update({k: getattr(gen, k) for k in SHAPING_KEYS if getattr(gen, k)})  # off: the keys caches had before
     if gen.sample_stream != "mt19937":  # the stream of the caches made before the setting existed keeps their digest
         key["sample_stream"] = gen.sample_stream
-    if gen.prefix_kernel != "torch" and gen.precision != "fp32":  # the compiled kernel's last bits: caches of their own
-        key["prefix_kernel"] = gen.prefix_kernel
+    if gen.kernels != "torch" and gen.precision != "fp32":  # the compiled kernels' last bits: caches of their own
+        key["kernels"] = gen.kernels
     digest = hashlib.sha256(json.dumps([key, checkpoint_stamp(predictor.run), predictor.run.info],
                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
     return predictor.run.paths.candidates(split, digest)

@@ -28,8 +28,8 @@ from recreason.generation.generate import (SHAPING_KEYS, Candidate, generate_can
 from recreason.inference.safety import ReasonChecker
 from recreason.inference.selection import choose, generic_table
 from recreason.models.personalized import INTEREST_LABELS, interest_class
-from recreason.models.registry import (packed_products, resolve_precision, reuse_freed_memory,
-                                       transposed_small_products, use_grouped_attention, use_prefix_kernel)
+from recreason.models.registry import (compiled_norms, packed_products, resolve_precision, reuse_freed_memory,
+                                       transposed_small_products, use_grouped_attention, use_kernels)
 from recreason.prompts.discrete import DiscretePrompter, render, uses_soft_prompt
 from recreason.ranking import Ranker
 from recreason.rundir import Run, checkpoint_stamp
@@ -126,7 +126,8 @@ class Predictor:
             packed_products(self.model)
             reuse_freed_memory()
             use_grouped_attention(_base_lm(self.model.lm))
-            use_prefix_kernel(self.gen_cfg.prefix_kernel)
+            compiled_norms(self.model)
+            use_kernels(self.gen_cfg.kernels)
         self.dataset = dataset or self.run.dataset()
         self.train = self.dataset.subset(self.run.split_seed, "train")
         self.prompter = DiscretePrompter(self.train, self.run.prompt_config)

@@ -1,14 +1,20 @@
-"""Compiled CPU kernels for decoding, built on first use with the machine's C compiler.
+"""Compiled CPU kernels for bf16 decoding, built on first use with the machine's C compiler.
 
-:func:`prefix_attention` is one decoding step's attention over a shared prompt cache for bf16 models
-(``prefix_attention.c`` beside this file): what :meth:`recreason.models.registry.SharedPrefix.attend` does in some 25
-torch operations a layer, in one pass over each row's prompt keys and values. It is plain C with OpenMP, compiled
-with ``cc -O3 -march=native -fopenmp`` into the cache directory (``$RECREASON_CACHE/kernels``, keyed by the source,
-the compiler and this CPU's flags) the first time a process needs it, about a second; in a process that has loaded
-torch its OpenMP runtime is torch's, so it runs on torch's threads. Where no compiler is found or the build fails,
-:func:`prefix_attention` returns None once with a warning, and decoding keeps the torch operations.
+``kernels.c`` beside this file holds two (:func:`compiled` loads both):
 
-``generate.prefix_kernel: compiled`` chooses it (the default, ``torch``, keeps the torch operations).
+- the attention of one decoding step over a shared prompt cache: what
+  :meth:`recreason.models.registry.SharedPrefix.attend` does in some 25 torch operations a layer, in one pass over each
+  row's prompt keys and values;
+- the llama family's RMS norm (:func:`recreason.models.registry.compiled_norms`): one call where transformers'
+  ``LlamaRMSNorm`` runs seven operations, 61 times a step for SmolLM2.
+
+It is plain C with OpenMP, compiled with ``cc -O3 -march=native -fopenmp`` into the cache directory
+(``$RECREASON_CACHE/kernels``, keyed by the source, the compiler and this CPU's flags) the first time a process needs
+it, about a second; in a process that has loaded torch its OpenMP runtime is torch's, so it runs on torch's threads.
+Where no compiler is found or the build fails, :func:`compiled` returns None once with a warning, and decoding keeps
+the torch operations.
+
+``generate.kernels: compiled`` chooses them (``torch`` keeps the torch operations).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("prefix_attention.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -58,7 +64,7 @@ def _library_path(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha1(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()
                        + _cpu_flags().encode()).hexdigest()[:16]
-    return cache_root() / "kernels" / f"prefix_attention-{key}.so"
+    return cache_root() / "kernels" / f"kernels-{key}.so"
 
 
 def build(cc: str | None = None) -> Path:
@@ -81,20 +87,22 @@ def build(cc: str | None = None) -> Path:
 
 
 @dataclass(frozen=True)
-class PrefixAttention:
-    """The compiled kernel: ``fn`` the ctypes function, ``pairs`` whether it takes the prompt operands as bf16 pairs
-    (built where the compiler targets AVX-512 BF16: half the instructions; else fp32 operands)."""
+class Kernels:
+    """The compiled kernels as ctypes functions: ``attention`` (``recreason_prefix_attention``), ``pairs`` whether it
+    takes the prompt operands as bf16 pairs (built where the compiler targets AVX-512 BF16: half the instructions;
+    else fp32 operands), ``rms_norm`` (``recreason_rms_norm``)."""
 
-    fn: object
+    attention: object
     pairs: bool
+    rms_norm: object
 
 
-def prefix_attention() -> PrefixAttention | None:
-    """The compiled kernel, or None where it cannot be built (warned once)."""
+def compiled() -> Kernels | None:
+    """The compiled kernels, or None where they cannot be built (warned once)."""
     with _lock:
-        if "prefix_attention" not in _loaded:
-            _loaded["prefix_attention"] = _load()
-        return _loaded["prefix_attention"]
+        if "compiled" not in _loaded:
+            _loaded["compiled"] = _load()
+        return _loaded["compiled"]
 
 
 def _load():
@@ -103,10 +111,13 @@ def _load():
     try:
         library = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        log.warning("the compiled prefix attention kernel is unavailable, decoding uses torch operations: %s", exc)
+        log.warning("the compiled kernels are unavailable, decoding uses torch operations: %s", exc)
         return None
-    fn = library.recreason_prefix_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p] * 8 + [ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
+    attention = library.recreason_prefix_attention
+    attention.restype = ctypes.c_int
+    attention.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p] * 8 + [ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
     library.recreason_prefix_attention_pairs.restype = ctypes.c_int
-    return PrefixAttention(fn, bool(library.recreason_prefix_attention_pairs()))
+    norm = library.recreason_rms_norm
+    norm.restype = ctypes.c_int
+    norm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
+    return Kernels(attention, bool(library.recreason_prefix_attention_pairs()), norm)

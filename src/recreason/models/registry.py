@@ -571,10 +571,10 @@ class SharedPrefix:
     def attend(self, layer: int, query, key, value, scaling: float):
         import torch
 
-        if query.dtype == torch.bfloat16 and query.device.type == "cpu" and _prefix_kernel[0] == "compiled":
-            from recreason.models.kernels import prefix_attention
+        if query.dtype == torch.bfloat16 and query.device.type == "cpu" and _kernels[0] == "compiled":
+            from recreason.models.kernels import compiled
 
-            kernel = prefix_attention()
+            kernel = compiled()
             if kernel is not None:
                 return self._attend_compiled(kernel, layer, query, key, value, scaling)
         rows, heads, _, d = query.shape
@@ -641,10 +641,11 @@ class SharedPrefix:
         early = math.frexp(scaling)[0] == 0.5
         out = torch.empty(rows, heads, d, dtype=query.dtype)
         pairs = kernel.pairs and d % 2 == 0
-        failed = kernel.fn(rows, kv_heads, heads // kv_heads, d, bias.shape[0], bias.shape[1], own_k.shape[2], pairs,
-                        q.data_ptr(), owner.data_ptr(), keys_t.data_ptr(), values.data_ptr(), bias.data_ptr(),
-                        own_k.data_ptr(), own_v.data_ptr(), 0 if own_bias is None else own_bias.data_ptr(),
-                        scaling if early else 1.0, 1.0 if early else scaling, out.data_ptr())
+        failed = kernel.attention(rows, kv_heads, heads // kv_heads, d, bias.shape[0], bias.shape[1], own_k.shape[2],
+                                  pairs, q.data_ptr(), owner.data_ptr(), keys_t.data_ptr(), values.data_ptr(),
+                                  bias.data_ptr(), own_k.data_ptr(), own_v.data_ptr(),
+                                  0 if own_bias is None else own_bias.data_ptr(), scaling if early else 1.0,
+                                  1.0 if early else scaling, out.data_ptr())
         if failed:
             raise RuntimeError(f"the compiled prefix attention failed (code {failed}: 1 out of memory, 2 a row's "
                                "prompt out of range, 3 bf16 pairs asked of a build without them)")
@@ -672,19 +673,55 @@ def _prompt_operands(keys, values32, pairs: bool) -> tuple:
 
 # the SharedPrefix of the decoding loop under way in this context, if any
 SHARED_PREFIX = contextvars.ContextVar("recreason_shared_prefix", default=None)
-# how SharedPrefix.attend computes bf16 attention on CPU (generate.prefix_kernel): torch, the torch operations;
-# compiled, the compiled kernel (recreason.models.kernels) where it builds. Process-wide, as the serving threads
-# decode with the setting the process was started with.
-PREFIX_KERNELS = ("torch", "compiled")
-_prefix_kernel = ["torch"]
+# how bf16 decoding on CPU runs SharedPrefix.attend and the llama RMS norms (generate.kernels): torch, the torch
+# operations; compiled, the compiled kernels (recreason.models.kernels) where they build. Process-wide, as the serving
+# threads decode with the setting the process was started with.
+KERNELS = ("torch", "compiled")
+_kernels = ["torch"]
 
 
-def use_prefix_kernel(kind: str) -> None:
-    """Set how :meth:`SharedPrefix.attend` computes bf16 attention on CPU in this process
-    (``generate.prefix_kernel``): ``torch`` or ``compiled``."""
-    if kind not in PREFIX_KERNELS:
-        raise ValueError(f"prefix kernel must be one of {', '.join(PREFIX_KERNELS)}, got {kind!r}")
-    _prefix_kernel[0] = kind
+def use_kernels(kind: str) -> None:
+    """Set how bf16 decoding on CPU computes the attention over a shared prompt cache (:meth:`SharedPrefix.attend`)
+    and the RMS norms (:func:`compiled_norms`) in this process (``generate.kernels``): ``torch`` or ``compiled``."""
+    if kind not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kind!r}")
+    _kernels[0] = kind
+
+
+NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * bf16(x * rsqrt(mean(x^2) + eps))
+
+
+def compiled_norms(lm) -> None:
+    """Let every RMS norm of ``lm`` of the llama family's kind (:data:`NORMS`) run as one call of the compiled kernel
+    (``recreason_rms_norm``) on bf16 CPU inputs without gradients while :func:`use_kernels` says ``compiled``; else,
+    and where the kernels do not build, as its own forward. The same roundings; only the order of the sum of
+    squares differs, so an output may differ in its last bit (tested). Idempotent; nothing is saved with the model."""
+    import functools
+
+    for module in lm.modules():
+        if type(module).__name__ in NORMS and not getattr(module, "_recreason_norm", False):
+            module._recreason_unnormed = module.forward
+            module.forward = functools.partial(_compiled_norm, module)
+            module._recreason_norm = True
+
+
+def _compiled_norm(module, x):
+    import torch
+
+    if (_kernels[0] != "compiled" or x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled()
+            or module.weight.dtype != torch.bfloat16):
+        return module._recreason_unnormed(x)
+    from recreason.models.kernels import compiled
+
+    kernel = compiled()
+    if kernel is None:
+        return module._recreason_unnormed(x)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    kernel.rms_norm(x.numel() // max(dim, 1), dim, x.data_ptr(), module.weight.data_ptr(),
+                    float(module.variance_epsilon), out.data_ptr())
+    return out
 
 
 GROUPED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # plain eager attention: no soft-capping, no sinks

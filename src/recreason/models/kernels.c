@@ -1,4 +1,7 @@
-/* One decoding step's attention over a shared prompt cache, for bf16 models on CPU: what
+/* Compiled kernels for bf16 decoding on CPU (recreason.models.kernels builds and loads them): the attention over a
+ * shared prompt cache, and the llama family's RMS norm (at the end of this file).
+ *
+ * One decoding step's attention over a shared prompt cache, for bf16 models on CPU: what
  * recreason.models.registry.SharedPrefix.attend computes with some 25 torch operations a layer, in one pass.
  *
  * Every row r (a draw, or draws that agree) belongs to prompt owner[r]. Each of its query heads meets the prompt's
@@ -358,4 +361,28 @@ int recreason_prefix_attention(int rows, int kv_heads, int group, int dim, int p
         free(wpairs);
     }
     return failed;
+}
+
+/* A llama RMS norm of bf16 rows, as transformers' LlamaRMSNorm computes it: each row in fp32, the mean of its
+ * squares, times 1/sqrt(mean + eps), rounded to bf16, then times the bf16 weight and rounded again. Only the order
+ * of the sum of squares differs from torch's reduction. x and out [rows, dim] bf16 (out may be x); weight [dim]. */
+int recreason_rms_norm(int rows, int dim, const uint16_t *x, const uint16_t *weight, float eps, uint16_t *out) {
+#pragma omp parallel for schedule(static) if ((long)rows * dim >= 65536)
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *xr = x + (size_t)r * dim;
+        uint16_t *o = out + (size_t)r * dim;
+        float acc[LANES] = {0};
+        int d = 0;
+        for (; d + LANES <= dim; d += LANES)
+            for (int l = 0; l < LANES; l++) {
+                const float f = bf16_to_f32(xr[d + l]);
+                acc[l] += f * f;
+            }
+        float s = 0.0f;
+        for (int l = 0; l < LANES; l++) s += acc[l];
+        for (; d < dim; d++) s += bf16_to_f32(xr[d]) * bf16_to_f32(xr[d]);
+        const float inv = 1.0f / sqrtf(s / (float)dim + eps);
+        for (d = 0; d < dim; d++) o[d] = f32_to_bf16(bf16_to_f32(weight[d]) * round_bf16(bf16_to_f32(xr[d]) * inv));
+    }
+    return 0;
 }
