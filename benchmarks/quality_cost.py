@@ -15,6 +15,11 @@ are comparable; run it alone on the machine.
 
 Each (system, count) row is one look at the split; the file says how many looks were taken in all.
 
+``--recorded-reference FILE#LABEL`` takes the reference row from an earlier results file (e.g.
+``benchmarks/results/quality/cost-stream.json#full run, 32 candidates``) instead of decoding it again: the same run
+and records are the caller's to vouch for (the file's split and record count are checked). Each row is then judged
+against the recorded figures and interval; the paired differences need the reference's texts and are left out.
+
 Writes benchmarks/results/quality/cost.json (``--name cost``; {"systems": {NAME: {"records", "candidates",
 "seconds_per_reason", metrics..., "intervals": {...}, "vs_reference": {...}, "meets_bar": bool, and for a distilled
 run "distillation": its pairs and seconds of decoding and training}}}), cost.md (the table) and cost.png (ROUGE-L and BLEU-4 against seconds per reason). A row meets the bar (the issue's "done when")
@@ -186,6 +191,20 @@ def parse_system(spec: str, counts: list[int]) -> tuple[str, str, list[int], lis
     return name, run, mine, [c for c in own if "=" not in c], [c for c in own if "=" in c]
 
 
+def recorded_reference(spec: str, split: str, records: int) -> tuple[str, dict]:
+    """(label, row) of ``FILE#LABEL``'s reference row, checked to be of ``split`` and ``records`` records."""
+    path, _, label = spec.partition("#")
+    recorded = json.loads(Path(path).read_text())
+    row = recorded.get("systems", {}).get(label)
+    if row is None:
+        raise SystemExit(f"--recorded-reference: {path} has no row {label!r}: {', '.join(recorded.get('systems', {}))}")
+    if recorded.get("split", "test") != split or row["records"] != records:
+        raise SystemExit(f"--recorded-reference: {label!r} was scored on {row['records']} {recorded.get('split', 'test')}"
+                         f" records, these rows on {records} {split} records")
+    row = {k: v for k, v in row.items() if k not in ("vs_reference", "meets_bar")}
+    return f"{label} (recorded)", {**row, "recorded_in": f"{Path(path).name}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--system", action="append", required=True, metavar="NAME=RUN[@K,K][+CONFIG][+KEY=VALUE]",
@@ -205,6 +224,8 @@ def main() -> None:
                         help="validation to choose between configurations; test once per configuration named")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--name", default="cost", help="results file stem (cost; cost-temporal1 for later reviews)")
+    parser.add_argument("--recorded-reference", metavar="FILE#LABEL", default=None,
+                        help="the reference row from an earlier results file instead of decoding it (not a look)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from recreason.config import load_config
@@ -228,18 +249,25 @@ def main() -> None:
                 row["overrides"] = own_sets
         systems.update(rows)
     scorer = scorer_box[0]
-    first = next(iter(systems.values()))["run"]
-    reference = max((label for label, row in systems.items() if row["run"] == first),
-                    key=lambda label: systems[label]["candidates"])
+    looks = len(systems) if args.split == "test" else 0
     for label, row in systems.items():
         row["intervals"] = scorer.intervals.get(label, {})
-        if label != reference and scorer.samples is not None:
+    if args.recorded_reference:
+        reference, row = recorded_reference(args.recorded_reference, args.split, len(scorer.records))
+        systems = {reference: row, **systems}
+    else:
+        first = next(iter(systems.values()))["run"]
+        reference = max((label for label, row in systems.items() if row["run"] == first),
+                        key=lambda label: systems[label]["candidates"])
+    for label, row in systems.items():
+        if label != reference and scorer.samples is not None and label in scorer.sentence_scores \
+                and reference in scorer.sentence_scores:
             row["vs_reference"] = intervals_mod.paired_difference(scorer.sentence_scores[label],
                                                                   scorer.sentence_scores[reference], scorer.samples)
     for label, row in systems.items():
         row["meets_bar"] = label != reference and meets_bar(row, systems[reference])
     result = {"split": args.split, "configs": [str(c) for c in configs], "overrides": args.set,
-              "reference": reference, "looks_at_test": len(systems) if args.split == "test" else 0, "timing_records": args.timing_records,
+              "reference": reference, "looks_at_test": looks, "timing_records": args.timing_records,
               "systems": systems}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

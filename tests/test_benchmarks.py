@@ -97,6 +97,29 @@ def test_quality_cost_systems_carry_counts_configs_and_overrides_of_their_own():
         quality_cost.parse_system("runs/full/run", [1])
 
 
+def test_a_recorded_reference_row_is_read_back_checked_and_labelled(tmp_path):
+    """--recorded-reference: the row of an earlier file (its figures and interval, not its verdicts), refused for
+    another split or another number of records."""
+    import json
+
+    import quality_cost
+
+    path = tmp_path / "cost-old.json"
+    row = {"records": 833, "candidates": 32, "BLEU-4": 1.26, "ROUGE-L": 17.47, "USR": 0.896, "Generic": 0.066,
+           "Ungrounded": 0.185, "intervals": {"BLEU-4": [0.84, 1.67], "ROUGE-L": [16.73, 18.21]}, "meets_bar": False,
+           "vs_reference": {}}
+    path.write_text(json.dumps({"split": "test", "systems": {"full run, 32 candidates": row}}))
+    label, got = quality_cost.recorded_reference(f"{path}#full run, 32 candidates", "test", 833)
+    assert label == "full run, 32 candidates (recorded)" and got["recorded_in"] == "cost-old.json"
+    assert got["intervals"]["BLEU-4"] == [0.84, 1.67] and "meets_bar" not in got and "vs_reference" not in got
+    ours = {"BLEU-4": 1.0, "ROUGE-L": 17.0, "USR": 0.93, "Generic": 0.05, "Ungrounded": 0.08}
+    assert quality_cost.meets_bar(ours, got) and not quality_cost.meets_bar({**ours, "BLEU-4": 0.8}, got)
+    with pytest.raises(SystemExit, match="833 test records, these rows on 577 validation"):
+        quality_cost.recorded_reference(f"{path}#full run, 32 candidates", "validation", 577)
+    with pytest.raises(SystemExit, match="no row 'greedy'"):
+        quality_cost.recorded_reference(f"{path}#greedy", "test", 833)
+
+
 def test_domains_rescoring_matches_evaluate_and_refuses_texts_of_other_records(tiny_run, tmp_path):
     """benchmarks/domains.py scores the texts evaluate wrote as evaluate does, adds the paired differences to
     zero-shot and retrieval (and, for texts from another run, to the domain's own run), and refuses a file that is not on the same records in the same order."""
