@@ -124,8 +124,11 @@ def meets_bar(row: dict, reference: dict) -> bool:
 
 def table(result: dict) -> str:
     """The rows as a markdown table: intervals beside BLEU-4 and ROUGE-L, the paired difference to the reference."""
-    lines = [f"Reference row: {result['reference']} ({result['split']} split; seconds per reason timed on the first "
-             f"{result['timing_records']} records, side by side in one process).", "",
+    timed = (f"seconds per reason timed on the first {result['timing_records']} records, side by side in one process"
+             if result["timing_records"] else "not timed")
+    recorded = next((f"; read back from {row['recorded_in']}" for label, row in result["systems"].items()
+                     if label == result["reference"] and row.get("recorded_in")), "")
+    lines = [f"Reference row: {result['reference']} ({result['split']} split; {timed}{recorded}).", "",
              "| system | s / reason | BLEU-1 | BLEU-4 | ROUGE-L | USR | FMR | FCR | Generic | Ungrounded "
              "| BLEU-4 vs ref. | ROUGE-L vs ref. | meets the bar |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -139,7 +142,7 @@ def table(result: dict) -> str:
         return f"{d['diff']:+.2f} ({d['low']:+.2f} to {d['high']:+.2f})" if d else ""
 
     for label, row in result["systems"].items():
-        timing = f"{row['seconds_per_reason']:.2f}" if row["seconds_per_reason"] else ""
+        timing = f"{row['seconds_per_reason']:.2f}" if row["seconds_per_reason"] and result["timing_records"] else ""
         lines.append(f"| {label} | {timing} | {row['BLEU-1']:.2f} | {with_interval(row, 'BLEU-4')} | "
                      f"{with_interval(row, 'ROUGE-L')} | {row['USR']:.3f} | {row['FMR']:.3f} | {row['FCR']:.3f} | "
                      f"{row['Generic']:.3f} | {row['Ungrounded']:.3f} | {diff(row, 'BLEU-4')} | "
