@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +26,10 @@ MERGEABLE = ("lora", "adalora", "ia3")
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYSTEM = "You explain product recommendations in one short sentence."
 
+
+def cache_root() -> Path:
+    """Where converted models and built kernels are cached: ``$RECREASON_CACHE``, else ``~/.cache/recreason``."""
+    return Path(os.environ.get("RECREASON_CACHE", Path.home() / ".cache" / "recreason"))
 
 @dataclass
 class PrepareConfig:

@@ -30,6 +30,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from recreason.config import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -59,8 +61,6 @@ def _cpu_flags() -> str:
 
 
 def _library_path(cc: str) -> Path:
-    from recreason.models.registry import cache_root
-
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha1(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()
                        + _cpu_flags().encode()).hexdigest()[:16]

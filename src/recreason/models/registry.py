@@ -39,6 +39,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 log = logging.getLogger(__name__)
 
 
+from recreason.config import cache_root  # noqa: E402
 from recreason.errors import ModelNotFound  # noqa: E402,F401  (re-exported)
 
 
@@ -97,10 +98,6 @@ ALIASES: dict[str, EmbeddedModel] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RECREASON_CACHE", Path.home() / ".cache" / "recreason"))
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
