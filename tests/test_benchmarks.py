@@ -460,3 +460,22 @@ def test_draft_acceptance_counts_the_steps_checked_drafts_would_take():
     table = da.others_table({0: [[1, 2, 3, 4]], 1: [[1, 2, 9, 4], [1, 2, 9, 5]], 2: [[1, 2, 3]]})
     assert da.others_draft([1, 2], 1, 0, table, [0, 1, 2]) == [9]  # prompt 1's two draws outvote prompt 2's one
     assert da.others_draft([1, 2], 1, 1, table, [0, 1, 2]) == [3]  # prompt 1's own draws left out
+
+
+def test_tuning_stability_ranks_each_choice_among_the_other_draws_eligible_settings():
+    """Two draws' trials of the same grid: each choice's gain and rank in the other draw (among its eligible
+    settings, ties sharing a rank), settings out of a bar never ranked, and the rank correlation of the gains."""
+    import tuning_stability
+
+    def trial(a, gain, ok=True):
+        return {"weights": {"weight_a": a}, "gain": gain, "feasible": True, "within_bar": ok, "within_later_bar": True}
+
+    first = {"bar": {}, "records": 10, "trials": [trial(1, 2.0), trial(2, 1.5), trial(3, 1.0), trial(4, 9.0, False)]}
+    second = {"bar": {}, "records": 10, "trials": [trial(1, 0.5), trial(2, 1.8), trial(3, 1.8), trial(4, 9.0)]}
+    out = tuning_stability.compare(first, second, ("one", "two"))
+    assert out["eligible"] == [3, 4] and out["eligible_in_both"] == 3
+    one, two = out["choices"]["one"], out["choices"]["two"]
+    assert one["weights"] == {"weight_a": 1} and one["gain in two"] == 0.5 and one["rank in two"] == 4
+    assert two["weights"] == {"weight_a": 4} and two["eligible in one"] is False and two["rank in one"] is None
+    # gains over the three settings eligible in both: (2.0, 1.5, 1.0) against (0.5, 1.8, 1.8)
+    assert out["spearman_gain"] == pytest.approx(-0.866, abs=1e-3)
