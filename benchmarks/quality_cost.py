@@ -126,8 +126,8 @@ def table(result: dict) -> str:
     """The rows as a markdown table: intervals beside BLEU-4 and ROUGE-L, the paired difference to the reference."""
     timed = (f"seconds per reason timed on the first {result['timing_records']} records, side by side in one process"
              if result["timing_records"] else "not timed")
-    recorded = next((f"; read back from {row['recorded_in']}" for label, row in result["systems"].items()
-                     if label == result["reference"] and row.get("recorded_in")), "")
+    source = result["systems"].get(result["reference"], {}).get("recorded_in")
+    recorded = f"; read back from {source}" if source else ""
     lines = [f"Reference row: {result['reference']} ({result['split']} split; {timed}{recorded}).", "",
              "| system | s / reason | BLEU-1 | BLEU-4 | ROUGE-L | USR | FMR | FCR | Generic | Ungrounded "
              "| BLEU-4 vs ref. | ROUGE-L vs ref. | meets the bar |",

@@ -18,6 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
+from scipy.stats import spearmanr
+
 from recreason.evaluation.tuning import grounding_first
 
 OUT = Path(__file__).resolve().parent / "results" / "quality"
@@ -48,12 +50,6 @@ def ranks(trials: dict[tuple, dict]) -> dict[tuple, int]:
     return out
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
 def compare(first: dict, second: dict, labels: tuple[str, str]) -> dict:
     """Each record's choice, its rank and gain in the other, and the rank correlation over settings eligible in
     both records."""
@@ -74,9 +70,9 @@ def compare(first: dict, second: dict, labels: tuple[str, str]) -> dict:
             f"eligible in {labels[other]}": there is not None}
     both = sorted(set(pools[0]) & set(pools[1]))
     out["eligible_in_both"] = len(both)
-    out["spearman_gain"] = spearman([pools[0][k]["gain"] for k in both], [pools[1][k]["gain"] for k in both]) \
-        if len(both) > 2 else None
-    top = [set(sorted(pool, key=lambda k: -pool[k]["gain"])[:100]) for pool in pools]
+    out["spearman_gain"] = float(spearmanr([pools[0][k]["gain"] for k in both],
+                                           [pools[1][k]["gain"] for k in both]).statistic) if len(both) > 2 else None
+    top = [{k for k, r in ranked.items() if r <= 100} for ranked in rank]
     out["top100_overlap"] = len(top[0] & top[1])
     return out
 
@@ -93,14 +89,14 @@ def main() -> None:
         if "trials" not in record:
             raise SystemExit(f"{path}: no 'trials' list (a tuning record without its trials cannot be compared)")
     result = {"args": vars(args), **compare(records[0], records[1], tuple(args.labels))}
+    spearman = result["spearman_gain"]
     print(f"eligible settings: {result['eligible'][0]} and {result['eligible'][1]} of {result['settings'][0]}; "
-          f"in both {result['eligible_in_both']}; Spearman of their gains {result['spearman_gain']:.3f}; "
-          f"top-100 overlap {result['top100_overlap']}")
-    for label, c in result["choices"].items():
-        other = [x for x in args.labels if x != label][0]
+          f"in both {result['eligible_in_both']}; Spearman of their gains "
+          f"{'-' if spearman is None else f'{spearman:.3f}'}; top-100 overlap {result['top100_overlap']}")
+    for (label, c), other in zip(result["choices"].items(), reversed(args.labels)):
+        gain = c[f"gain in {other}"]
         print(f"{label}'s choice {c['weights']}: gain {c['gain']:.3f}; in {other}: gain "
-              f"{c[f'gain in {other}'] if c[f'gain in {other}'] is None else round(c[f'gain in {other}'], 3)}, "
-              f"rank {c[f'rank in {other}']}")
+              f"{'-' if gain is None else f'{gain:.3f}'}, rank {c[f'rank in {other}']}")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT / (args.name + '.json')}")

@@ -31,6 +31,7 @@ def cache_root() -> Path:
     """Where converted models and built kernels are cached: ``$RECREASON_CACHE``, else ``~/.cache/recreason``."""
     return Path(os.environ.get("RECREASON_CACHE", Path.home() / ".cache" / "recreason"))
 
+
 @dataclass
 class PrepareConfig:
     schema: str = "auto"
